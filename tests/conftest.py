@@ -1,0 +1,24 @@
+"""Shared test setup: quiet TensorFlow, deterministic ops, small helpers."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.experimental.enable_op_determinism()
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)
+
+
+def saved_and_loaded(model, tmp_path):
+  """Saves `model` to a `.keras` file and loads it back (safe mode)."""
+  import keras
+  path = tmp_path / "model.keras"
+  model.save(path)
+  return keras.models.load_model(path)
