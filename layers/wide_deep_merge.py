@@ -19,11 +19,15 @@ class WideDeepMerge(keras.layers.Layer):
     self._check_shapes([x.shape for x in inputs]
                        if isinstance(inputs, (list, tuple)) else inputs)
     wide, deep = inputs
+    checks = []
     if wide.shape[0] is None or deep.shape[0] is None:
-      tf.debugging.assert_equal(
+      checks.append(tf.debugging.assert_equal(
           tf.shape(wide)[0], tf.shape(deep)[0],
-          message="WideDeepMerge: wide and deep batch sizes differ")
-    return tf.concat([wide, deep], axis=-1)
+          message="WideDeepMerge: wide and deep batch sizes differ"))
+    # In a graph the concat must wait for the check, or its own less clear
+    # shape error may fire first.
+    with tf.control_dependencies(checks):
+      return tf.concat([wide, deep], axis=-1)
 
   def compute_output_shape(self, input_shape):
     wide_shape, deep_shape = self._check_shapes(input_shape)
