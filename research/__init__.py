@@ -1,0 +1,1 @@
+"""absl-flags scripts reproducing the classic tf.keras course experiments."""

@@ -1,0 +1,1 @@
+"""The same training run four ways: eager, tf.function, graph and model.fit."""
