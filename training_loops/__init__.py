@@ -1,1 +1,15 @@
-"""The same training run four ways: eager, tf.function, graph and model.fit."""
+"""The same training run four ways: eager, tf.function, graph and model.fit.
+
+    history = training_loops.train(model_fn, optimizer_fn, loss, dataset,
+                                   loop="graph", epochs=5)
+"""
+
+from training_loops.callbacks import BestModelCheckpoint, EarlyStopping
+from training_loops.history import History
+from training_loops.strategies import STRATEGIES, make_strategy
+from training_loops.trainer import NonFiniteLossError, Trainer
+from training_loops.training import LOOPS, train
+
+__all__ = ["BestModelCheckpoint", "EarlyStopping", "History", "LOOPS",
+           "NonFiniteLossError", "STRATEGIES", "Trainer", "make_strategy",
+           "train"]

@@ -1,0 +1,161 @@
+"""Callbacks with Keras' `on_epoch_end(epoch, logs)` contract.
+
+They subclass `keras.callbacks.Callback`, so they work in `model.fit` as
+well as in the custom loops, and Keras' own callbacks work in both.
+"""
+
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class EarlyStopping(keras.callbacks.Callback):
+  """Stops training when `monitor` has not improved for `patience` epochs.
+
+  Args:
+    monitor: a key of the epoch logs, e.g. `"val_loss"`.
+    patience: epochs without improvement before stopping.
+    min_delta: the smallest change that counts as an improvement.
+    mode: `"min"`, `"max"`, or `"auto"` (max for accuracy-like names).
+    restore_best_weights: on stopping, put back the best epoch's weights.
+  Attributes:
+    stopped_epoch: the epoch at which training stopped, or None.
+    best_epoch, best: where and what the best value was.
+  """
+
+  def __init__(self, monitor="val_loss", patience=0, min_delta=0.0,
+               mode="auto", restore_best_weights=False):
+    super().__init__()
+    self.monitor = monitor
+    self.patience = patience
+    self.min_delta = abs(min_delta)
+    self.sign = _improvement_sign(monitor, mode)
+    self.restore_best_weights = restore_best_weights
+
+  def on_train_begin(self, logs=None):
+    self.best, self.best_epoch, self.best_weights = math.inf, None, None
+    self.wait, self.stopped_epoch = 0, None
+
+  def on_epoch_end(self, epoch, logs=None):
+    current = _monitored(self.monitor, logs)
+    if self.sign * current < self.best - self.min_delta:
+      self.best, self.best_epoch, self.wait = self.sign * current, epoch, 0
+      if self.restore_best_weights:
+        self.best_weights = self.model.get_weights()
+      return
+    self.wait += 1
+    if self.wait > self.patience:
+      self.stopped_epoch = epoch
+      self.model.stop_training = True
+      if self.restore_best_weights and self.best_weights is not None:
+        self.model.set_weights(self.best_weights)
+
+
+class BestModelCheckpoint(keras.callbacks.Callback):
+  """Saves the model's weights whenever `monitor` improves.
+
+  The file (`*.weights.h5`) is written under a temporary name and renamed,
+  so a crash mid-write leaves the previous best readable.
+  """
+
+  def __init__(self, filepath, monitor="val_loss", mode="auto"):
+    super().__init__()
+    if not str(filepath).endswith(".weights.h5"):
+      raise ValueError(f"BestModelCheckpoint: filepath must end in "
+                       f".weights.h5, got {filepath!r}.")
+    self.filepath = os.fspath(filepath)
+    self.monitor = monitor
+    self.sign = _improvement_sign(monitor, mode)
+    self.best, self.best_epoch = math.inf, None
+
+  def on_epoch_end(self, epoch, logs=None):
+    current = self.sign * _monitored(self.monitor, logs)
+    if current < self.best:
+      self.best, self.best_epoch = current, epoch
+      os.makedirs(os.path.dirname(self.filepath) or ".", exist_ok=True)
+      temporary = self.filepath[:-len(".weights.h5")] + ".tmp.weights.h5"
+      self.model.save_weights(temporary)
+      os.replace(temporary, self.filepath)
+
+
+class EpochRecorder(keras.callbacks.Callback):
+  """Fills a `History` and writes TensorBoard summaries, for every loop.
+
+  Steps are counted by the optimizer's `iterations`, so `model.fit` and the
+  custom loops are timed the same way. Summaries use the tags of Keras'
+  TensorBoard callback (`epoch_loss`, `epoch_<metric>` in `train/` and
+  `validation/`) plus `epoch_learning_rate` and `epoch_steps_per_second`.
+  """
+
+  def __init__(self, history, optimizer, log_dir=None):
+    super().__init__()
+    self.history = history
+    self.optimizer = optimizer
+    self.log_dir = log_dir
+    self._writers = None
+
+  def on_train_begin(self, logs=None):
+    if self.log_dir and self._writers is None:
+      self._writers = {
+          split: tf.summary.create_file_writer(
+              os.path.join(self.log_dir, split))
+          for split in ("train", "validation")}
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = self._train_end = time.perf_counter()
+    self._start_step = int(self.optimizer.iterations)
+    self._validating = False
+
+  def on_test_begin(self, logs=None):
+    self._train_end, self._validating = time.perf_counter(), True
+
+  def on_epoch_end(self, epoch, logs=None):
+    end = time.perf_counter()
+    train_seconds = (self._train_end if self._validating else end) - (
+        self._start)
+    steps = int(self.optimizer.iterations) - self._start_step
+    steps_per_second = steps / train_seconds if train_seconds > 0 else 0.0
+    logs = {key: float(value) for key, value in (logs or {}).items()}
+    self.history.append(epoch, logs, steps_per_second, end - self._start)
+    if self._writers:
+      self._write_summaries(epoch, logs, steps_per_second)
+
+  def on_train_end(self, logs=None):
+    for writer in (self._writers or {}).values():
+      writer.flush()
+
+  def _write_summaries(self, epoch, logs, steps_per_second):
+    train = {key: value for key, value in logs.items()
+             if not key.startswith("val_")}
+    train["learning_rate"] = float(np.asarray(
+        self.optimizer.learning_rate))
+    train["steps_per_second"] = steps_per_second
+    validation = {key[len("val_"):]: value for key, value in logs.items()
+                  if key.startswith("val_")}
+    for split, values in (("train", train), ("validation", validation)):
+      with self._writers[split].as_default(step=epoch):
+        for key, value in values.items():
+          tf.summary.scalar("epoch_" + key, value)
+
+
+def _improvement_sign(monitor, mode):
+  """+1 when smaller is better, -1 when larger is."""
+  if mode not in ("auto", "min", "max"):
+    raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}.")
+  if mode == "auto":
+    larger_is_better = any(word in monitor for word in ("acc", "auc",
+                                                        "precision",
+                                                        "recall"))
+    return -1 if larger_is_better else 1
+  return 1 if mode == "min" else -1
+
+
+def _monitored(monitor, logs):
+  if not logs or monitor not in logs:
+    raise KeyError(f"Callback monitors {monitor!r}, which is not among the "
+                   f"epoch results {sorted(logs or {})}.")
+  return float(logs[monitor])

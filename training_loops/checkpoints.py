@@ -1,0 +1,62 @@
+"""Per-epoch checkpoints that let `train` resume exactly where it stopped."""
+
+import os
+import shutil
+
+import tensorflow as tf
+
+
+class RunCheckpoint:
+  """Model, optimizer (slots and step counter) and completed epochs, saved
+  by a `tf.train.CheckpointManager` after every epoch.
+
+  Dropout's random state is a variable of its layer, so it is saved with the
+  model. The order of shuffled data is replayed rather than saved: see
+  `replay_data_order`.
+
+  In a multi-worker run every worker must take part in a save; only the
+  chief writes to `directory`, the others to a scratch copy they delete.
+  """
+
+  def __init__(self, directory, model, optimizer, strategy, max_to_keep=3):
+    with strategy.scope():
+      self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                     name="epochs_done")
+    self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                           epochs_done=self.epochs_done)
+    self._directory = os.fspath(directory)
+    self._scratch = None
+    if not strategy.extended.should_checkpoint:
+      task = strategy.cluster_resolver.task_id
+      self._scratch = os.path.join(self._directory, f".worker_{task}")
+    self._manager = tf.train.CheckpointManager(
+        self._checkpoint, self._scratch or self._directory,
+        max_to_keep=max_to_keep)
+    self._reader = tf.train.CheckpointManager(
+        self._checkpoint, self._directory, max_to_keep=max_to_keep)
+
+  def restore(self):
+    """Restores the latest checkpoint, if any; returns the epochs done."""
+    latest = self._reader.latest_checkpoint
+    if latest is None:
+      return 0
+    self._checkpoint.restore(latest).assert_existing_objects_matched()
+    return int(self.epochs_done.numpy())
+
+  def save(self, epochs_done):
+    self.epochs_done.assign(epochs_done)
+    self._manager.save(checkpoint_number=epochs_done)
+    if self._scratch:
+      shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def replay_data_order(dataset, epochs_done):
+  """Advances a reshuffling dataset to the order of epoch `epochs_done`.
+
+  A seeded `shuffle(reshuffle_each_iteration=True)` draws each epoch's order
+  from a seed generator that advances once per iterator created, so making
+  (and discarding) one iterator per completed epoch puts a freshly built
+  dataset where the interrupted run was. Creating an iterator reads no data.
+  """
+  for _ in range(epochs_done):
+    iter(dataset)

@@ -1,0 +1,121 @@
+"""How a `Trainer`'s steps are driven: the three custom loops.
+
+Each driver runs one epoch over an iterator of distributed batches and
+reports progress; they differ only in how much runs per Python call.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from training_loops.trainer import NonFiniteLossError
+
+
+class _Driver:
+  """Steps through an epoch one `step` call per batch."""
+
+  def __init__(self, trainer, jit_compile=False, steps_per_loop=None):
+    if jit_compile:
+      raise ValueError("jit_compile needs loop='function' or 'graph'.")
+    del steps_per_loop
+    self.train_step, self.eval_step = _distributed_steps(trainer, False)
+
+  def train_epoch(self, iterator, epoch, progress):
+    step = 0
+    for batch in iterator:
+      loss = self.train_step(batch)
+      step += 1
+      _check_finite(loss, epoch, step)
+      progress(step)
+    return step
+
+  def evaluate(self, iterator):
+    for batch in iterator:
+      self.eval_step(batch)
+
+
+class EagerDriver(_Driver):
+  """Every op of every step runs eagerly under `tf.GradientTape`."""
+
+
+class FunctionDriver(_Driver):
+  """The same step compiled by `tf.function`, one call per batch.
+
+  `reduce_retracing` lets a partial last batch trace once for all epochs
+  rather than once per new shape.
+  """
+
+  def __init__(self, trainer, jit_compile=False, steps_per_loop=None):
+    del steps_per_loop
+    train_step, eval_step = _distributed_steps(trainer, jit_compile)
+    self.train_step = tf.function(train_step, reduce_retracing=True)
+    self.eval_step = tf.function(eval_step, reduce_retracing=True)
+
+
+class GraphDriver(_Driver):
+  """`steps_per_loop` steps (default: the whole epoch) in one
+  `tf.function` call, the loop itself in the graph."""
+
+  def __init__(self, trainer, jit_compile=False, steps_per_loop=None):
+    if steps_per_loop is not None and steps_per_loop < 1:
+      raise ValueError(f"steps_per_loop must be >= 1, got {steps_per_loop}.")
+    self.steps_per_loop = steps_per_loop or np.iinfo(np.int32).max
+    train_step, eval_step = _distributed_steps(trainer, jit_compile)
+
+    @tf.function
+    def train_steps(iterator, max_steps):
+      """Returns (steps run, last loss); stops early at the end of the data
+      or at a non-finite loss, so the caller can name the step."""
+      steps, loss = tf.constant(0), tf.constant(0.0)
+      for _ in tf.range(max_steps):
+        batch = iterator.get_next_as_optional()
+        if not batch.has_value():
+          break
+        loss = train_step(batch.get_value())
+        steps += 1
+        if not tf.math.is_finite(loss):
+          break
+      return steps, loss
+
+    @tf.function
+    def evaluate(iterator):
+      for batch in iterator:
+        eval_step(batch)
+
+    self.train_steps = train_steps
+    self._evaluate = evaluate
+
+  def train_epoch(self, iterator, epoch, progress):
+    done = 0
+    max_steps = tf.constant(self.steps_per_loop)
+    while True:
+      steps, loss = self.train_steps(iterator, max_steps)
+      steps = int(steps)
+      done += steps
+      if steps:
+        _check_finite(loss, epoch, done)
+        progress(done)
+      if steps < self.steps_per_loop:
+        return done
+
+  def evaluate(self, iterator):
+    self._evaluate(iterator)
+
+
+DRIVERS = {"eager": EagerDriver, "function": FunctionDriver,
+           "graph": GraphDriver}
+
+
+def _distributed_steps(trainer, jit_compile):
+  """The distributed train and eval steps, their replica steps optionally
+  XLA-compiled (iterators and cross-replica plumbing stay outside XLA)."""
+  compile_replica_step = (
+      (lambda step: tf.function(step, jit_compile=True)) if jit_compile
+      else (lambda step: step))
+  return (trainer.distribute(compile_replica_step(trainer.train_replica_step)),
+          trainer.distribute(compile_replica_step(trainer.eval_replica_step)))
+
+
+def _check_finite(loss, epoch, step):
+  value = float(loss)
+  if not np.isfinite(value):
+    raise NonFiniteLossError(epoch, step, value)

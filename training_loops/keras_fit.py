@@ -1,0 +1,29 @@
+"""The `model.fit` baseline, configured like the custom loops."""
+
+import keras
+
+from training_loops import trainer as trainer_lib
+
+
+def fit(model, optimizer, loss, loss_weights, metrics, train_data,
+        validation_data, epochs, initial_epoch, steps_per_loop, jit_compile,
+        callbacks, verbose):
+  """Compiles `model` as the custom loops use it and runs `model.fit`.
+
+  `steps_per_loop` becomes `steps_per_execution`; `jit_compile` is passed
+  explicitly, since Keras' "auto" turns XLA off on CPU-only machines.
+  """
+  multi_output = not isinstance(loss, keras.losses.Loss)
+  copies = trainer_lib.copied_metrics(metrics, multi_output)
+  if isinstance(metrics, dict):
+    compiled_metrics = {key: [m for (k, _), m in copies.items() if k == key]
+                        for key in metrics}
+  else:
+    compiled_metrics = list(copies.values())
+  model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
+                metrics=compiled_metrics or None,
+                steps_per_execution=steps_per_loop or 1,
+                jit_compile=jit_compile)
+  model.fit(train_data, epochs=epochs, initial_epoch=initial_epoch,
+            validation_data=validation_data, callbacks=list(callbacks),
+            shuffle=False, verbose=verbose)

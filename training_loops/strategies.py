@@ -1,0 +1,62 @@
+"""`tf.distribute` strategies by name, including several replicas on one CPU."""
+
+import json
+import os
+
+import tensorflow as tf
+
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+
+
+def make_strategy(name, cpu_replicas=None):
+  """Returns the `tf.distribute.Strategy` called `name`.
+
+  Args:
+    name: one of `STRATEGIES`. `"multi_worker"` is
+      `MultiWorkerMirroredStrategy`, configured from the `TF_CONFIG`
+      environment variable.
+    cpu_replicas: with `"mirrored"` (or `"multi_worker"`), split the CPU into
+      this many logical devices and mirror over them, so replicated training
+      runs on a machine without accelerators. Must be called before
+      TensorFlow runs its first op.
+  """
+  if name not in STRATEGIES:
+    raise ValueError(f"Unknown strategy {name!r}; expected one of "
+                     f"{', '.join(STRATEGIES)}.")
+  if cpu_replicas is not None and cpu_replicas < 1:
+    raise ValueError(f"cpu_replicas must be >= 1, got {cpu_replicas}.")
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name == "one_device":
+    device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
+    return tf.distribute.OneDeviceStrategy(device)
+  if name == "mirrored":
+    if cpu_replicas and cpu_replicas > 1:
+      devices = [d.name for d in split_cpu(cpu_replicas)]
+      return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.MirroredStrategy()
+  if "TF_CONFIG" not in os.environ:
+    raise ValueError("multi_worker needs the TF_CONFIG environment variable "
+                     "(cluster and task); see tf.distribute docs.")
+  json.loads(os.environ["TF_CONFIG"])  # a clear JSON error, before TF's own
+  if cpu_replicas and cpu_replicas > 1:
+    split_cpu(cpu_replicas)
+  return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def split_cpu(count):
+  """Splits the first CPU into `count` logical devices; returns them.
+
+  Logical devices can only be configured before TensorFlow initializes its
+  runtime; afterwards an existing split of at least `count` is reused.
+  """
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+  except RuntimeError as error:
+    if len(tf.config.list_logical_devices("CPU")) < count:
+      raise RuntimeError(
+          f"Cannot split the CPU into {count} devices: TensorFlow is already "
+          "initialized. Create the strategy before running any op.") from error
+  return tf.config.list_logical_devices("CPU")[:count]

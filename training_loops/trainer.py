@@ -1,0 +1,238 @@
+"""The step functions of a training run, apart from the loops that drive them.
+
+As in Orbit, `Trainer` owns the model, optimizer, losses and metrics and
+defines what one step does, per replica and distributed; `drivers` decide how
+steps are run (eagerly, one `tf.function` call a step, or many a call).
+"""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+  def __init__(self, epoch, step, loss):
+    super().__init__(
+        f"Training loss became {loss} at epoch {epoch} (0-based), step "
+        f"{step} of that epoch; stopped. The last checkpoint, if any, is the "
+        "last good state.")
+    self.epoch, self.step, self.loss = epoch, step, loss
+
+
+@dataclasses.dataclass(frozen=True)
+class _OutputLoss:
+  """The loss of one model output: `key` picks it from `y` and predictions
+  (`None` for a single-output model)."""
+  key: object
+  report_name: str
+  per_example: keras.losses.Loss  # with reduction "none"
+  weight: float
+
+
+class Trainer:
+  """Replica and distributed train/eval steps for one model.
+
+  Build inside `strategy.scope()`: metric copies create variables there.
+
+  Args:
+    model: a built or buildable `keras.Model`.
+    optimizer: a `keras.optimizers.Optimizer`.
+    loss: a `keras.losses.Loss`, or for a multi-output model a dict (output
+      name -> loss) or list (one per output).
+    loss_weights: for multi-output models, the same structure of floats.
+    metrics: `keras.metrics.Metric` objects; for multi-output models a dict
+      output name -> list. Copied, so the caller's objects stay untouched.
+    strategy: the `tf.distribute.Strategy` the model was built under.
+  """
+
+  def __init__(self, model, optimizer, loss, loss_weights=None, metrics=(),
+               strategy=None):
+    self.model = model
+    self.optimizer = optimizer
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.output_losses = _output_losses(model, loss, loss_weights)
+    multi_output = self.output_losses[0].key is not None
+    self.loss_trackers = {"loss": keras.metrics.Mean(name="loss")}
+    if multi_output:
+      for output in self.output_losses:
+        self.loss_trackers[output.report_name] = keras.metrics.Mean(
+            name=output.report_name)
+    self.train_metrics = copied_metrics(metrics, multi_output)
+    self.eval_metrics = copied_metrics(metrics, multi_output)
+    self.eval_trackers = {name: keras.metrics.Mean(name=name)
+                          for name in self.loss_trackers}
+
+  # -- per replica ---------------------------------------------------------
+
+  def train_replica_step(self, batch):
+    """One optimizer step on this replica's shard; returns the global
+    batch loss (identical on every replica)."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+    with tf.GradientTape() as tape:
+      predictions = self.model(x, training=True)
+      scaled_loss, global_loss = self._loss(y, predictions, sample_weight,
+                                            self.loss_trackers)
+    variables = self.model.trainable_variables
+    # Keras' optimizer sums gradients over replicas: each replica's loss is
+    # already divided by the global example count.
+    gradients = tape.gradient(scaled_loss, variables)
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    self._update_metrics(self.train_metrics, y, predictions, sample_weight)
+    return global_loss
+
+  def eval_replica_step(self, batch):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+    predictions = self.model(x, training=False)
+    _, global_loss = self._loss(y, predictions, sample_weight,
+                                self.eval_trackers)
+    self._update_metrics(self.eval_metrics, y, predictions, sample_weight)
+    return global_loss
+
+  # -- distributed ---------------------------------------------------------
+
+  def distribute(self, replica_step):
+    """Returns `step(distributed_batch)`: `replica_step` on every replica,
+    giving the (replica-identical) global batch loss."""
+    def step(distributed_batch):
+      per_replica = self.strategy.run(replica_step, args=(distributed_batch,))
+      return self.strategy.experimental_local_results(per_replica)[0]
+    return step
+
+  # -- results -------------------------------------------------------------
+
+  def reset(self):
+    for metric in self._all_metrics():
+      metric.reset_state()
+
+  def train_logs(self):
+    """This epoch's running results under Keras' keys."""
+    return _results(self.loss_trackers, self.train_metrics)
+
+  def eval_logs(self, prefix="val_"):
+    return {prefix + key: value for key, value in
+            _results(self.eval_trackers, self.eval_metrics).items()}
+
+  def _all_metrics(self):
+    return [*self.loss_trackers.values(), *self.eval_trackers.values(),
+            *self.train_metrics.values(), *self.eval_metrics.values()]
+
+  # -- internals -----------------------------------------------------------
+
+  def _loss(self, y, predictions, sample_weight, trackers):
+    """Returns `(scaled_loss, global_loss)` and updates the loss trackers.
+
+    `scaled_loss` is this replica's share of the global batch loss: its
+    weighted per-example sum over the global example count, so the replicas'
+    gradients sum to the gradient of the global mean, also for a partial last
+    batch split unevenly. `global_loss` is that mean, as Keras reports it.
+    """
+    context = tf.distribute.get_replica_context()
+    scaled_loss = local_loss = 0.0
+    local_examples = None
+    for output in self.output_losses:
+      y_true, y_pred = _pick(y, output.key), _pick(predictions, output.key)
+      values = output.per_example(y_true, y_pred, sample_weight)
+      local_sum = tf.reduce_sum(values)
+      local_count = tf.cast(tf.size(values), local_sum.dtype)
+      global_count = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                        local_count)
+      scaled_loss += output.weight * tf.math.divide_no_nan(local_sum,
+                                                           global_count)
+      local_mean = tf.math.divide_no_nan(local_sum, local_count)
+      local_loss += output.weight * local_mean
+      local_examples = tf.shape(values)[0]
+      if len(trackers) > 1:
+        trackers[output.report_name].update_state(local_mean,
+                                                  local_examples)
+    if self.model.losses:  # regularization, counted once across replicas
+      regularization = tf.add_n(self.model.losses)
+      scaled_loss += regularization / self.strategy.num_replicas_in_sync
+      local_loss += regularization
+    trackers["loss"].update_state(local_loss, local_examples)
+    global_loss = context.all_reduce(tf.distribute.ReduceOp.SUM, scaled_loss)
+    return scaled_loss, global_loss
+
+  def _update_metrics(self, metrics, y, predictions, sample_weight):
+    for key, metric in metrics.items():
+      output = key[0]
+      metric.update_state(_pick(y, output), _pick(predictions, output),
+                          sample_weight)
+
+
+def _pick(structure, key):
+  return structure if key is None else structure[key]
+
+
+def _output_names(model):
+  names = getattr(model, "output_names", None)
+  if not names:
+    raise ValueError("A multi-output loss needs a model with output names "
+                     "(a functional model).")
+  return list(names)
+
+
+def _output_losses(model, loss, loss_weights):
+  if isinstance(loss, keras.losses.Loss):
+    if loss_weights is not None:
+      raise ValueError("loss_weights apply to a dict or list of losses.")
+    return [_OutputLoss(None, "loss", _unreduced(loss), 1.0)]
+  if isinstance(loss, dict):
+    keys, names = list(loss), [str(k) for k in loss]
+    weights = loss_weights or {}
+    unknown = set(weights) - set(loss)
+    if unknown:
+      raise ValueError(f"loss_weights name outputs without a loss: "
+                       f"{sorted(unknown)}.")
+    weights = [weights.get(k, 1.0) for k in keys]
+  elif isinstance(loss, (list, tuple)):
+    keys = list(range(len(loss)))
+    names = _output_names(model)
+    if len(names) != len(loss):
+      raise ValueError(f"{len(loss)} losses for a model with {len(names)} "
+                       "outputs.")
+    weights = list(loss_weights) if loss_weights else [1.0] * len(loss)
+  else:
+    raise ValueError(f"loss must be a keras.losses.Loss, or a dict or list "
+                     f"of them; got {type(loss).__name__}.")
+  return [_OutputLoss(key, f"{name}_loss", _unreduced(output_loss), weight)
+          for key, name, output_loss, weight
+          in zip(keys, names, [loss[k] for k in keys], weights)]
+
+
+def _unreduced(loss):
+  """A copy of `loss` returning weighted per-example values."""
+  if not isinstance(loss, keras.losses.Loss):
+    raise ValueError(f"Each loss must be a keras.losses.Loss (e.g. from "
+                     f"`losses`), got {loss!r}.")
+  return type(loss).from_config({**loss.get_config(), "reduction": "none"})
+
+
+def copied_metrics(metrics, multi_output):
+  """`{(output_key, report_name): metric copy}` in a stable order."""
+  if multi_output and metrics and not isinstance(metrics, dict):
+    raise ValueError("For a multi-output model, give metrics as a dict: "
+                     "output name -> list of metrics.")
+  if isinstance(metrics, dict):
+    entries = [(key, metric) for key, group in metrics.items()
+               for metric in group]
+  else:
+    entries = [(None, metric) for metric in metrics]
+  copies = {}
+  for key, metric in entries:
+    if not isinstance(metric, keras.metrics.Metric):
+      raise ValueError(f"metrics must be keras.metrics.Metric objects, got "
+                       f"{metric!r}.")
+    name = metric.name if key is None or not multi_output else (
+        f"{key}_{metric.name}")
+    copies[(key, name)] = type(metric).from_config(metric.get_config())
+  return copies
+
+
+def _results(trackers, metrics):
+  logs = {name: tracker.result() for name, tracker in trackers.items()}
+  logs.update({name: metric.result() for (_, name), metric in
+               metrics.items()})
+  return logs

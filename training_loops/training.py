@@ -1,0 +1,164 @@
+"""`train`: one training run, four interchangeable ways."""
+
+import keras
+import tensorflow as tf
+
+from training_loops import drivers, keras_fit
+from training_loops.callbacks import EpochRecorder
+from training_loops.checkpoints import RunCheckpoint, replay_data_order
+from training_loops.history import History
+from training_loops.trainer import Trainer
+
+LOOPS = ("eager", "function", "graph", "keras_fit")
+
+
+def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
+          epochs=1, validation_data=None, metrics=(), loss_weights=None,
+          strategy=None, steps_per_loop=None, jit_compile=False,
+          checkpoint_dir=None, log_dir=None, callbacks=(), seed=None,
+          verbose=1):
+  """Trains `model_fn()` with `optimizer_fn()` on `train_data`.
+
+  Args:
+    model_fn, optimizer_fn: build the model and optimizer; called inside
+      `strategy.scope()`.
+    loss: a `keras.losses.Loss` (e.g. from `losses`), or a dict/list of them
+      for a multi-output model, combined with `loss_weights`.
+    train_data, validation_data: `tf.data.Dataset`s of `(x, y)` or
+      `(x, y, sample_weight)` batches; `x` and `y` may be nested.
+    loop: one of `LOOPS`.
+    epochs: the total number of epochs, counting those a resumed run did.
+    metrics: `keras.metrics.Metric` objects (a dict output -> list for a
+      multi-output model); copied for this run.
+    strategy: a `tf.distribute.Strategy`; default: the current one.
+    steps_per_loop: steps per `tf.function` call of the graph loop (default:
+      a whole epoch); `steps_per_execution` for `keras_fit`.
+    jit_compile: XLA-compile the step (function, graph and keras_fit).
+    checkpoint_dir: save every epoch there; if it holds a checkpoint,
+      resume from it.
+    log_dir: TensorBoard event files in `log_dir/train` and
+      `log_dir/validation`.
+    callbacks: `keras.callbacks.Callback`s (ours or Keras').
+    seed: seeds Python, NumPy and TensorFlow before the model is built.
+    verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
+
+  Returns:
+    A `History`.
+
+  Raises:
+    NonFiniteLossError: the training loss became NaN or infinite.
+  """
+  _check_arguments(loop, epochs, train_data, validation_data)
+  strategy = strategy or tf.distribute.get_strategy()
+  if seed is not None:
+    keras.utils.set_random_seed(seed)
+  with strategy.scope():
+    model, optimizer = model_fn(), optimizer_fn()
+    _build(model, optimizer, train_data)
+  history = History(model=model)
+  recorder = EpochRecorder(history, optimizer, log_dir)
+  checkpoint = (RunCheckpoint(checkpoint_dir, model, optimizer, strategy)
+                if checkpoint_dir else None)
+  callbacks = [recorder, *callbacks]
+  if checkpoint:
+    callbacks.append(_SaveEachEpoch(checkpoint))
+  initial_epoch = checkpoint.restore() if checkpoint else 0
+  replay_data_order(train_data, initial_epoch)
+  if loop == "keras_fit":
+    keras_fit.fit(model, optimizer, loss, loss_weights, metrics, train_data,
+                  validation_data, epochs, initial_epoch, steps_per_loop,
+                  jit_compile, callbacks, verbose)
+    return history
+  with strategy.scope():
+    trainer = Trainer(model, optimizer, loss, loss_weights, metrics,
+                      strategy)
+  driver = drivers.DRIVERS[loop](trainer, jit_compile, steps_per_loop)
+  _run_epochs(trainer, driver, strategy, train_data, validation_data,
+              initial_epoch, epochs, callbacks, verbose)
+  return history
+
+
+def _run_epochs(trainer, driver, strategy, train_data, validation_data,
+                initial_epoch, epochs, callbacks, verbose):
+  """The outer loop of the custom loops, with Keras' callback order."""
+  train_batches = strategy.experimental_distribute_dataset(train_data)
+  validation_batches = (
+      strategy.experimental_distribute_dataset(validation_data)
+      if validation_data is not None else None)
+  steps_per_epoch = int(train_data.cardinality())
+  callback_list = keras.callbacks.CallbackList(callbacks,
+                                               model=trainer.model)
+  trainer.model.stop_training = False
+  callback_list.on_train_begin()
+  for epoch in range(initial_epoch, epochs):
+    if verbose:
+      print(f"Epoch {epoch + 1}/{epochs}")
+    callback_list.on_epoch_begin(epoch)
+    trainer.reset()
+    progress_bar = keras.utils.Progbar(
+        steps_per_epoch if steps_per_epoch > 0 else None, verbose=verbose,
+        stateful_metrics=list(trainer.train_logs()) + ["val_loss"])
+
+    def show_progress(step):
+      if verbose == 1:
+        progress_bar.update(step, _as_floats(trainer.train_logs()).items())
+
+    steps = driver.train_epoch(iter(train_batches), epoch, show_progress)
+    logs = trainer.train_logs()
+    if validation_batches is not None:
+      callback_list.on_test_begin()
+      driver.evaluate(iter(validation_batches))
+      callback_list.on_test_end()
+      logs.update(trainer.eval_logs())
+    logs = _as_floats(logs)
+    progress_bar.update(steps, logs.items(), finalize=True)
+    callback_list.on_epoch_end(epoch, logs)
+    if trainer.model.stop_training:
+      break
+  callback_list.on_train_end()
+
+
+class _SaveEachEpoch(keras.callbacks.Callback):
+  """Saves a `RunCheckpoint` after each epoch (after the other callbacks,
+  so weights restored by EarlyStopping are what gets saved)."""
+
+  def __init__(self, checkpoint):
+    super().__init__()
+    self.checkpoint = checkpoint
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.checkpoint.save(epoch + 1)
+
+
+def _build(model, optimizer, train_data):
+  """Creates every variable up front, so a checkpoint can restore into it
+  and no variable is created inside a replica step."""
+  if not model.built:
+    x_spec = train_data.element_spec[0]
+    model(tf.nest.map_structure(
+        lambda spec: tf.zeros([1 if d is None else d for d in spec.shape],
+                              spec.dtype), x_spec), training=False)
+  optimizer.build(model.trainable_variables)
+
+
+def _check_arguments(loop, epochs, train_data, validation_data):
+  if loop not in LOOPS:
+    raise ValueError(f"Unknown loop {loop!r}; expected one of "
+                     f"{', '.join(LOOPS)}.")
+  if not isinstance(epochs, int) or epochs < 1:
+    raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
+  for name, data in (("train_data", train_data),
+                     ("validation_data", validation_data)):
+    if data is None and name == "validation_data":
+      continue
+    if not isinstance(data, tf.data.Dataset):
+      raise ValueError(f"{name} must be a batched tf.data.Dataset of (x, y) "
+                       f"or (x, y, sample_weight), got {type(data).__name__}.")
+    if not isinstance(data.element_spec, tuple) or not (
+        2 <= len(data.element_spec) <= 3):
+      raise ValueError(f"{name} must yield (x, y) or (x, y, sample_weight) "
+                       f"batches, got elements {data.element_spec}.")
+
+
+def _as_floats(logs):
+  return {key: float(value) for key, value in logs.items()}
