@@ -10,6 +10,12 @@ import tensorflow as tf  # noqa: E402
 
 tf.config.experimental.enable_op_determinism()
 
+# Two logical CPUs, so mirrored training runs on this machine. Logical devices
+# must be configured before TensorFlow runs its first op, hence here.
+from training_loops.strategies import split_cpu  # noqa: E402
+
+split_cpu(2)
+
 
 @pytest.fixture
 def rng():

@@ -48,7 +48,7 @@ class EarlyStopping(keras.callbacks.Callback):
         self.best_weights = self.model.get_weights()
       return
     self.wait += 1
-    if self.wait > self.patience:
+    if self.wait >= self.patience and epoch > 0:
       self.stopped_epoch = epoch
       self.model.stop_training = True
       if self.restore_best_weights and self.best_weights is not None:
@@ -107,7 +107,7 @@ class EpochRecorder(keras.callbacks.Callback):
 
   def on_epoch_begin(self, epoch, logs=None):
     self._start = self._train_end = time.perf_counter()
-    self._start_step = int(self.optimizer.iterations)
+    self._start_step = _current_step(self.optimizer)
     self._validating = False
 
   def on_test_begin(self, logs=None):
@@ -117,7 +117,7 @@ class EpochRecorder(keras.callbacks.Callback):
     end = time.perf_counter()
     train_seconds = (self._train_end if self._validating else end) - (
         self._start)
-    steps = int(self.optimizer.iterations) - self._start_step
+    steps = _current_step(self.optimizer) - self._start_step
     steps_per_second = steps / train_seconds if train_seconds > 0 else 0.0
     logs = {key: float(value) for key, value in (logs or {}).items()}
     self.history.append(epoch, logs, steps_per_second, end - self._start)
@@ -140,6 +140,11 @@ class EpochRecorder(keras.callbacks.Callback):
       with self._writers[split].as_default(step=epoch):
         for key, value in values.items():
           tf.summary.scalar("epoch_" + key, value)
+
+
+def _current_step(optimizer):
+  # `.numpy()` reads a mirrored variable too, where `int()` cannot.
+  return int(optimizer.iterations.numpy())
 
 
 def _improvement_sign(monitor, mode):

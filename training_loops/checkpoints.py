@@ -10,8 +10,8 @@ class RunCheckpoint:
   """Model, optimizer (slots and step counter) and completed epochs, saved
   by a `tf.train.CheckpointManager` after every epoch.
 
-  Dropout's random state is a variable of its layer, so it is saved with the
-  model. The order of shuffled data is replayed rather than saved: see
+  Dropout's random state is one of the model's variables, so it is saved
+  too. The order of shuffled data is replayed rather than saved: see
   `replay_data_order`.
 
   In a multi-worker run every worker must take part in a save; only the
@@ -22,8 +22,11 @@ class RunCheckpoint:
     with strategy.scope():
       self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="epochs_done")
-    self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                           epochs_done=self.epochs_done)
+    # `model.variables`, not `model`: Keras' object graph does not reach the
+    # dropout layers' seed-generator state, which a resume needs.
+    self._checkpoint = tf.train.Checkpoint(
+        model_variables=list(model.variables), optimizer=optimizer,
+        epochs_done=self.epochs_done)
     self._directory = os.fspath(directory)
     self._scratch = None
     if not strategy.extended.should_checkpoint:

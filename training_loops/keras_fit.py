@@ -24,6 +24,11 @@ def fit(model, optimizer, loss, loss_weights, metrics, train_data,
                 metrics=compiled_metrics or None,
                 steps_per_execution=steps_per_loop or 1,
                 jit_compile=jit_compile)
+  # With steps_per_epoch given, fit opens one dataset iterator per epoch, as
+  # the custom loops do (without it, two: one is opened and dropped at each
+  # epoch's end), so `replay_data_order` resumes shuffled data alike.
+  cardinality = int(train_data.cardinality())
   model.fit(train_data, epochs=epochs, initial_epoch=initial_epoch,
+            steps_per_epoch=cardinality if cardinality > 0 else None,
             validation_data=validation_data, callbacks=list(callbacks),
             shuffle=False, verbose=verbose)

@@ -45,6 +45,7 @@ class Trainer:
     loss_weights: for multi-output models, the same structure of floats.
     metrics: `keras.metrics.Metric` objects; for multi-output models a dict
       output name -> list. Copied, so the caller's objects stay untouched.
+      Like Keras' `metrics`, they ignore sample weights.
     strategy: the `tf.distribute.Strategy` the model was built under.
   """
 
@@ -80,7 +81,7 @@ class Trainer:
     # already divided by the global example count.
     gradients = tape.gradient(scaled_loss, variables)
     self.optimizer.apply_gradients(zip(gradients, variables))
-    self._update_metrics(self.train_metrics, y, predictions, sample_weight)
+    self._update_metrics(self.train_metrics, y, predictions)
     return global_loss
 
   def eval_replica_step(self, batch):
@@ -88,7 +89,7 @@ class Trainer:
     predictions = self.model(x, training=False)
     _, global_loss = self._loss(y, predictions, sample_weight,
                                 self.eval_trackers)
-    self._update_metrics(self.eval_metrics, y, predictions, sample_weight)
+    self._update_metrics(self.eval_metrics, y, predictions)
     return global_loss
 
   # -- distributed ---------------------------------------------------------
@@ -155,11 +156,10 @@ class Trainer:
     global_loss = context.all_reduce(tf.distribute.ReduceOp.SUM, scaled_loss)
     return scaled_loss, global_loss
 
-  def _update_metrics(self, metrics, y, predictions, sample_weight):
-    for key, metric in metrics.items():
-      output = key[0]
-      metric.update_state(_pick(y, output), _pick(predictions, output),
-                          sample_weight)
+  def _update_metrics(self, metrics, y, predictions):
+    # Unweighted, as Keras treats `metrics` (sample weights weigh the loss).
+    for (output, _), metric in metrics.items():
+      metric.update_state(_pick(y, output), _pick(predictions, output))
 
 
 def _pick(structure, key):

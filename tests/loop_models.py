@@ -1,0 +1,39 @@
+"""Tiny models and datasets shared by the training-loop tests."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import layers
+
+
+def classification_data(examples=50, batch_size=16, features=4, classes=3,
+                        seed=0, shuffle=False, sample_weights=False):
+  """A batched dataset with a partial last batch (50 = 3 x 16 + 2)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(examples, features)).astype("float32")
+  y = (x[:, 0] + x[:, 1] > 0).astype("int64") + (x[:, 2] > 1)
+  y = np.minimum(y, classes - 1)
+  elements = (x, y)
+  if sample_weights:
+    elements += (rng.uniform(0.5, 2.0, size=examples).astype("float32"),)
+  dataset = tf.data.Dataset.from_tensor_slices(elements)
+  if shuffle:
+    dataset = dataset.shuffle(examples, seed=seed,
+                              reshuffle_each_iteration=True)
+  return dataset.batch(batch_size)
+
+
+def classifier(features=4, classes=3, dropout_seed=None, batch_norm=True):
+  """Dense -> (BatchNorm) -> (Dropout) -> softmax, from our layers."""
+  stack = [keras.Input((features,)), layers.Dense(8, "relu")]
+  if batch_norm:
+    stack.append(layers.BatchNormalization())
+  if dropout_seed is not None:
+    stack.append(layers.Dropout(0.25, seed=dropout_seed))
+  stack.append(layers.Dense(classes, "softmax"))
+  return keras.Sequential(stack)
+
+
+def sgd(learning_rate=0.1):
+  return lambda: keras.optimizers.SGD(learning_rate, momentum=0.9)
