@@ -1,5 +1,7 @@
 """The `model.fit` baseline, configured like the custom loops."""
 
+import math
+
 import keras
 
 from training_loops import trainer as trainer_lib
@@ -32,3 +34,14 @@ def fit(model, optimizer, loss, loss_weights, metrics, train_data,
             steps_per_epoch=cardinality if cardinality > 0 else None,
             validation_data=validation_data, callbacks=list(callbacks),
             shuffle=False, verbose=verbose)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+  """Raises `NonFiniteLossError` at the end of an epoch whose loss is NaN or
+  infinite. Per epoch, not per batch: a batch hook would make `model.fit`
+  return to Python every step and slow the baseline down."""
+
+  def on_epoch_end(self, epoch, logs=None):
+    loss = (logs or {}).get("loss")
+    if loss is not None and not math.isfinite(loss):
+      raise trainer_lib.NonFiniteLossError(epoch, None, loss)

@@ -15,10 +15,11 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
   def __init__(self, epoch, step, loss):
+    where = (f"step {step} of that epoch" if step is not None
+             else "model.fit reports no step")
     super().__init__(
-        f"Training loss became {loss} at epoch {epoch} (0-based), step "
-        f"{step} of that epoch; stopped. The last checkpoint, if any, is the "
-        "last good state.")
+        f"Training loss became {loss} at epoch {epoch} (0-based), {where}; "
+        "stopped. The last checkpoint, if any, is the last good state.")
     self.epoch, self.step, self.loss = epoch, step, loss
 
 

@@ -60,7 +60,9 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
   checkpoint = (RunCheckpoint(checkpoint_dir, model, optimizer, strategy)
                 if checkpoint_dir else None)
   callbacks = [recorder, *callbacks]
-  if checkpoint:
+  if loop == "keras_fit":  # the custom loops check every step themselves
+    callbacks.append(keras_fit.StopOnNonFiniteLoss())
+  if checkpoint:  # last: a non-finite or early-stopped epoch is seen first
     callbacks.append(_SaveEachEpoch(checkpoint))
   initial_epoch = checkpoint.restore() if checkpoint else 0
   replay_data_order(train_data, initial_epoch)
