@@ -25,7 +25,9 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     loss: a `keras.losses.Loss` (e.g. from `losses`), or a dict/list of them
       for a multi-output model, combined with `loss_weights`.
     train_data, validation_data: `tf.data.Dataset`s of `(x, y)` or
-      `(x, y, sample_weight)` batches; `x` and `y` may be nested.
+      `(x, y, sample_weight)` batches; `x` and `y` may be nested. Pass a
+      freshly built dataset to each run: a reshuffling dataset continues its
+      sequence of orders across runs, so two runs would see different data.
     loop: one of `LOOPS`.
     epochs: the total number of epochs, counting those a resumed run did.
     metrics: `keras.metrics.Metric` objects (a dict output -> list for a
