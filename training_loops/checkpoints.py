@@ -29,7 +29,8 @@ class RunCheckpoint:
         epochs_done=self.epochs_done)
     self._directory = os.fspath(directory)
     self._scratch = None
-    if not strategy.extended.should_checkpoint:
+    self.is_writer = strategy.extended.should_checkpoint
+    if not self.is_writer:
       task = strategy.cluster_resolver.task_id
       self._scratch = os.path.join(self._directory, f".worker_{task}")
     self._manager = tf.train.CheckpointManager(
@@ -47,6 +48,7 @@ class RunCheckpoint:
     return int(self.epochs_done.numpy())
 
   def save(self, epochs_done):
+    os.makedirs(self._manager.directory, exist_ok=True)
     self.epochs_done.assign(epochs_done)
     self._manager.save(checkpoint_number=epochs_done)
     if self._scratch:

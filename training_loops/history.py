@@ -1,6 +1,8 @@
 """What a training run returns, the same for every loop."""
 
 import dataclasses
+import json
+import os
 
 
 @dataclasses.dataclass
@@ -29,3 +31,32 @@ class History:
       self.history.setdefault(key, []).append(float(value))
     self.steps_per_second.append(steps_per_second)
     self.wall_seconds.append(wall_seconds)
+
+  def to_json(self):
+    return {"history": self.history, "epochs": self.epochs,
+            "steps_per_second": self.steps_per_second,
+            "wall_seconds": self.wall_seconds}
+
+  def save(self, path):
+    """Writes the epochs so far to `path` atomically (temporary + rename)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as stream:
+      json.dump(self.to_json(), stream)
+    os.replace(temporary, path)
+
+  def load(self, path, epochs_done):
+    """Restores the first `epochs_done` epochs saved at `path`, if any.
+
+    The history is saved before the checkpoint, so after a crash between
+    the two it may hold one epoch more than the checkpoint: dropped here.
+    """
+    if not os.path.isfile(path):
+      return
+    with open(path, encoding="utf-8") as stream:
+      saved = json.load(stream)
+    keep = [i for i, epoch in enumerate(saved["epochs"]) if epoch < epochs_done]
+    self.epochs = [saved["epochs"][i] for i in keep]
+    self.history = {key: [values[i] for i in keep]
+                    for key, values in saved["history"].items()}
+    self.steps_per_second = [saved["steps_per_second"][i] for i in keep]
+    self.wall_seconds = [saved["wall_seconds"][i] for i in keep]

@@ -1,5 +1,7 @@
 """`train`: one training run, four interchangeable ways."""
 
+import os
+
 import keras
 import tensorflow as tf
 
@@ -65,8 +67,11 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
   if loop == "keras_fit":  # the custom loops check every step themselves
     callbacks.append(keras_fit.StopOnNonFiniteLoss())
   if checkpoint:  # last: a non-finite or early-stopped epoch is seen first
-    callbacks.append(_SaveEachEpoch(checkpoint))
+    callbacks.append(_SaveEachEpoch(checkpoint, history,
+                                    _history_path(checkpoint_dir)))
   initial_epoch = checkpoint.restore() if checkpoint else 0
+  if checkpoint:
+    history.load(_history_path(checkpoint_dir), initial_epoch)
   replay_data_order(train_data, initial_epoch)
   if loop == "keras_fit":
     keras_fit.fit(model, optimizer, loss, loss_weights, metrics, train_data,
@@ -123,15 +128,24 @@ def _run_epochs(trainer, driver, strategy, train_data, validation_data,
 
 
 class _SaveEachEpoch(keras.callbacks.Callback):
-  """Saves a `RunCheckpoint` after each epoch (after the other callbacks,
-  so weights restored by EarlyStopping are what gets saved)."""
+  """Saves the history, then a `RunCheckpoint`, after each epoch (after the
+  other callbacks, so weights restored by EarlyStopping are what gets
+  saved), so a resumed run returns the whole history."""
 
-  def __init__(self, checkpoint):
+  def __init__(self, checkpoint, history, history_path):
     super().__init__()
     self.checkpoint = checkpoint
+    self.history = history
+    self.history_path = history_path
 
   def on_epoch_end(self, epoch, logs=None):
+    if self.checkpoint.is_writer:
+      self.history.save(self.history_path)
     self.checkpoint.save(epoch + 1)
+
+
+def _history_path(checkpoint_dir):
+  return os.path.join(checkpoint_dir, "history.json")
 
 
 def _build(model, optimizer, train_data):
