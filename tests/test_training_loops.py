@@ -130,6 +130,19 @@ def test_partial_last_batch_does_not_retrace_every_epoch():
   assert graph_driver.train_steps.experimental_get_tracing_count() == 1
 
 
+def test_evaluate_matches_model_evaluate(histories):
+  model = histories["graph"].model
+  data = classification_data(examples=20, seed=1)
+  ours = training_loops.evaluate(model, losses.SparseCategoricalCrossentropy(),
+                                 data, metrics=[_accuracy()])
+  model.compile(loss=keras.losses.SparseCategoricalCrossentropy(),
+                metrics=[_accuracy()])
+  theirs = model.evaluate(data, return_dict=True, verbose=0)
+  assert sorted(ours) == sorted(theirs) == ["accuracy", "loss"]
+  for key in ours:
+    np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5)
+
+
 def test_steps_use_training_flag():
   """Training updates BatchNorm's moving statistics (training=True);
   validation loss equals the model evaluated with training=False."""

@@ -8,8 +8,8 @@ from training_loops.callbacks import BestModelCheckpoint, EarlyStopping
 from training_loops.history import History
 from training_loops.strategies import STRATEGIES, make_strategy
 from training_loops.trainer import NonFiniteLossError, Trainer
-from training_loops.training import LOOPS, train
+from training_loops.training import LOOPS, evaluate, train
 
 __all__ = ["BestModelCheckpoint", "EarlyStopping", "History", "LOOPS",
-           "NonFiniteLossError", "STRATEGIES", "Trainer", "make_strategy",
-           "train"]
+           "NonFiniteLossError", "STRATEGIES", "Trainer", "evaluate",
+           "make_strategy", "train"]

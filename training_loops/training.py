@@ -87,6 +87,18 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
   return history
 
 
+def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
+             strategy=None):
+  """Returns `{"loss": ..., <metric>: ...}` of `model` on `data`, computed
+  with `training=False` exactly as the loops' validation is."""
+  strategy = strategy or tf.distribute.get_strategy()
+  with strategy.scope():
+    trainer = Trainer(model, None, loss, loss_weights, metrics, strategy)
+  driver = drivers.GraphDriver(trainer)
+  driver.evaluate(iter(strategy.experimental_distribute_dataset(data)))
+  return _as_floats(trainer.eval_logs(prefix=""))
+
+
 def _run_epochs(trainer, driver, strategy, train_data, validation_data,
                 initial_epoch, epochs, callbacks, verbose):
   """The outer loop of the custom loops, with Keras' callback order."""
