@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/python -m research.demo
+	$(VENV)/bin/python -m research.compare
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -33,6 +33,7 @@ class RunCheckpoint:
     if not self.is_writer:
       task = strategy.cluster_resolver.task_id
       self._scratch = os.path.join(self._directory, f".worker_{task}")
+    os.makedirs(self._scratch or self._directory, exist_ok=True)
     self._manager = tf.train.CheckpointManager(
         self._checkpoint, self._scratch or self._directory,
         max_to_keep=max_to_keep)
@@ -48,7 +49,6 @@ class RunCheckpoint:
     return int(self.epochs_done.numpy())
 
   def save(self, epochs_done):
-    os.makedirs(self._manager.directory, exist_ok=True)
     self.epochs_done.assign(epochs_done)
     self._manager.save(checkpoint_number=epochs_done)
     if self._scratch:

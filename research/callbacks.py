@@ -1,0 +1,59 @@
+"""The classifier with TensorBoard logs, best-model checkpoints and early
+stopping: our callbacks in the custom loops, Keras' own in model.fit.
+
+    python -m research.callbacks --epochs=100 --patience=5
+    tensorboard --logdir runs/callbacks/logs
+"""
+
+import os
+
+from absl import app, flags
+import keras
+
+import losses
+import training_loops
+from research import classify, common_flags, experiment, models
+
+flags.DEFINE_integer("patience", 5, "EarlyStopping patience (epochs).",
+                     lower_bound=0)
+
+FLAGS = flags.FLAGS
+DEFAULTS = common_flags.Defaults(dataset="digits", epochs=100,
+                                 learning_rate=0.01)
+
+
+def stopping_callbacks(loop, output_dir):
+  """[early stopping, best-model checkpoint] on val_loss."""
+  best_path = os.path.join(output_dir, "best", f"{loop}.weights.h5")
+  if loop == "keras_fit":
+    return [keras.callbacks.EarlyStopping(patience=FLAGS.patience,
+                                          restore_best_weights=True),
+            keras.callbacks.ModelCheckpoint(best_path, save_best_only=True,
+                                            save_weights_only=True)]
+  return [training_loops.EarlyStopping(patience=FLAGS.patience,
+                                       restore_best_weights=True),
+          training_loops.BestModelCheckpoint(best_path)]
+
+
+def stopping_report(history, callbacks):
+  stopper = callbacks[0]
+  stopped = stopper.stopped_epoch if stopper.model.stop_training else None
+  return {"stopped_epoch": stopped, "epochs_run": len(history.epochs),
+          "best_val_loss": min(history.history["val_loss"])}
+
+
+def build(config):
+  splits = classify.load_classification(config)
+  return experiment.Experiment(
+      name="callbacks", splits=splits,
+      model_fn=lambda: models.mlp_classifier(splits.x_train,
+                                             splits.num_classes),
+      loss=losses.SparseCategoricalCrossentropy(),
+      metrics=[classify.accuracy()], callbacks=stopping_callbacks,
+      loop_report=stopping_report, extra={"patience": FLAGS.patience})
+
+
+main = experiment.main_for(build, DEFAULTS)
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,253 @@
+"""Runs one course experiment with each training loop and records results.
+
+An `Experiment` says what to train (data, model, loss, metrics); `run`
+trains it with the selected loops on identical data and seed, evaluates the
+test split, and writes `results.json`, TensorBoard logs, checkpoints,
+learning-curve plots and (optionally) SavedModels under the output dir.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+from typing import Callable
+
+import absl
+from absl import app, flags, logging
+import keras
+import numpy as np
+import sklearn
+import tensorflow as tf
+
+import training_loops
+from research import common_flags, datasets
+
+# A loop "matches" model.fit when its final training loss is this close
+# (relative): float32 reassociation across graph rewrites, not more.
+MATCH_TOLERANCE = 1e-3
+
+
+def _identity(value):
+  return value
+
+
+def _no_callbacks(loop, output_dir):
+  del loop, output_dir
+  return []
+
+
+def _no_report(history, callbacks):
+  del history, callbacks
+  return {}
+
+
+@dataclasses.dataclass
+class Experiment:
+  """What to train.
+
+  Attributes:
+    name: the experiment, e.g. "classify".
+    splits: the data.
+    model_fn: builds a fresh model (called inside the strategy's scope).
+    loss, metrics, loss_weights: as `training_loops.train` takes them;
+      `metrics` are prototypes, copied per run.
+    inputs, targets: map feature / target arrays to the model's input and
+      output structures (e.g. wide & deep's two inputs).
+    callbacks: `(loop, output_dir) -> [callbacks]` for each run.
+    loop_report: `(history, callbacks) -> dict` of extra per-loop results.
+    extra: experiment-level results (e.g. gradient norms at initialization).
+  """
+  name: str
+  splits: datasets.Splits
+  model_fn: Callable
+  loss: object
+  metrics: object = ()
+  loss_weights: object = None
+  inputs: Callable = _identity
+  targets: Callable = _identity
+  callbacks: Callable = _no_callbacks
+  loop_report: Callable = _no_report
+  extra: dict = dataclasses.field(default_factory=dict)
+
+
+def main_for(build, defaults):
+  """An absl `main` that resolves the flags, builds the experiment with
+  `build(config)` and runs it; bad data ends it with a one-line error."""
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:  # checkpoint saves log INFO
+      logging.set_verbosity(logging.WARNING)
+    config = common_flags.resolved(defaults)
+    try:
+      return run(build(config), config)
+    except datasets.DataError as error:
+      sys.exit(f"error: {error}")
+  return main
+
+
+def run(experiment, config):
+  """Trains `experiment` with each loop `config` selects; returns results.
+
+  Args:
+    config: the resolved flags (`common_flags.resolved`).
+  """
+  output_dir = config["output_dir"] or os.path.join("runs", experiment.name)
+  strategy = training_loops.make_strategy(config["strategy"],
+                                          config["cpu_replicas"])
+  loops = (training_loops.LOOPS if config["loop"] == "all"
+           else (config["loop"],))
+  results = {"experiment": experiment.name, "flags": config,
+             "seed": config["seed"], "versions": versions(),
+             "data": experiment.splits.sizes, **experiment.extra,
+             "loops": {}}
+  for loop in loops:
+    results["loops"][loop] = _run_loop(experiment, loop, config, strategy,
+                                       output_dir)
+  os.makedirs(output_dir, exist_ok=True)
+  write_json_atomically(os.path.join(output_dir, "results.json"), results)
+  print(format_table(results))
+  return results
+
+
+def _run_loop(experiment, loop, config, strategy, output_dir):
+  seed = config["seed"]
+  keras.utils.set_random_seed(seed)  # before the data: it seeds the shuffle
+  train_data = make_dataset(experiment, "train", config["batch_size"], seed)
+  validation_data = make_dataset(experiment, "val", config["batch_size"])
+  test_data = make_dataset(experiment, "test", config["batch_size"])
+  callbacks = experiment.callbacks(loop, output_dir)
+  learning_rate = config["learning_rate"]
+  history = training_loops.train(
+      experiment.model_fn,
+      lambda: keras.optimizers.SGD(learning_rate), experiment.loss,
+      train_data, loop=loop, epochs=config["epochs"],
+      validation_data=validation_data, metrics=experiment.metrics,
+      loss_weights=experiment.loss_weights, strategy=strategy,
+      checkpoint_dir=os.path.join(output_dir, "checkpoints", loop),
+      log_dir=os.path.join(output_dir, "logs", loop), callbacks=callbacks,
+      seed=seed, verbose=config["verbose"])
+  test = training_loops.evaluate(
+      history.model, experiment.loss, test_data, metrics=experiment.metrics,
+      loss_weights=experiment.loss_weights, strategy=strategy)
+  plot_learning_curves(history, os.path.join(
+      output_dir, f"learning_curves_{loop}.png"), f"{experiment.name}: {loop}")
+  if config["export_dir"]:
+    export(history.model, os.path.join(config["export_dir"], loop))
+  return {"history": history.history, "epochs": history.epochs,
+          "test": test, "steps_per_second": typical_rate(history),
+          "wall_seconds": sum(history.wall_seconds),
+          **experiment.loop_report(history, callbacks)}
+
+
+def make_dataset(experiment, split, batch_size, shuffle_seed=None):
+  """A batched `tf.data.Dataset` of split "train", "val" or "test"; the
+  training split is reshuffled every epoch from `shuffle_seed`."""
+  splits = experiment.splits
+  x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
+  dataset = tf.data.Dataset.from_tensor_slices(
+      (experiment.inputs(x), experiment.targets(y)))
+  if shuffle_seed is not None:
+    dataset = dataset.shuffle(len(y), seed=shuffle_seed,
+                              reshuffle_each_iteration=True)
+  return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def typical_rate(history):
+  """Median steps/s over the epochs after the first (which traces)."""
+  rates = history.steps_per_second[1:] or history.steps_per_second
+  return statistics.median(rates) if rates else 0.0
+
+
+def versions():
+  return {"python": platform.python_version(), "tensorflow": tf.__version__,
+          "keras": keras.__version__, "numpy": np.__version__,
+          "scikit-learn": sklearn.__version__,
+          "absl-py": getattr(absl, "__version__", "unknown")}
+
+
+def write_json_atomically(path, content):
+  """Writes `content` as JSON via a temporary file and a rename, so a crash
+  mid-write leaves the previous file intact."""
+  temporary = f"{path}.tmp"
+  with open(temporary, "w", encoding="utf-8") as stream:
+    json.dump(content, stream, indent=2, sort_keys=True)
+    stream.flush()
+    os.fsync(stream.fileno())
+  os.replace(temporary, path)
+
+
+def export(model, path):
+  """Exports a SavedModel (`model.export`) to `path`, replacing any previous
+  export only once the new one is complete."""
+  temporary = f"{path}.tmp"
+  shutil.rmtree(temporary, ignore_errors=True)
+  model.export(temporary, verbose=False)
+  previous = f"{path}.old"
+  if os.path.exists(path):
+    os.replace(path, previous)
+  os.replace(temporary, path)
+  shutil.rmtree(previous, ignore_errors=True)
+
+
+def plot_learning_curves(history, path, title):
+  """Every per-epoch curve on one chart, as the course plots them; skipped
+  when matplotlib (the `plot` extra) is not installed."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+  except ImportError:
+    return
+  figure, axes = pyplot.subplots(figsize=(8, 5))
+  for key, values in sorted(history.history.items()):
+    axes.plot(history.epochs, values, label=key,
+              linestyle="--" if key.startswith("val_") else "-")
+  axes.set(xlabel="epoch", title=title)
+  axes.grid(True)
+  axes.legend()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  temporary = f"{path}.tmp.png"
+  figure.savefig(temporary, dpi=80)
+  pyplot.close(figure)
+  os.replace(temporary, path)
+
+
+def format_table(results):
+  """One row per loop: final losses and metrics, speed, agreement with fit."""
+  loops = results["loops"]
+  metric_names = sorted({key for report in loops.values()
+                         for key in report["test"] if key != "loss"})
+  fit = loops.get("keras_fit")
+  header = ["loop", "train loss", "val loss", "test loss"]
+  header += [f"test {name}" for name in metric_names]
+  header += ["steps/s", "vs fit", "matches fit"]
+  rows = [header]
+  for loop, report in loops.items():
+    history = report["history"]
+    final_loss = history["loss"][-1] if history.get("loss") else math.nan
+    row = [loop, f"{final_loss:.4f}",
+           f"{history['val_loss'][-1]:.4f}" if history.get("val_loss")
+           else "-", f"{report['test']['loss']:.4f}"]
+    row += [f"{report['test'][name]:.4f}" for name in metric_names]
+    row.append(f"{report['steps_per_second']:.0f}")
+    if fit and fit["history"].get("loss"):
+      fit_loss = fit["history"]["loss"][-1]
+      ratio = report["steps_per_second"] / max(fit["steps_per_second"],
+                                                1e-9)
+      matches = math.isclose(final_loss, fit_loss, rel_tol=MATCH_TOLERANCE)
+      row += [f"{ratio:.2f}x", "yes" if matches else
+              f"no ({final_loss / fit_loss - 1:+.1e})"]
+    else:
+      row += ["-", "-"]
+    rows.append(row)
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths))
+           for row in rows]
+  lines.insert(1, "  ".join("-" * width for width in widths))
+  return f"{results['experiment']} on {results['flags']['dataset']}:\n" + (
+      "\n".join(lines))

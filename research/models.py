@@ -1,0 +1,143 @@
+"""The course's models, built from the toolkit's layers.
+
+Each builder returns a fresh, uncompiled model; input scalers are adapted on
+the training split only.
+"""
+
+import keras
+
+import layers
+
+NORMALIZATIONS = ("none", "zscore", "minmax")
+
+
+def fitted_scaler(normalize, x_train):
+  """A `Standardize` ("zscore") or `MinMaxScale` ("minmax") adapted on
+  `x_train` `[examples, features]`, or None ("none")."""
+  if normalize == "none":
+    return None
+  scaler = {"zscore": layers.Standardize,
+            "minmax": layers.MinMaxScale}[normalize]()
+  scaler.adapt(x_train)
+  return scaler
+
+
+def mlp_classifier(x_train, num_classes, normalize="zscore",
+                   hidden=(300, 100)):
+  """Flatten -> (scaler) -> Dense(300, relu) -> Dense(100, relu) -> softmax.
+
+  Inputs: `x_train.shape[1:]` (e.g. 28x28 images); outputs: class
+  probabilities `[batch, num_classes]`.
+  """
+  inputs = keras.Input(x_train.shape[1:])
+  x = keras.layers.Flatten()(inputs)
+  scaler = fitted_scaler(normalize, x_train.reshape(len(x_train), -1))
+  if scaler is not None:
+    x = scaler(x)
+  for units in hidden:
+    x = layers.Dense(units, "relu")(x)
+  return keras.Model(inputs, layers.Dense(num_classes, "softmax")(x),
+                     name="mlp_classifier")
+
+
+def deep_classifier(x_train, num_classes, activation="relu", batchnorm=False,
+                    dropout="none", depth=20, units=100, dropout_rate=0.2,
+                    seed=None):
+  """`depth` hidden Dense(`units`) layers on z-scored inputs.
+
+  He-normal initialization for relu, LeCun-normal for selu (self-normalizing
+  nets); optional BatchNormalization after each hidden layer and a dropout
+  layer ("standard" or SELU's "alpha") before the softmax. Hidden layers are
+  named `hidden_01` ... for per-layer reports.
+  """
+  initializer = {"relu": "he_normal", "selu": "lecun_normal"}[activation]
+  inputs = keras.Input(x_train.shape[1:])
+  x = fitted_scaler("zscore", x_train.reshape(len(x_train), -1))(
+      keras.layers.Flatten()(inputs))
+  for index in range(1, depth + 1):
+    x = layers.Dense(units, activation, kernel_initializer=initializer,
+                     name=f"hidden_{index:02d}")(x)
+    if batchnorm:
+      x = layers.BatchNormalization()(x)
+  if dropout == "standard":
+    x = layers.Dropout(dropout_rate, seed=seed)(x)
+  elif dropout == "alpha":
+    x = layers.AlphaDropout(dropout_rate, seed=seed)(x)
+  return keras.Model(inputs, layers.Dense(num_classes, "softmax")(x),
+                     name="deep_classifier")
+
+
+def regressor(x_train, hidden_layers=1, units=30):
+  """Standardize -> `hidden_layers` x Dense(`units`, relu) -> Dense(1)."""
+  inputs = keras.Input(x_train.shape[1:])
+  x = fitted_scaler("zscore", x_train)(inputs)
+  for _ in range(hidden_layers):
+    x = layers.Dense(units, "relu")(x)
+  return keras.Model(inputs, layers.Dense(1)(x), name="regressor")
+
+
+def wide_deep_functional(x_train, units=30):
+  """Wide & deep on one input: the scaled features go both straight to the
+  output (wide) and through two Dense(`units`, relu) layers (deep)."""
+  inputs = keras.Input(x_train.shape[1:])
+  scaled = fitted_scaler("zscore", x_train)(inputs)
+  deep = layers.Dense(units, "relu")(layers.Dense(units, "relu")(scaled))
+  merged = layers.WideDeepMerge()([scaled, deep])
+  return keras.Model(inputs, layers.Dense(1)(merged), name="wide_deep")
+
+
+@keras.saving.register_keras_serializable(package="research")
+class WideDeepModel(keras.Model):
+  """The functional wide & deep model, written as a subclass."""
+
+  def __init__(self, units=30, **kwargs):
+    super().__init__(**kwargs)
+    self.units = units
+    self.scaler = layers.Standardize()
+    self.hidden1 = layers.Dense(units, "relu")
+    self.hidden2 = layers.Dense(units, "relu")
+    self.merge = layers.WideDeepMerge()
+    self.main_output = layers.Dense(1)
+
+  def call(self, inputs):
+    scaled = self.scaler(inputs)
+    deep = self.hidden2(self.hidden1(scaled))
+    return self.main_output(self.merge([scaled, deep]))
+
+  def get_config(self):
+    return {**super().get_config(), "units": self.units}
+
+
+def wide_deep_subclassed(x_train, units=30):
+  model = WideDeepModel(units, name="wide_deep_subclassed")
+  model.scaler.adapt(x_train)
+  model(x_train[:1])  # build every layer
+  return model
+
+
+# The course's split of California housing's 8 features into two inputs.
+WIDE_FEATURES = slice(0, 5)
+DEEP_FEATURES = slice(2, 8)
+
+
+def split_wide_deep(x):
+  """`{"wide": x[:, 0:5], "deep": x[:, 2:8]}`: the multi-input model's
+  inputs."""
+  return {"wide": x[:, WIDE_FEATURES], "deep": x[:, DEEP_FEATURES]}
+
+
+def wide_deep_multi_input(x_train, units=30, aux_output=False):
+  """Wide (features 0-4) and deep (features 2-7) inputs, each scaled; with
+  `aux_output`, a second output on the deep path only (a regularizer)."""
+  inputs = {"wide": keras.Input((5,), name="wide"),
+            "deep": keras.Input((6,), name="deep")}
+  arrays = split_wide_deep(x_train)
+  scaled = {name: fitted_scaler("zscore", arrays[name])(inputs[name])
+            for name in inputs}
+  deep = layers.Dense(units, "relu")(layers.Dense(units, "relu")(
+      scaled["deep"]))
+  main = layers.Dense(1, name="main")(
+      layers.WideDeepMerge()([scaled["wide"], deep]))
+  outputs = ({"main": main, "aux": layers.Dense(1, name="aux")(deep)}
+             if aux_output else main)
+  return keras.Model(inputs, outputs, name="wide_deep_multi_input")
