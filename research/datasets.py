@@ -4,7 +4,7 @@ train / validation / test splits.
 | name | task | source |
 | --- | --- | --- |
 | `digits` | 10 classes, 8x8 | scikit-learn's bundled copy (no download) |
-| `diabetes` | regression, 10 features | scikit-learn's bundled copy |
+| `diabetes` | regression, 10 features, target / 100 | scikit-learn's bundled copy |
 | `mnist`, `fashion_mnist` | 10 classes, 28x28 | IDX files in `data_dir`, else `keras.datasets` |
 | `california_housing` | regression, 8 features | `cal_housing.csv` in `data_dir`, else scikit-learn |
 """
@@ -28,6 +28,8 @@ CALIFORNIA_COLUMNS = ("longitude", "latitude", "housing_median_age",
                       "households", "median_income", "median_house_value")
 CALIFORNIA_FEATURES = ("MedInc", "HouseAge", "AveRooms", "AveBedrms",
                        "Population", "AveOccup", "Latitude", "Longitude")
+
+DIABETES_TARGET_UNIT = 100.0
 
 _IDX_MAGIC = {3: 2051, 1: 2049}  # rank -> magic number (unsigned bytes)
 
@@ -71,6 +73,11 @@ def load(name, data_dir=None, seed=0, validation_fraction=0.1,
     from sklearn import datasets as sklearn_datasets
     bunch = getattr(sklearn_datasets, f"load_{name}")()
     x, y = bunch.data.astype("float32"), bunch.target
+    if name == "diabetes":
+      # Disease progression (25-346) in units of 100, like California's
+      # $100,000: SGD at the course's learning rates diverges on the raw
+      # scale.
+      y = y / DIABETES_TARGET_UNIT
     return _split(x, y, name in CLASSIFICATION, seed, validation_fraction,
                   test_fraction, feature_names=tuple(
                       getattr(bunch, "feature_names", ())))

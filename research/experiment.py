@@ -84,8 +84,8 @@ def main_for(build, defaults):
       logging.set_verbosity(logging.WARNING)
     config = common_flags.resolved(defaults)
     try:
-      return run(build(config), config)
-    except datasets.DataError as error:
+      run(build(config), config)
+    except (datasets.DataError, OutputDirError) as error:
       sys.exit(f"error: {error}")
   return main
 
@@ -101,6 +101,7 @@ def run(experiment, config):
                                           config["cpu_replicas"])
   loops = (training_loops.LOOPS if config["loop"] == "all"
            else (config["loop"],))
+  claim_output_dir(output_dir, experiment.name, config)
   results = {"experiment": experiment.name, "flags": config,
              "seed": config["seed"], "versions": versions(),
              "data": experiment.splits.sizes, **experiment.extra,
@@ -112,6 +113,39 @@ def run(experiment, config):
   write_json_atomically(os.path.join(output_dir, "results.json"), results)
   print(format_table(results))
   return results
+
+
+class OutputDirError(ValueError):
+  """The output directory holds a different run."""
+
+
+# A rerun may change these: more epochs continue training; the rest only
+# change what is shown or where it goes.
+_RESUMABLE_CHANGES = ("epochs", "verbose", "output_dir", "export_dir")
+
+
+def claim_output_dir(output_dir, name, config):
+  """Records the run's flags in `output_dir/run_config.json`, or checks
+  them against the recorded ones: a rerun resumes from the checkpoints
+  there, which is only right for the same experiment and flags."""
+  identity = {"experiment": name, **{key: value for key, value in
+                                      config.items()
+                                      if key not in _RESUMABLE_CHANGES}}
+  path = os.path.join(output_dir, "run_config.json")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as stream:
+      recorded = json.load(stream)
+    differences = [f"{key}: {recorded.get(key)!r} then, {value!r} now"
+                   for key, value in identity.items()
+                   if recorded.get(key) != value]
+    if differences:
+      raise OutputDirError(
+          f"{output_dir} holds a run with other settings "
+          f"({'; '.join(differences)}); its checkpoints would be resumed. "
+          "Use another --output_dir, or delete that one.")
+    return
+  os.makedirs(output_dir, exist_ok=True)
+  write_json_atomically(path, identity)
 
 
 def _run_loop(experiment, loop, config, strategy, output_dir):

@@ -1,0 +1,175 @@
+"""Hyperparameter search for the regression MLP, two ways:
+
+(a) a sweep over learning rates from 1e-4 to 3e-2 with the chosen loop;
+(b) scikit-learn's RandomizedSearchCV over hidden layers, units and learning
+    rate, cross-validated on the training split, through `ToolkitRegressor`.
+
+Every trial is logged as a TensorBoard HParams run, so trials compare in
+TensorBoard's HParams tab:
+
+    python -m research.hparam_search --dataset=california_housing \
+        --data_dir=../shared/data/california-housing
+    tensorboard --logdir runs/hparam_search/hparams
+"""
+
+import os
+import sys
+
+from absl import app, flags
+import keras
+import numpy as np
+from scipy import stats
+from sklearn import base, model_selection
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+
+import losses
+import training_loops
+from research import common_flags, experiment, models, regress
+
+flags.DEFINE_integer("sweep_points", 5, "Learning rates in the sweep "
+                     "(log-spaced over [1e-4, 3e-2]).", lower_bound=2)
+flags.DEFINE_integer("search_iterations", 6, "RandomizedSearchCV candidates.",
+                     lower_bound=1)
+flags.DEFINE_integer("cv_folds", 3, "Cross-validation folds.", lower_bound=2)
+
+FLAGS = flags.FLAGS
+DEFAULTS = common_flags.Defaults(dataset="diabetes", loop="graph", epochs=20,
+                                 learning_rate=0.01)
+SWEEP_RANGE = (1e-4, 3e-2)
+
+
+class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
+  """A scikit-learn regressor around `models.regressor`, trained by
+  `training_loops.train` with any loop.
+
+  keras.wrappers.SKLearnRegressor would only ever call `model.fit`; this
+  wrapper lets the search run the loop under study.
+  """
+
+  def __init__(self, hidden_layers=1, units=30, learning_rate=3e-3,
+               epochs=10, batch_size=32, loop="graph", seed=42):
+    self.hidden_layers = hidden_layers
+    self.units = units
+    self.learning_rate = learning_rate
+    self.epochs = epochs
+    self.batch_size = batch_size
+    self.loop = loop
+    self.seed = seed
+
+  def fit(self, x, y):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    keras.utils.set_random_seed(self.seed)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+        len(y), seed=self.seed).batch(self.batch_size)
+    self.history_ = training_loops.train(
+        lambda: models.regressor(x, self.hidden_layers, self.units),
+        lambda: keras.optimizers.SGD(self.learning_rate),
+        losses.MeanSquaredError(), data, loop=self.loop, epochs=self.epochs,
+        seed=self.seed, verbose=0)
+    self.model_ = self.history_.model
+    return self
+
+  def predict(self, x):
+    # A direct call: `model.predict` would trace a new function per model.
+    return self.model_(np.asarray(x, np.float32), training=False).numpy(
+    ).ravel()
+
+
+def log_trial(log_dir, trial_hparams, metrics):
+  """One TensorBoard HParams run: the hyperparameters and final metrics."""
+  with tf.summary.create_file_writer(log_dir).as_default():
+    hparams_api.hparams(trial_hparams)
+    for name, value in metrics.items():
+      tf.summary.scalar(name, value, step=0)
+
+
+def learning_rate_sweep(config, output_dir):
+  """Trains the regressor once per learning rate; returns a row per rate."""
+  rows = []
+  for index, learning_rate in enumerate(np.geomspace(*SWEEP_RANGE,
+                                                     FLAGS.sweep_points)):
+    trial = {**config, "learning_rate": float(learning_rate),
+             "output_dir": os.path.join(output_dir, f"sweep_{index}"),
+             "export_dir": None}
+    try:
+      results = experiment.run(regress.build(trial), trial)
+    except training_loops.NonFiniteLossError as error:  # a result, too
+      row = {"learning_rate": float(learning_rate), "val_loss": np.inf,
+             "test_loss": np.inf, "diverged": str(error)}
+    else:
+      report = results["loops"][config["loop"]]
+      row = {"learning_rate": float(learning_rate),
+             "val_loss": report["history"]["val_loss"][-1],
+             "test_loss": report["test"]["loss"]}
+    rows.append(row)
+    log_trial(os.path.join(output_dir, "hparams", f"sweep_{index}"),
+              {"learning_rate": row["learning_rate"]},
+              {"val_loss": row["val_loss"]})
+  return rows
+
+
+def randomized_search(config, output_dir):
+  """RandomizedSearchCV on the training split; the best model's test MSE."""
+  splits = regress.load_regression(config)
+  search = model_selection.RandomizedSearchCV(
+      ToolkitRegressor(epochs=config["epochs"],
+                       batch_size=config["batch_size"], loop=config["loop"],
+                       seed=config["seed"]),
+      {"hidden_layers": [0, 1, 2, 3], "units": list(range(1, 101)),
+       "learning_rate": stats.loguniform(3e-4, 3e-2)},
+      n_iter=FLAGS.search_iterations, cv=FLAGS.cv_folds,
+      scoring="neg_mean_squared_error", random_state=config["seed"],
+      error_score=-np.inf, refit=True)  # a diverged candidate scores -inf
+  search.fit(splits.x_train, splits.y_train)
+  trials = []
+  for index, params in enumerate(search.cv_results_["params"]):
+    cv_mse = -float(search.cv_results_["mean_test_score"][index])
+    trials.append({"params": _plain(params), "cv_mse": cv_mse})
+    log_trial(os.path.join(output_dir, "hparams", f"search_{index}"),
+              _plain(params), {"cv_mse": cv_mse})
+  test_mse = float(np.mean(np.square(
+      search.best_estimator_.predict(splits.x_test) - splits.y_test)))
+  return {"best_params": _plain(search.best_params_),
+          "best_cv_mse": -float(search.best_score_), "test_mse": test_mse,
+          "trials": trials}
+
+
+def _plain(params):
+  return {key: value.item() if hasattr(value, "item") else value
+          for key, value in params.items()}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  config = common_flags.resolved(DEFAULTS)
+  if config["loop"] == "all":
+    raise app.UsageError("hparam_search trains one loop per trial; pick "
+                         "--loop=eager|function|graph|keras_fit.")
+  output_dir = config["output_dir"] or os.path.join("runs", "hparam_search")
+  try:
+    experiment.claim_output_dir(output_dir, "hparam_search", {
+        **config, "sweep_points": FLAGS.sweep_points,
+        "search_iterations": FLAGS.search_iterations,
+        "cv_folds": FLAGS.cv_folds})
+  except experiment.OutputDirError as error:
+    sys.exit(f"error: {error}")
+  sweep = learning_rate_sweep(config, output_dir)
+  search = randomized_search(config, output_dir)
+  best = min(sweep, key=lambda row: row["val_loss"])
+  results = {"experiment": "hparam_search", "flags": config,
+             "seed": config["seed"], "versions": experiment.versions(),
+             "learning_rate_sweep": sweep, "best_learning_rate": best,
+             "random_search": search}
+  experiment.write_json_atomically(
+      os.path.join(output_dir, "results.json"), results)
+  print("learning-rate sweep (final val MSE):")
+  for row in sweep:
+    print(f"  {row['learning_rate']:.1e}  {row['val_loss']:.4f}")
+  print(f"random search: best {search['best_params']}, CV MSE "
+        f"{search['best_cv_mse']:.4f}, test MSE {search['test_mse']:.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
