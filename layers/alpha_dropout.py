@@ -5,7 +5,7 @@ import math
 import keras
 import tensorflow as tf
 
-from layers.dropout import check_rate
+from layers.dropout import RandomDrop
 
 # SELU's constants: dropped units are set to SELU's negative saturation value.
 _SELU_ALPHA = 1.6732632423543772848170429916717
@@ -14,7 +14,7 @@ _SATURATION = -_SELU_ALPHA * _SELU_SCALE
 
 
 @keras.saving.register_keras_serializable(package="layers")
-class AlphaDropout(keras.layers.Layer):
+class AlphaDropout(RandomDrop):
   """Sets each input to SELU's saturation value `-alpha * scale` with
   probability `rate` while training, then applies the affine map `a * x + b`
   that restores mean 0 and variance 1 for a standardized input; the identity
@@ -22,29 +22,14 @@ class AlphaDropout(keras.layers.Layer):
   """
 
   def __init__(self, rate, seed=None, **kwargs):
-    super().__init__(**kwargs)
-    check_rate(type(self).__name__, rate)
-    self.rate = float(rate)
-    self.seed = seed
-    self.seed_generator = keras.random.SeedGenerator(seed)
-    keep_probability = 1.0 - self.rate
+    super().__init__(rate, seed, **kwargs)
     self._scale = 1.0 / math.sqrt(
-        keep_probability * (1.0 + self.rate * _SATURATION**2))
+        (1.0 - self.rate) * (1.0 + self.rate * _SATURATION**2))
     self._shift = -self._scale * _SATURATION * self.rate
 
   def call(self, inputs, training=None):
     if not training or self.rate == 0.0:
       return inputs
-    keep = keras.random.uniform(
-        tf.shape(inputs), dtype=inputs.dtype,
-        seed=self.seed_generator) >= self.rate
-    dropped = tf.where(keep, inputs, tf.fill(tf.shape(inputs),
-                                             tf.cast(_SATURATION,
-                                                     inputs.dtype)))
+    saturated = tf.fill(tf.shape(inputs), tf.cast(_SATURATION, inputs.dtype))
+    dropped = tf.where(self.keep_mask(inputs), inputs, saturated)
     return self._scale * dropped + self._shift
-
-  def compute_output_shape(self, input_shape):
-    return input_shape
-
-  def get_config(self):
-    return {**super().get_config(), "rate": self.rate, "seed": self.seed}

@@ -12,7 +12,7 @@ import keras
 
 import losses
 import training_loops
-from research import classify, common_flags, experiment, models
+from research import classify, common_flags, datasets, experiment, models
 
 flags.DEFINE_integer("patience", 5, "EarlyStopping patience (epochs).",
                      lower_bound=0)
@@ -43,7 +43,7 @@ def stopping_report(history, callbacks):
 
 
 def build(config):
-  splits = classify.load_classification(config)
+  splits = datasets.load_for("classification", config)
   return experiment.Experiment(
       name="callbacks", splits=splits,
       model_fn=lambda: models.mlp_classifier(splits.x_train,

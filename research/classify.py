@@ -23,16 +23,8 @@ def accuracy():
   return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
 
-def load_classification(config):
-  if config["dataset"] not in datasets.CLASSIFICATION:
-    raise datasets.DataError(
-        f"--dataset={config['dataset']} is not a classification dataset; "
-        f"use one of {', '.join(datasets.CLASSIFICATION)}.")
-  return datasets.load(config["dataset"], config["data_dir"], config["seed"])
-
-
 def build(config):
-  splits = load_classification(config)
+  splits = datasets.load_for("classification", config)
   return experiment.Experiment(
       name="classify", splits=splits,
       model_fn=lambda: models.mlp_classifier(

@@ -13,8 +13,8 @@ import dataclasses
 
 from absl import app, flags
 
-from research import (callbacks, classify, common_flags, deep_net,
-                      experiment, regress, wide_deep)
+from research import (callbacks, classify, deep_net, experiment, regress,
+                      wide_deep)
 
 EXPERIMENTS = {"classify": classify, "callbacks": callbacks,
                "regress": regress, "deep_net": deep_net,

@@ -90,6 +90,16 @@ def load(name, data_dir=None, seed=0, validation_fraction=0.1,
                            test_fraction)
 
 
+def load_for(task, config):
+  """`load` with the flags in `config`, after checking that the dataset
+  suits `task` ("classification" or "regression")."""
+  allowed = CLASSIFICATION if task == "classification" else REGRESSION
+  if config["dataset"] not in allowed:
+    raise DataError(f"--dataset={config['dataset']} is not a {task} "
+                    f"dataset; use one of {', '.join(allowed)}.")
+  return load(config["dataset"], config["data_dir"], config["seed"])
+
+
 # --------------------------------------------------------------- IDX files
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import losses
-from research import classify, common_flags, experiment, models
+from research import classify, common_flags, datasets, experiment, models
 
 flags.DEFINE_enum("activation", "relu", ("relu", "selu"),
                   "Hidden activation (selu uses LeCun-normal init).")
@@ -51,7 +51,7 @@ def initial_gradient_norms(model_fn, loss, splits, batch_size, batches,
 
 
 def build(config):
-  splits = classify.load_classification(config)
+  splits = datasets.load_for("classification", config)
 
   def model_fn():
     return models.deep_classifier(

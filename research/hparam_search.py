@@ -25,7 +25,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 import losses
 import training_loops
-from research import common_flags, experiment, models, regress
+from research import common_flags, datasets, experiment, models, regress
 
 flags.DEFINE_integer("sweep_points", 5, "Learning rates in the sweep "
                      "(log-spaced over [1e-4, 3e-2]).", lower_bound=2)
@@ -111,7 +111,7 @@ def learning_rate_sweep(config, output_dir):
 
 def randomized_search(config, output_dir):
   """RandomizedSearchCV on the training split; the best model's test MSE."""
-  splits = regress.load_regression(config)
+  splits = datasets.load_for("regression", config)
   search = model_selection.RandomizedSearchCV(
       ToolkitRegressor(epochs=config["epochs"],
                        batch_size=config["batch_size"], loop=config["loop"],

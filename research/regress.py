@@ -15,16 +15,8 @@ DEFAULTS = common_flags.Defaults(dataset="diabetes", epochs=30,
                                  learning_rate=0.01)
 
 
-def load_regression(config):
-  if config["dataset"] not in datasets.REGRESSION:
-    raise datasets.DataError(
-        f"--dataset={config['dataset']} is not a regression dataset; use "
-        f"one of {', '.join(datasets.REGRESSION)}.")
-  return datasets.load(config["dataset"], config["data_dir"], config["seed"])
-
-
 def build(config):
-  splits = load_regression(config)
+  splits = datasets.load_for("regression", config)
   return experiment.Experiment(
       name="regress", splits=splits,
       model_fn=lambda: models.regressor(splits.x_train),

@@ -12,7 +12,7 @@ from absl import app, flags
 import keras
 
 import losses
-from research import common_flags, experiment, models, regress
+from research import common_flags, datasets, experiment, models
 
 flags.DEFINE_enum("wide_deep_variant", "functional",
                   ("functional", "subclassed", "multi_input"),
@@ -26,7 +26,7 @@ DEFAULTS = common_flags.Defaults(dataset="diabetes", epochs=30,
 
 
 def build(config):
-  splits = regress.load_regression(config)
+  splits = datasets.load_for("regression", config)
   if splits.x_train.shape[1] < 8:
     raise ValueError("wide & deep needs at least 8 features.")
   variant, aux = FLAGS.wide_deep_variant, FLAGS.aux_output
