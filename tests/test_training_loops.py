@@ -337,7 +337,8 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(
   model, optimizer = model_fn(), keras.optimizers.SGD()
   optimizer.build(model.trainable_variables)
   epochs_done = RunCheckpoint(tmp_path, model, optimizer,
-                              tf.distribute.get_strategy()).restore()
+                              tf.distribute.get_strategy(),
+                              training_loops.History()).restore()
   assert epochs_done == 1
   assert all(np.all(np.isfinite(w)) for w in model.get_weights())
 

@@ -7,8 +7,9 @@ import tensorflow as tf
 
 
 class RunCheckpoint:
-  """Model, optimizer (slots and step counter) and completed epochs, saved
-  by a `tf.train.CheckpointManager` after every epoch.
+  """Model, optimizer (slots and step counter), completed epochs and the
+  `History` so far, saved after every epoch (the variables by a
+  `tf.train.CheckpointManager`, the history as `history.json`).
 
   Dropout's random state is one of the model's variables, so it is saved
   too. The order of shuffled data is replayed rather than saved: see
@@ -18,7 +19,8 @@ class RunCheckpoint:
   chief writes to `directory`, the others to a scratch copy they delete.
   """
 
-  def __init__(self, directory, model, optimizer, strategy, max_to_keep=3):
+  def __init__(self, directory, model, optimizer, strategy, history,
+               max_to_keep=3):
     with strategy.scope():
       self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="epochs_done")
@@ -28,6 +30,8 @@ class RunCheckpoint:
         model_variables=list(model.variables), optimizer=optimizer,
         epochs_done=self.epochs_done)
     self._directory = os.fspath(directory)
+    self._history = history
+    self._history_path = os.path.join(self._directory, "history.json")
     self._scratch = None
     self.is_writer = strategy.extended.should_checkpoint
     if not self.is_writer:
@@ -41,14 +45,21 @@ class RunCheckpoint:
         self._checkpoint, self._directory, max_to_keep=max_to_keep)
 
   def restore(self):
-    """Restores the latest checkpoint, if any; returns the epochs done."""
+    """Restores the latest checkpoint and its history, if any; returns the
+    epochs done."""
     latest = self._reader.latest_checkpoint
     if latest is None:
       return 0
     self._checkpoint.restore(latest).assert_existing_objects_matched()
-    return int(self.epochs_done.numpy())
+    epochs_done = int(self.epochs_done.numpy())
+    self._history.load(self._history_path, epochs_done)
+    return epochs_done
 
   def save(self, epochs_done):
+    # History first: a crash between the two leaves it one epoch ahead,
+    # which `History.load` trims, never behind.
+    if self.is_writer:
+      self._history.save(self._history_path)
     self.epochs_done.assign(epochs_done)
     self._manager.save(checkpoint_number=epochs_done)
     if self._scratch:

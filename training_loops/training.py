@@ -1,7 +1,5 @@
 """`train`: one training run, four interchangeable ways."""
 
-import os
-
 import keras
 import tensorflow as tf
 
@@ -61,17 +59,16 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     _build(model, optimizer, train_data)
   history = History(model=model)
   recorder = EpochRecorder(history, optimizer, log_dir)
-  checkpoint = (RunCheckpoint(checkpoint_dir, model, optimizer, strategy)
-                if checkpoint_dir else None)
   callbacks = [recorder, *callbacks]
   if loop == "keras_fit":  # the custom loops check every step themselves
     callbacks.append(keras_fit.StopOnNonFiniteLoss())
-  if checkpoint:  # last: a non-finite or early-stopped epoch is seen first
-    callbacks.append(_SaveEachEpoch(checkpoint, history,
-                                    _history_path(checkpoint_dir)))
-  initial_epoch = checkpoint.restore() if checkpoint else 0
-  if checkpoint:
-    history.load(_history_path(checkpoint_dir), initial_epoch)
+  initial_epoch = 0
+  if checkpoint_dir:
+    checkpoint = RunCheckpoint(checkpoint_dir, model, optimizer, strategy,
+                               history)
+    initial_epoch = checkpoint.restore()
+    # Last: a non-finite or early-stopped epoch is seen first.
+    callbacks.append(_SaveEachEpoch(checkpoint))
   replay_data_order(train_data, initial_epoch)
   if loop == "keras_fit":
     keras_fit.fit(model, optimizer, loss, loss_weights, metrics, train_data,
@@ -140,24 +137,15 @@ def _run_epochs(trainer, driver, strategy, train_data, validation_data,
 
 
 class _SaveEachEpoch(keras.callbacks.Callback):
-  """Saves the history, then a `RunCheckpoint`, after each epoch (after the
-  other callbacks, so weights restored by EarlyStopping are what gets
-  saved), so a resumed run returns the whole history."""
+  """Saves a `RunCheckpoint` after each epoch (after the other callbacks,
+  so weights restored by EarlyStopping are what gets saved)."""
 
-  def __init__(self, checkpoint, history, history_path):
+  def __init__(self, checkpoint):
     super().__init__()
     self.checkpoint = checkpoint
-    self.history = history
-    self.history_path = history_path
 
   def on_epoch_end(self, epoch, logs=None):
-    if self.checkpoint.is_writer:
-      self.history.save(self.history_path)
     self.checkpoint.save(epoch + 1)
-
-
-def _history_path(checkpoint_dir):
-  return os.path.join(checkpoint_dir, "history.json")
 
 
 def _build(model, optimizer, train_data):
