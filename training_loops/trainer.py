@@ -57,15 +57,15 @@ class Trainer:
     self.strategy = strategy or tf.distribute.get_strategy()
     self.output_losses = _output_losses(model, loss, loss_weights)
     multi_output = self.output_losses[0].key is not None
-    self.loss_trackers = {"loss": keras.metrics.Mean(name="loss")}
+    self.train_trackers = {"loss": keras.metrics.Mean(name="loss")}
     if multi_output:
       for output in self.output_losses:
-        self.loss_trackers[output.report_name] = keras.metrics.Mean(
+        self.train_trackers[output.report_name] = keras.metrics.Mean(
             name=output.report_name)
     self.train_metrics = copied_metrics(metrics, multi_output)
     self.eval_metrics = copied_metrics(metrics, multi_output)
     self.eval_trackers = {name: keras.metrics.Mean(name=name)
-                          for name in self.loss_trackers}
+                          for name in self.train_trackers}
 
   # -- per replica ---------------------------------------------------------
 
@@ -76,7 +76,7 @@ class Trainer:
     with tf.GradientTape() as tape:
       predictions = self.model(x, training=True)
       scaled_loss, global_loss = self._loss(y, predictions, sample_weight,
-                                            self.loss_trackers)
+                                            self.train_trackers)
     variables = self.model.trainable_variables
     # Keras' optimizer sums gradients over replicas: each replica's loss is
     # already divided by the global example count.
@@ -111,14 +111,14 @@ class Trainer:
 
   def train_logs(self):
     """This epoch's running results under Keras' keys."""
-    return _results(self.loss_trackers, self.train_metrics)
+    return _results(self.train_trackers, self.train_metrics)
 
   def eval_logs(self, prefix="val_"):
     return {prefix + key: value for key, value in
             _results(self.eval_trackers, self.eval_metrics).items()}
 
   def _all_metrics(self):
-    return [*self.loss_trackers.values(), *self.eval_trackers.values(),
+    return [*self.train_trackers.values(), *self.eval_trackers.values(),
             *self.train_metrics.values(), *self.eval_metrics.values()]
 
   # -- internals -----------------------------------------------------------
@@ -146,7 +146,7 @@ class Trainer:
       local_mean = tf.math.divide_no_nan(local_sum, local_count)
       local_loss += output.weight * local_mean
       local_examples = tf.shape(values)[0]
-      if len(trackers) > 1:
+      if output.key is not None:  # multi-output: a tracker per output
         trackers[output.report_name].update_state(local_mean,
                                                   local_examples)
     if self.model.losses:  # regularization, counted once across replicas
