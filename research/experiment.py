@@ -85,7 +85,8 @@ def main_for(build, defaults):
     config = common_flags.resolved(defaults)
     try:
       run(build(config), config)
-    except (datasets.DataError, OutputDirError) as error:
+    except (datasets.DataError, OutputDirError,
+            training_loops.NonFiniteLossError) as error:
       sys.exit(f"error: {error}")
   return main
 

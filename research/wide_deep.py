@@ -21,8 +21,10 @@ flags.DEFINE_boolean("aux_output", False, "multi_input only: add the "
                      "auxiliary output on the deep path.")
 
 FLAGS = flags.FLAGS
+# The course trains wide & deep at 1e-3: the wide path feeds raw (scaled)
+# features with heavy tails straight to the output, and 1e-2 diverges.
 DEFAULTS = common_flags.Defaults(dataset="diabetes", epochs=30,
-                                 learning_rate=0.01)
+                                 learning_rate=1e-3)
 
 
 def build(config):
