@@ -300,7 +300,9 @@ def test_rerun_refuses_an_output_dir_with_other_flags(tmp_path):
     (["--normalize=bogus"], "normalize"),
     (["--dataset=mnist", "--data_dir=/nonexistent"],
      "error: --data_dir '/nonexistent' is not a directory."),
-    (["--learning_rate=-1"], "--learning_rate must be positive")])
+    (["--learning_rate=-1"], "--learning_rate must be positive"),
+    (["--learning_rate=1e4", "--loop=graph", "--epochs=2", "--verbose=0"],
+     "error: Training loss became")])
 def test_scripts_exit_with_a_clear_line(tmp_path, arguments, message):
   process = subprocess.run(
       [sys.executable, "-m", "research.classify", *arguments,
