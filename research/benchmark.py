@@ -1,0 +1,216 @@
+"""Throughput of every loop against model.fit and this machine's matmul
+roofline.
+
+    python -m research.benchmark --model=mlp --batch_sizes=32,256 \
+        --output=benchmark.json
+
+In one process, so ratios are fair: for each batch size and loop variant it
+trains `1 + repeats` epochs of `steps` steps on data already in memory,
+drops the first epoch (tracing, compilation, warm-up) and reports the median
+steps/s of the rest, measured by the same `EpochRecorder` for every loop.
+FLOPs per step are counted from the model's Dense kernels; the roofline is
+the GFLOP/s of a large float32 matmul here.
+"""
+
+import os
+import platform
+import statistics
+import time
+
+from absl import app, flags
+import keras
+import numpy as np
+import tensorflow as tf
+
+import losses
+import training_loops
+from research import experiment, models
+
+# (loop, variant, train() keyword arguments)
+VARIANTS = (
+    ("eager", "default", {}),
+    ("function", "default", {}),
+    ("graph", "steps_per_loop=epoch", {}),
+    ("graph", "steps_per_loop=100", {"steps_per_loop": 100}),
+    ("graph", "xla", {"jit_compile": True}),
+    ("keras_fit", "default", {}),
+    ("keras_fit", "steps_per_execution=100", {"steps_per_loop": 100}),
+    ("keras_fit", "xla", {"jit_compile": True}),
+)
+BENCHMARK_MODELS = ("mlp", "deep_net", "wide_deep")
+
+flags.DEFINE_enum("model", "mlp", BENCHMARK_MODELS,
+                  "mlp: the course's 784-300-100-10; deep_net: 20 x "
+                  "Dense(100) on 784 inputs; wide_deep: on 8 features.")
+flags.DEFINE_list("batch_sizes", ["32", "256"], "Batch sizes to measure.")
+flags.DEFINE_integer("steps", 300, "Steps per measured epoch.",
+                     lower_bound=10)
+flags.DEFINE_integer("repeats", 3, "Measured epochs per variant (median).",
+                     lower_bound=3)
+flags.DEFINE_list("loops", [], "Only these loops (default: all variants).")
+flags.DEFINE_string("output", None, "Write the results JSON here.")
+flags.DEFINE_integer("benchmark_seed", 0, "Seed for data and weights.")
+
+FLAGS = flags.FLAGS
+
+
+def synthetic_data(model_name, examples, seed):
+  """In-memory features and targets shaped like the model's task."""
+  rng = np.random.default_rng(seed)
+  if model_name == "wide_deep":
+    x = rng.normal(size=(examples, 8)).astype("float32")
+    return x, (x[:, 0] - 0.5 * x[:, 3]).astype("float32")
+  x = rng.uniform(0, 1, size=(examples, 784)).astype("float32")
+  return x, rng.integers(0, 10, size=examples).astype("int64")
+
+
+def build_model(model_name, x):
+  if model_name == "mlp":
+    return models.mlp_classifier(x, 10, normalize="none")
+  if model_name == "deep_net":
+    return models.deep_classifier(x, 10)
+  return models.wide_deep_functional(x)
+
+
+def training_flops_per_step(model, batch_size):
+  """Forward + backward FLOPs of one step: 2 * batch * in * out per Dense
+  kernel forward, three times that for the step (the forward matmul plus
+  the gradients with respect to inputs and to weights). Elementwise ops are
+  left out: they are a few percent here and not what the roofline bounds."""
+  forward = sum(2 * batch_size * int(np.prod(layer.kernel.shape))
+                for layer in model._flatten_layers()
+                if getattr(layer, "kernel", None) is not None)
+  return 3 * forward
+
+
+def matmul_roofline_gflops(size=2048, repeats=5):
+  """GFLOP/s of a float32 `size` x `size` matmul, median of `repeats`."""
+  a = tf.random.normal([size, size])
+  b = tf.random.normal([size, size])
+  chained = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
+  chained(a, b).numpy()  # warm-up
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    chained(a, b).numpy()
+    rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+  return statistics.median(rates)
+
+
+class PeakMemory:
+  """Peak resident memory over a block, in MiB (Linux: the kernel's
+  high-water mark, reset through /proc/self/clear_refs)."""
+
+  def __enter__(self):
+    try:
+      with open("/proc/self/clear_refs", "w", encoding="ascii") as stream:
+        stream.write("5")
+    except OSError:
+      pass  # not Linux: the process-lifetime peak is reported instead
+    return self
+
+  def __exit__(self, *exc_info):
+    self.peak_mb = _vm_hwm_mb()
+
+
+def _vm_hwm_mb():
+  try:
+    with open("/proc/self/status", encoding="ascii") as stream:
+      for line in stream:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(model_name, loop, options, batch_size, steps, repeats, seed):
+  """Median steps/s over `repeats` epochs after a warm-up epoch."""
+  x, y = synthetic_data(model_name, steps * batch_size, seed)
+  loss = (losses.MeanSquaredError() if model_name == "wide_deep"
+          else losses.SparseCategoricalCrossentropy())
+  keras.utils.set_random_seed(seed)
+  data = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+      batch_size, drop_remainder=True).cache()
+  with PeakMemory() as memory:
+    history = training_loops.train(
+        lambda: build_model(model_name, x),
+        lambda: keras.optimizers.SGD(0.01), loss, data, loop=loop,
+        epochs=1 + repeats, seed=seed, verbose=0, **options)
+  return (statistics.median(history.steps_per_second[1:]), memory.peak_mb,
+          training_flops_per_step(history.model, batch_size))
+
+
+def run_benchmark(model_name, batch_sizes, steps, repeats, loops, seed):
+  roofline = matmul_roofline_gflops()
+  results = []
+  for batch_size in batch_sizes:
+    rows = []
+    for loop, variant, options in VARIANTS:
+      if loops and loop not in loops:
+        continue
+      rate, peak_mb, flops = measure(model_name, loop, options, batch_size,
+                                     steps, repeats, seed)
+      rows.append({"loop": loop, "variant": variant,
+                   "batch_size": batch_size, "steps_per_second": rate,
+                   "roofline_fraction": rate * flops / (roofline * 1e9),
+                   "peak_rss_mb": peak_mb, "flops_per_step": flops})
+    fit = next((row for row in rows if row["loop"] == "keras_fit"
+                and row["variant"] == "default"), None)
+    for row in rows:
+      row["ratio_to_keras_fit"] = (row["steps_per_second"]
+                                   / fit["steps_per_second"] if fit else None)
+    results += rows
+  return {"model": model_name, "roofline_gflops": roofline,
+          "machine": machine(), "steps": steps, "repeats": repeats,
+          "versions": experiment.versions(), "results": results}
+
+
+def machine():
+  return {"platform": platform.platform(), "processor": platform.processor(),
+          "cpu_count": os.cpu_count(),
+          "tensorflow_threads": {
+              "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+              "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}}
+
+
+def format_table(report):
+  lines = [f"{report['model']}: matmul roofline "
+           f"{report['roofline_gflops']:.1f} GFLOP/s on "
+           f"{report['machine']['cpu_count']} cores",
+           f"{'batch':>5}  {'loop':<9}  {'variant':<24}  {'steps/s':>8}  "
+           f"{'vs fit':>6}  {'roofline':>8}  {'peak MiB':>8}"]
+  for row in report["results"]:
+    ratio = row["ratio_to_keras_fit"]
+    lines.append(
+        f"{row['batch_size']:>5}  {row['loop']:<9}  {row['variant']:<24}  "
+        f"{row['steps_per_second']:>8.0f}  "
+        f"{'-' if ratio is None else f'{ratio:.2f}x':>6}  "
+        f"{row['roofline_fraction']:>8.1%}  {row['peak_rss_mb']:>8.0f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    batch_sizes = [int(size) for size in FLAGS.batch_sizes]
+  except ValueError:
+    raise app.UsageError(f"--batch_sizes must be integers, got "
+                         f"{FLAGS.batch_sizes}.") from None
+  if any(size < 1 for size in batch_sizes):
+    raise app.UsageError("--batch_sizes must be positive.")
+  unknown = set(FLAGS.loops) - set(training_loops.LOOPS)
+  if unknown:
+    raise app.UsageError(f"Unknown --loops {sorted(unknown)}; expected "
+                         f"{', '.join(training_loops.LOOPS)}.")
+  report = run_benchmark(FLAGS.model, batch_sizes, FLAGS.steps,
+                         FLAGS.repeats, FLAGS.loops, FLAGS.benchmark_seed)
+  print(format_table(report))
+  if FLAGS.output:
+    experiment.write_json_atomically(FLAGS.output, report)
+
+
+if __name__ == "__main__":
+  app.run(main)
