@@ -38,17 +38,50 @@ class EagerDriver(_Driver):
 
 
 class FunctionDriver(_Driver):
-  """The same step compiled by `tf.function`, one call per batch.
+  """The same step compiled by `tf.function`, one call per step from a
+  Python loop.
 
-  `reduce_retracing` lets a partial last batch trace once for all epochs
-  rather than once per new shape.
+  As `model.fit` does, the iterator is passed into the function and the
+  batch fetched inside it: Python never touches the data, and the function
+  traces once for every batch shape (a partial last batch included).
   """
 
   def __init__(self, trainer, jit_compile=False, steps_per_loop=None):
     del steps_per_loop
     train_step, eval_step = _distributed_steps(trainer, jit_compile)
-    self.train_step = tf.function(train_step, reduce_retracing=True)
-    self.eval_step = tf.function(eval_step, reduce_retracing=True)
+
+    @tf.function
+    def train_next(iterator):
+      """Returns (whether a batch was left, its loss)."""
+      batch = iterator.get_next_as_optional()
+      loss = tf.constant(0.0)
+      if batch.has_value():
+        loss = train_step(batch.get_value())
+      return batch.has_value(), loss
+
+    @tf.function
+    def eval_next(iterator):
+      batch = iterator.get_next_as_optional()
+      if batch.has_value():
+        eval_step(batch.get_value())
+      return batch.has_value()
+
+    self.train_next = train_next
+    self.eval_next = eval_next
+
+  def train_epoch(self, iterator, epoch, progress):
+    step = 0
+    while True:
+      has_batch, loss = self.train_next(iterator)
+      if not has_batch:
+        return step
+      step += 1
+      _check_finite(loss, epoch, step)
+      progress(step)
+
+  def evaluate(self, iterator):
+    while self.eval_next(iterator):
+      pass
 
 
 class GraphDriver(_Driver):
