@@ -177,10 +177,13 @@ def _check_labels(labels, num_classes):
   bad = labels[(labels < 0) | (labels >= num_classes)
                | (labels != np.floor(labels))]
   if bad.size:
+    examples = np.unique(bad)[:5]
+    if np.all(examples == np.floor(examples)):  # Loss.__call__ made them float
+      examples = examples.astype(np.int64)
     raise ValueError(
         f"sparse_categorical_crossentropy: labels must be integers in "
         f"[0, {num_classes}) for y_pred with {num_classes} classes; got "
-        f"{bad.size} outside, e.g. {np.unique(bad)[:5].tolist()}.")
+        f"{bad.size} outside, e.g. {examples.tolist()}.")
 
 
 def _check_same_shape(loss_name, y_true, y_pred):

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 import losses
 import training_loops
+from training_loops.atomic import write_json_atomically
 from research import experiment, models
 
 # (loop, variant, train() keyword arguments)
@@ -223,7 +224,7 @@ def main(argv):
                          FLAGS.repeats, FLAGS.loops, FLAGS.benchmark_seed)
   print(format_table(report))
   if FLAGS.output:
-    experiment.write_json_atomically(FLAGS.output, report)
+    write_json_atomically(FLAGS.output, report, indent=2)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 import training_loops
 from research import common_flags, datasets
+from training_loops.atomic import write_json_atomically
 
 # A loop "matches" model.fit when its final training loss is this close
 # (relative): float32 reassociation across graph rewrites, not more.
@@ -85,8 +86,10 @@ def main_for(build, defaults):
     config = common_flags.resolved(defaults)
     try:
       run(build(config), config)
-    except (datasets.DataError, OutputDirError,
-            training_loops.NonFiniteLossError) as error:
+    except (datasets.DataError, SettingsError,
+            training_loops.CheckpointMismatchError,
+            training_loops.NonFiniteLossError,
+            training_loops.TrainingDataError) as error:
       sys.exit(f"error: {error}")
   return main
 
@@ -100,6 +103,13 @@ def run(experiment, config):
   output_dir = config["output_dir"] or os.path.join("runs", experiment.name)
   strategy = training_loops.make_strategy(config["strategy"],
                                           config["cpu_replicas"])
+  replicas = strategy.num_replicas_in_sync
+  if config["batch_size"] % replicas:
+    # Uneven shards would give each replica's BatchNormalization and dropout
+    # a different batch size from run to run of the same global batch.
+    raise SettingsError(
+        f"--batch_size={config['batch_size']} is not divisible by the "
+        f"{replicas} replicas of --strategy={config['strategy']}.")
   loops = (training_loops.LOOPS if config["loop"] == "all"
            else (config["loop"],))
   claim_output_dir(output_dir, experiment.name, config)
@@ -111,13 +121,15 @@ def run(experiment, config):
     results["loops"][loop] = _run_loop(experiment, loop, config, strategy,
                                        output_dir)
   os.makedirs(output_dir, exist_ok=True)
-  write_json_atomically(os.path.join(output_dir, "results.json"), results)
+  write_json_atomically(os.path.join(output_dir, "results.json"), results,
+                        indent=2)
   print(format_table(results))
   return results
 
 
-class OutputDirError(ValueError):
-  """The output directory holds a different run."""
+class SettingsError(ValueError):
+  """The flags conflict: with each other, or with the run already in the
+  output directory."""
 
 
 # A rerun may change these: more epochs continue training; the rest only
@@ -140,7 +152,7 @@ def claim_output_dir(output_dir, name, config):
                    for key, value in identity.items()
                    if recorded.get(key) != value]
     if differences:
-      raise OutputDirError(
+      raise SettingsError(
           f"{output_dir} holds a run with other settings "
           f"({'; '.join(differences)}); its checkpoints would be resumed. "
           "Use another --output_dir, or delete that one.")
@@ -203,17 +215,6 @@ def versions():
           "keras": keras.__version__, "numpy": np.__version__,
           "scikit-learn": sklearn.__version__,
           "absl-py": getattr(absl, "__version__", "unknown")}
-
-
-def write_json_atomically(path, content):
-  """Writes `content` as JSON via a temporary file and a rename, so a crash
-  mid-write leaves the previous file intact."""
-  temporary = f"{path}.tmp"
-  with open(temporary, "w", encoding="utf-8") as stream:
-    json.dump(content, stream, indent=2, sort_keys=True)
-    stream.flush()
-    os.fsync(stream.fileno())
-  os.replace(temporary, path)
 
 
 def export(model, path):

@@ -25,6 +25,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 import losses
 import training_loops
+from training_loops.atomic import write_json_atomically
 from research import common_flags, datasets, experiment, models, regress
 
 flags.DEFINE_integer("sweep_points", 5, "Learning rates in the sweep "
@@ -153,7 +154,7 @@ def main(argv):
         **config, "sweep_points": FLAGS.sweep_points,
         "search_iterations": FLAGS.search_iterations,
         "cv_folds": FLAGS.cv_folds})
-  except experiment.OutputDirError as error:
+  except experiment.SettingsError as error:
     sys.exit(f"error: {error}")
   sweep = learning_rate_sweep(config, output_dir)
   search = randomized_search(config, output_dir)
@@ -162,8 +163,8 @@ def main(argv):
              "seed": config["seed"], "versions": experiment.versions(),
              "learning_rate_sweep": sweep, "best_learning_rate": best,
              "random_search": search}
-  experiment.write_json_atomically(
-      os.path.join(output_dir, "results.json"), results)
+  write_json_atomically(os.path.join(output_dir, "results.json"), results,
+                        indent=2)
   print("learning-rate sweep (final val MSE):")
   for row in sweep:
     print(f"  {row['learning_rate']:.1e}  {row['val_loss']:.4f}")

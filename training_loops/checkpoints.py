@@ -1,9 +1,16 @@
 """Per-epoch checkpoints that let `train` resume exactly where it stopped."""
 
+import json
 import os
 import shutil
 
 import tensorflow as tf
+
+from training_loops.atomic import write_json_atomically
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint directory holds a checkpoint of a different model."""
 
 
 class RunCheckpoint:
@@ -30,6 +37,8 @@ class RunCheckpoint:
         model_variables=list(model.variables), optimizer=optimizer,
         epochs_done=self.epochs_done)
     self._directory = os.fspath(directory)
+    self._model = model
+    self._manifest_path = os.path.join(self._directory, "variables.json")
     self._history = history
     self._history_path = os.path.join(self._directory, "history.json")
     self._scratch = None
@@ -50,6 +59,7 @@ class RunCheckpoint:
     latest = self._reader.latest_checkpoint
     if latest is None:
       return 0
+    self._check_same_model()
     self._checkpoint.restore(latest).assert_existing_objects_matched()
     epochs_done = int(self.epochs_done.numpy())
     self._history.load(self._history_path, epochs_done)
@@ -59,11 +69,45 @@ class RunCheckpoint:
     # History first: a crash between the two leaves it one epoch ahead,
     # which `History.load` trims, never behind.
     if self.is_writer:
+      write_json_atomically(self._manifest_path,
+                             _variable_manifest(self._model))
       self._history.save(self._history_path)
     self.epochs_done.assign(epochs_done)
     self._manager.save(checkpoint_number=epochs_done)
     if self._scratch:
       shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+  def _check_same_model(self):
+    """Raises `CheckpointMismatchError` naming the first differences
+    between the saved model's variables and this model's.
+
+    Shapes and dtypes are compared in order; paths only name them, since
+    Keras numbers layer names per process (`dense_3` today, `dense_7` in a
+    rerun of the same model)."""
+    if not os.path.isfile(self._manifest_path):
+      return  # left to the restore's own matching
+    with open(self._manifest_path, encoding="utf-8") as stream:
+      saved = json.load(stream)
+    current = _variable_manifest(self._model)
+    differences = [
+        f"{now['path']}: {then['shape']} {then['dtype']} saved, "
+        f"{now['shape']} {now['dtype']} now"
+        for then, now in zip(saved, current)
+        if (then["shape"], then["dtype"]) != (now["shape"], now["dtype"])]
+    if len(saved) != len(current):
+      differences.insert(0, f"{len(saved)} variables saved, "
+                            f"{len(current)} now")
+    if differences:
+      raise CheckpointMismatchError(
+          f"{self._directory} holds a checkpoint of a different model ("
+          f"{'; '.join(differences[:4])}). Use another checkpoint "
+          "directory, or delete this one.")
+
+
+def _variable_manifest(model):
+  return [{"path": v.path, "shape": list(v.shape), "dtype": str(v.dtype)}
+          for v in model.variables]
 
 
 def replay_data_order(dataset, epochs_done):

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 
+from training_loops.atomic import write_json_atomically
+
 
 @dataclasses.dataclass
 class History:
@@ -38,11 +40,8 @@ class History:
             "wall_seconds": self.wall_seconds}
 
   def save(self, path):
-    """Writes the epochs so far to `path` atomically (temporary + rename)."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
-      json.dump(self.to_json(), stream)
-    os.replace(temporary, path)
+    """Writes the epochs so far to `path` atomically."""
+    write_json_atomically(path, self.to_json())
 
   def load(self, path, epochs_done):
     """Restores the first `epochs_done` epochs saved at `path`, if any.

@@ -3,6 +3,7 @@
 import math
 
 import keras
+import tensorflow as tf
 
 from training_loops import trainer as trainer_lib
 
@@ -30,10 +31,13 @@ def fit(model, optimizer, loss, loss_weights, metrics, train_data,
   # the custom loops do (without it, two: one is opened and dropped at each
   # epoch's end), so `replay_data_order` resumes shuffled data alike.
   cardinality = int(train_data.cardinality())
-  model.fit(train_data, epochs=epochs, initial_epoch=initial_epoch,
-            steps_per_epoch=cardinality if cardinality > 0 else None,
-            validation_data=validation_data, callbacks=list(callbacks),
-            shuffle=False, verbose=verbose)
+  try:
+    model.fit(train_data, epochs=epochs, initial_epoch=initial_epoch,
+              steps_per_epoch=cardinality if cardinality > 0 else None,
+              validation_data=validation_data, callbacks=list(callbacks),
+              shuffle=False, verbose=verbose)
+  except tf.errors.InvalidArgumentError as error:  # fit does not say where
+    raise trainer_lib.TrainingDataError(None, error) from error
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

@@ -23,6 +23,27 @@ class NonFiniteLossError(FloatingPointError):
     self.epoch, self.step, self.loss = epoch, step, loss
 
 
+class TrainingDataError(ValueError):
+  """A training or evaluation step rejected a batch (e.g. a label outside
+  the model's classes, which only shows once the data reaches the graph)."""
+
+  def __init__(self, epoch, error):
+    message = _cause_of(error)
+    where = "" if epoch is None else f" in epoch {epoch} (0-based)"
+    super().__init__(f"A batch{where} was rejected: {message}")
+    self.epoch = epoch
+
+
+def _cause_of(error):
+  """The line of a TensorFlow error that says what went wrong, without the
+  "Graph execution error:" banner, the Python stack or the node names."""
+  lines = [line for line in str(getattr(error, "message", error)).splitlines()
+           if line.strip() and not line[0].isspace()
+           and not line.startswith(("Graph execution error",
+                                    "Detected at node", "[["))]
+  return lines[-1] if lines else str(error)
+
+
 @dataclasses.dataclass(frozen=True)
 class _OutputLoss:
   """The loss of one model output: `key` picks it from `y` and predictions

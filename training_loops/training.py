@@ -7,7 +7,7 @@ from training_loops import drivers, keras_fit
 from training_loops.callbacks import EpochRecorder
 from training_loops.checkpoints import RunCheckpoint, replay_data_order
 from training_loops.history import History
-from training_loops.trainer import Trainer
+from training_loops.trainer import Trainer, TrainingDataError
 
 LOOPS = ("eager", "function", "graph", "keras_fit")
 
@@ -56,7 +56,8 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     keras.utils.set_random_seed(seed)
   with strategy.scope():
     model, optimizer = model_fn(), optimizer_fn()
-    _build(model, optimizer, train_data)
+    _check_model_fits_data(model, loss, train_data)
+    optimizer.build(model.trainable_variables)
   history = History(model=model)
   recorder = EpochRecorder(history, optimizer, log_dir)
   callbacks = [recorder, *callbacks]
@@ -121,12 +122,18 @@ def _run_epochs(trainer, driver, strategy, train_data, validation_data,
       if verbose == 1:
         progress_bar.update(step, _as_floats(trainer.train_logs()).items())
 
-    steps = driver.train_epoch(iter(train_batches), epoch, show_progress)
+    try:
+      steps = driver.train_epoch(iter(train_batches), epoch, show_progress)
+      if validation_batches is not None:
+        callback_list.on_test_begin()
+        driver.evaluate(iter(validation_batches))
+        callback_list.on_test_end()
+    except tf.errors.InvalidArgumentError as error:
+      raise TrainingDataError(epoch, error) from error
+    if steps == 0:  # a dataset of unknown length that turned out empty
+      raise ValueError("train_data yielded no batches.")
     logs = trainer.train_logs()
     if validation_batches is not None:
-      callback_list.on_test_begin()
-      driver.evaluate(iter(validation_batches))
-      callback_list.on_test_end()
       logs.update(trainer.eval_logs())
     logs = _as_floats(logs)
     progress_bar.update(steps, logs.items(), finalize=True)
@@ -148,15 +155,46 @@ class _SaveEachEpoch(keras.callbacks.Callback):
     self.checkpoint.save(epoch + 1)
 
 
-def _build(model, optimizer, train_data):
-  """Creates every variable up front, so a checkpoint can restore into it
-  and no variable is created inside a replica step."""
-  if not model.built:
-    x_spec = train_data.element_spec[0]
-    model(tf.nest.map_structure(
-        lambda spec: tf.zeros([1 if d is None else d for d in spec.shape],
-                              spec.dtype), x_spec), training=False)
-  optimizer.build(model.trainable_variables)
+def _check_model_fits_data(model, loss, data):
+  """Runs the model (inference mode: no state changes) and, for a single
+  output, the loss on one zero example shaped like `data`'s elements.
+
+  Builds an unbuilt model, so every variable exists before a checkpoint is
+  restored into it or a replica step runs; raises a `ValueError` naming the
+  data's and the model's shapes when they do not fit.
+  """
+  x_spec, y_spec = data.element_spec[:2]
+  x = _zero_example(x_spec)
+  try:
+    predictions = model(x, training=False)
+  except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+    raise ValueError(
+        f"The model does not accept the data's inputs "
+        f"{_shapes(x_spec)}: {_first_line(error)}") from None
+  if not isinstance(loss, keras.losses.Loss):
+    return  # multi-output: each output's loss is checked when it runs
+  try:
+    loss(_zero_example(y_spec), predictions)
+  except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+    raise ValueError(
+        f"The model's outputs {_shapes(predictions)} do not fit the data's "
+        f"targets {_shapes(y_spec)} under {type(loss).__name__}: "
+        f"{_first_line(error)}") from None
+
+
+def _zero_example(spec):
+  return tf.nest.map_structure(
+      lambda s: tf.zeros([1 if d is None else d for d in s.shape], s.dtype),
+      spec)
+
+
+def _shapes(structure):
+  shapes = tf.nest.map_structure(lambda t: tuple(t.shape), structure)
+  return shapes
+
+
+def _first_line(error):
+  return str(error).strip().splitlines()[0]
 
 
 def _check_arguments(loop, epochs, train_data, validation_data):
@@ -176,6 +214,8 @@ def _check_arguments(loop, epochs, train_data, validation_data):
         2 <= len(data.element_spec) <= 3):
       raise ValueError(f"{name} must yield (x, y) or (x, y, sample_weight) "
                        f"batches, got elements {data.element_spec}.")
+    if int(data.cardinality()) == 0:
+      raise ValueError(f"{name} is empty: it yields no batches.")
 
 
 def _as_floats(logs):
