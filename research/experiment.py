@@ -86,6 +86,10 @@ def main_for(build, defaults):
     config = common_flags.resolved(defaults)
     try:
       run(build(config), config)
+    except training_loops.TrainingInterrupted as interruption:
+      print(f"{interruption} Partial results are in results.json.",
+            file=sys.stderr)
+      sys.exit(128 + interruption.signal_number)
     except (datasets.DataError, SettingsError,
             training_loops.CheckpointMismatchError,
             training_loops.NonFiniteLossError,
@@ -117,12 +121,22 @@ def run(experiment, config):
              "seed": config["seed"], "versions": versions(),
              "data": experiment.splits.sizes, **experiment.extra,
              "loops": {}}
+  results_path = os.path.join(output_dir, "results.json")
   for loop in loops:
-    results["loops"][loop] = _run_loop(experiment, loop, config, strategy,
-                                       output_dir)
-  os.makedirs(output_dir, exist_ok=True)
-  write_json_atomically(os.path.join(output_dir, "results.json"), results,
-                        indent=2)
+    try:
+      results["loops"][loop] = _run_loop(experiment, loop, config, strategy,
+                                         output_dir)
+    except training_loops.TrainingInterrupted as interruption:
+      history = interruption.history
+      results["loops"][loop] = {"history": history.history,
+                                "epochs": history.epochs}
+      results["interrupted"] = {"loop": loop, "signal":
+                                interruption.signal_name,
+                                "epoch": interruption.epoch,
+                                "step": interruption.step}
+      write_json_atomically(results_path, results, indent=2)
+      raise
+  write_json_atomically(results_path, results, indent=2)
   print(format_table(results))
   return results
 

@@ -135,16 +135,26 @@ def _assert_same(actual, expected, where="results"):
     assert actual == expected, where
 
 
+def _wait_for_epochs(checkpoint_dir, epochs, process, timeout=120):
+  """Waits until the run has checkpointed `epochs` epochs."""
+  history = checkpoint_dir / "history.json"
+  deadline = time.monotonic() + timeout
+  while process.poll() is None:
+    if history.exists() and len(json.loads(history.read_text())[
+        "epochs"]) >= epochs:
+      time.sleep(0.2)  # the checkpoint is written right after the history
+      return
+    assert time.monotonic() < deadline, f"no epoch {epochs} in {timeout} s"
+    time.sleep(0.05)
+  raise AssertionError(f"the run ended early: {process.returncode}")
+
+
 def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
   killed, uninterrupted = tmp_path / "killed", tmp_path / "whole"
   process = subprocess.Popen(_script(killed), cwd=REPO,
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-  second = killed / "checkpoints" / "eager" / "ckpt-2.index"
-  deadline = time.monotonic() + 120
-  while not second.exists() and process.poll() is None:
-    assert time.monotonic() < deadline, "no checkpoint within 120 s"
-    time.sleep(0.05)
+  _wait_for_epochs(killed / "checkpoints" / "eager", 2, process)
   time.sleep(0.5)  # into epoch 3 (an eager epoch takes seconds)
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=30)
@@ -164,3 +174,98 @@ def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(final[0].get_tensor(name),
                                final[1].get_tensor(name), rtol=1e-6,
                                atol=1e-7)
+
+
+# ------------------------------------------------------- SIGINT, SIGTERM
+
+
+class _Switch:
+  """A plain object: Keras would store a dict attribute as a tracked copy."""
+  on = False
+
+
+class _SignalAt(keras.layers.Layer):
+  """The identity; on its `call_number`-th training call (counted at run
+  time, also inside graphs) it sends `signal_number` to this process, once
+  while `armed.on`."""
+
+  def __init__(self, call_number, signal_number, armed, **kwargs):
+    super().__init__(**kwargs)
+    self.call_number, self.signal_number = call_number, signal_number
+    self.armed, self.calls = armed, 0
+
+  def _count(self):
+    self.calls += 1
+    if self.armed.on and self.calls == self.call_number:
+      self.armed.on = False
+      os.kill(os.getpid(), self.signal_number)
+    return np.float32(0.0)
+
+  def call(self, inputs, training=None):
+    if not training:
+      return inputs
+    zero = tf.py_function(self._count, [], tf.float32)
+    return inputs + tf.ensure_shape(zero, [])
+
+
+@pytest.mark.parametrize("loop,where", [
+    ("eager", (1, 2)), ("function", (1, 2)), ("graph", (1, 4)),
+    ("keras_fit", (2, 0))])
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_where_it_stopped_and_the_rerun_continues_exactly(
+    loop, where, signal_number, tmp_path):
+  armed = _Switch()
+
+  def model_fn():  # 4 steps an epoch: the 6th step is epoch 1, step 2
+    return keras.Sequential([keras.Input((4,)),
+                             _SignalAt(6, signal_number, armed),
+                             layers.Dense(8, "relu"),
+                             layers.Dropout(0.2, seed=3),
+                             layers.Dense(3, "softmax")])
+
+  def run(checkpoint_dir=None):
+    keras.utils.set_random_seed(1)
+    data = classification_data(shuffle=True)
+    return _train(model_fn, data=data, loop=loop, epochs=3,
+                  checkpoint_dir=checkpoint_dir,
+                  metrics=[keras.metrics.SparseCategoricalAccuracy()])
+
+  uninterrupted = run()
+  armed.on = True
+  with pytest.raises(training_loops.TrainingInterrupted,
+                     match=rf"{signal.Signals(signal_number).name} at epoch "
+                           rf"{where[0]} \(0-based\), step {where[1]}: "
+                           "checkpoint saved") as raised:
+    run(tmp_path)
+  assert raised.value.history.epochs == list(range(where[0]))
+  resumed = run(tmp_path)
+  for ours, reference in zip(resumed.model.get_weights(),
+                             uninterrupted.model.get_weights()):
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-7)
+  for key, values in uninterrupted.history.items():
+    np.testing.assert_allclose(resumed.history[key], values, rtol=1e-6,
+                               err_msg=key)
+
+
+def test_sigterm_stops_a_script_cleanly_and_the_rerun_resumes(tmp_path):
+  stopped, uninterrupted = tmp_path / "stopped", tmp_path / "whole"
+  process = subprocess.Popen(_script(stopped), cwd=REPO,
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  _wait_for_epochs(stopped / "checkpoints" / "eager", 1, process)
+  time.sleep(0.5)  # into epoch 1
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 128 + signal.SIGTERM
+  assert "Interrupted by SIGTERM at epoch 1 (0-based), step" in stderr
+  assert "Traceback" not in stderr
+  partial = json.loads((stopped / "results.json").read_text())
+  assert partial["interrupted"]["signal"] == "SIGTERM"
+  assert partial["interrupted"]["step"] > 0  # saved mid-epoch
+  assert len(partial["loops"]["eager"]["history"]["loss"]) == 1
+  for output_dir in (stopped, uninterrupted):
+    subprocess.run(_script(output_dir), cwd=REPO, check=True, timeout=300,
+                   capture_output=True)
+  results = [_comparable(json.loads((d / "results.json").read_text()))
+             for d in (stopped, uninterrupted)]
+  _assert_same(results[0], results[1])

@@ -7,6 +7,7 @@
 from training_loops.callbacks import BestModelCheckpoint, EarlyStopping
 from training_loops.checkpoints import CheckpointMismatchError
 from training_loops.history import History
+from training_loops.interrupts import TrainingInterrupted
 from training_loops.strategies import STRATEGIES, make_strategy
 from training_loops.trainer import (NonFiniteLossError, Trainer,
                                     TrainingDataError)
@@ -14,4 +15,5 @@ from training_loops.training import LOOPS, evaluate, train
 
 __all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "EarlyStopping",
            "History", "LOOPS", "NonFiniteLossError", "STRATEGIES", "Trainer",
-           "TrainingDataError", "evaluate", "make_strategy", "train"]
+           "TrainingDataError", "TrainingInterrupted", "evaluate",
+           "make_strategy", "train"]

@@ -14,9 +14,14 @@ class CheckpointMismatchError(ValueError):
 
 
 class RunCheckpoint:
-  """Model, optimizer (slots and step counter), completed epochs and the
-  `History` so far, saved after every epoch (the variables by a
-  `tf.train.CheckpointManager`, the history as `history.json`).
+  """Model, optimizer (slots and step counter), the position in training
+  and the `History` so far, saved after every epoch and on a stop request
+  (the variables by a `tf.train.CheckpointManager`, numbered by optimizer
+  step; the history as `history.json`).
+
+  The position is the epochs done plus the steps done in the next one, with
+  the running loss and metric variables of that partial epoch
+  (`progress_variables`), so a run stopped mid-epoch resumes exactly.
 
   Dropout's random state is one of the model's variables, so it is saved
   too. The order of shuffled data is replayed rather than saved: see
@@ -27,15 +32,19 @@ class RunCheckpoint:
   """
 
   def __init__(self, directory, model, optimizer, strategy, history,
-               max_to_keep=3):
+               progress_variables=(), max_to_keep=3):
     with strategy.scope():
       self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="epochs_done")
+      self.steps_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                        name="steps_in_epoch")
     # `model.variables`, not `model`: Keras' object graph does not reach the
     # dropout layers' seed-generator state, which a resume needs.
     self._checkpoint = tf.train.Checkpoint(
         model_variables=list(model.variables), optimizer=optimizer,
-        epochs_done=self.epochs_done)
+        epochs_done=self.epochs_done, steps_in_epoch=self.steps_in_epoch,
+        progress_variables=list(progress_variables))
+    self._optimizer = optimizer
     self._directory = os.fspath(directory)
     self._model = model
     self._manifest_path = os.path.join(self._directory, "variables.json")
@@ -54,29 +63,35 @@ class RunCheckpoint:
         self._checkpoint, self._directory, max_to_keep=max_to_keep)
 
   def restore(self):
-    """Restores the latest checkpoint and its history, if any; returns the
-    epochs done."""
+    """Restores the latest checkpoint and its history, if any.
+
+    Returns:
+      `(epochs_done, steps_in_epoch)`: `(0, 0)` without a checkpoint.
+    """
     latest = self._reader.latest_checkpoint
     if latest is None:
-      return 0
+      return 0, 0
     self._check_same_model()
     self._checkpoint.restore(latest).assert_existing_objects_matched()
     epochs_done = int(self.epochs_done.numpy())
     self._history.load(self._history_path, epochs_done)
-    return epochs_done
+    return epochs_done, int(self.steps_in_epoch.numpy())
 
-  def save(self, epochs_done):
+  def save(self, epochs_done, steps_in_epoch=0):
+    """Saves the state after `epochs_done` epochs and `steps_in_epoch`
+    steps of the next."""
     # History first: a crash between the two leaves it one epoch ahead,
     # which `History.load` trims, never behind.
     if self.is_writer:
       write_json_atomically(self._manifest_path,
-                             _variable_manifest(self._model))
+                            _variable_manifest(self._model))
       self._history.save(self._history_path)
     self.epochs_done.assign(epochs_done)
-    self._manager.save(checkpoint_number=epochs_done)
+    self.steps_in_epoch.assign(steps_in_epoch)
+    self._manager.save(
+        checkpoint_number=int(self._optimizer.iterations.numpy()))
     if self._scratch:
       shutil.rmtree(self._scratch, ignore_errors=True)
-
 
   def _check_same_model(self):
     """Raises `CheckpointMismatchError` naming the first differences

@@ -11,7 +11,7 @@ from training_loops.trainer import NonFiniteLossError
 
 
 class _Driver:
-  """Steps through an epoch one `step` call per batch."""
+  """Steps through an epoch one eager `step` call per batch."""
 
   def __init__(self, trainer, jit_compile=False, steps_per_loop=None):
     if jit_compile:
@@ -19,9 +19,16 @@ class _Driver:
     del steps_per_loop
     self.train_step, self.eval_step = _distributed_steps(trainer, False)
 
-  def train_epoch(self, iterator, epoch, progress):
-    step = 0
+  def train_epoch(self, iterator, epoch, progress, should_stop=None,
+                  first_step=0):
+    """Trains on `iterator`'s batches until it ends or `should_stop()`;
+    returns the epoch's step count, starting from `first_step` (the steps
+    a resumed epoch had already done)."""
+    should_stop = should_stop or _never
+    step = first_step
     for batch in iterator:
+      if should_stop():
+        break
       loss = self.train_step(batch)
       step += 1
       _check_finite(loss, epoch, step)
@@ -69,15 +76,18 @@ class FunctionDriver(_Driver):
     self.train_next = train_next
     self.eval_next = eval_next
 
-  def train_epoch(self, iterator, epoch, progress):
-    step = 0
-    while True:
+  def train_epoch(self, iterator, epoch, progress, should_stop=None,
+                  first_step=0):
+    should_stop = should_stop or _never
+    step = first_step
+    while not should_stop():
       has_batch, loss = self.train_next(iterator)
       if not has_batch:
         return step
       step += 1
       _check_finite(loss, epoch, step)
       progress(step)
+    return step
 
   def evaluate(self, iterator):
     while self.eval_next(iterator):
@@ -117,10 +127,14 @@ class GraphDriver(_Driver):
     self.train_steps = train_steps
     self._evaluate = evaluate
 
-  def train_epoch(self, iterator, epoch, progress):
-    done = 0
+  def train_epoch(self, iterator, epoch, progress, should_stop=None,
+                  first_step=0):
+    """As `EagerDriver.train_epoch`; a stop request is seen between calls,
+    so with the default `steps_per_loop` only at the epoch's end."""
+    should_stop = should_stop or _never
+    done = first_step
     max_steps = tf.constant(self.steps_per_loop)
-    while True:
+    while not should_stop():
       steps, loss = self.train_steps(iterator, max_steps)
       steps = int(steps)
       done += steps
@@ -128,7 +142,8 @@ class GraphDriver(_Driver):
         _check_finite(loss, epoch, done)
         progress(done)
       if steps < self.steps_per_loop:
-        return done
+        break
+    return done
 
   def evaluate(self, iterator):
     self._evaluate(iterator)
@@ -146,6 +161,10 @@ def _distributed_steps(trainer, jit_compile):
       else (lambda step: step))
   return (trainer.distribute(compile_replica_step(trainer.train_replica_step)),
           trainer.distribute(compile_replica_step(trainer.eval_replica_step)))
+
+
+def _never():
+  return False
 
 
 def _check_finite(loss, epoch, step):

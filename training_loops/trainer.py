@@ -138,6 +138,12 @@ class Trainer:
     return {prefix + key: value for key, value in
             _results(self.eval_trackers, self.eval_metrics).items()}
 
+  def progress_variables(self):
+    """The running loss and metric state of a partial training epoch."""
+    return [variable for metric in (*self.train_trackers.values(),
+                                    *self.train_metrics.values())
+            for variable in metric.variables]
+
   def _all_metrics(self):
     return [*self.train_trackers.values(), *self.eval_trackers.values(),
             *self.train_metrics.values(), *self.eval_metrics.values()]

@@ -7,6 +7,7 @@ from training_loops import drivers, keras_fit
 from training_loops.callbacks import EpochRecorder
 from training_loops.checkpoints import RunCheckpoint, replay_data_order
 from training_loops.history import History
+from training_loops.interrupts import StopRequests, TrainingInterrupted
 from training_loops.trainer import Trainer, TrainingDataError
 
 LOOPS = ("eager", "function", "graph", "keras_fit")
@@ -58,30 +59,41 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     model, optimizer = model_fn(), optimizer_fn()
     _check_model_fits_data(model, loss, train_data)
     optimizer.build(model.trainable_variables)
+    trainer = (None if loop == "keras_fit" else
+               Trainer(model, optimizer, loss, loss_weights, metrics,
+                       strategy))
   history = History(model=model)
-  recorder = EpochRecorder(history, optimizer, log_dir)
-  callbacks = [recorder, *callbacks]
+  callbacks = [EpochRecorder(history, optimizer, log_dir), *callbacks]
   if loop == "keras_fit":  # the custom loops check every step themselves
     callbacks.append(keras_fit.StopOnNonFiniteLoss())
-  initial_epoch = 0
+  checkpoint = None
+  start = (0, 0)  # (epoch, step in it)
   if checkpoint_dir:
-    checkpoint = RunCheckpoint(checkpoint_dir, model, optimizer, strategy,
-                               history)
-    initial_epoch = checkpoint.restore()
+    checkpoint = RunCheckpoint(
+        checkpoint_dir, model, optimizer, strategy, history,
+        trainer.progress_variables() if trainer else ())
+    start = checkpoint.restore()
     # Last: a non-finite or early-stopped epoch is seen first.
     callbacks.append(_SaveEachEpoch(checkpoint))
-  replay_data_order(train_data, initial_epoch)
-  if loop == "keras_fit":
-    keras_fit.fit(model, optimizer, loss, loss_weights, metrics, train_data,
-                  validation_data, epochs, initial_epoch, steps_per_loop,
-                  jit_compile, callbacks, verbose)
-    return history
-  with strategy.scope():
-    trainer = Trainer(model, optimizer, loss, loss_weights, metrics,
-                      strategy)
-  driver = drivers.DRIVERS[loop](trainer, jit_compile, steps_per_loop)
-  _run_epochs(trainer, driver, strategy, train_data, validation_data,
-              initial_epoch, epochs, callbacks, verbose)
+  replay_data_order(train_data, start[0])
+  with StopRequests() as stops:
+    if loop == "keras_fit":
+      if start[1]:
+        raise ValueError(f"{checkpoint_dir} was saved mid-epoch by a custom "
+                         "loop; resume it with that loop.")
+      callbacks.append(_StopAtEpochEnd(stops))
+      keras_fit.fit(model, optimizer, loss, loss_weights, metrics,
+                    train_data, validation_data, epochs, start[0],
+                    steps_per_loop, jit_compile, callbacks, verbose)
+      if stops.requested:
+        epoch = history.epochs[-1] + 1 if history.epochs else start[0]
+        raise TrainingInterrupted(stops.signal_number, epoch, 0, history,
+                                  saved=checkpoint is not None)
+      return history
+    driver = drivers.DRIVERS[loop](trainer, jit_compile, steps_per_loop)
+    _run_epochs(trainer, driver, strategy, train_data, validation_data,
+                start, epochs, callbacks, verbose, stops, checkpoint,
+                history)
   return history
 
 
@@ -98,8 +110,14 @@ def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
 
 
 def _run_epochs(trainer, driver, strategy, train_data, validation_data,
-                initial_epoch, epochs, callbacks, verbose):
-  """The outer loop of the custom loops, with Keras' callback order."""
+                start, epochs, callbacks, verbose, stops, checkpoint,
+                history):
+  """The outer loop of the custom loops, with Keras' callback order.
+
+  Starts at `start = (epoch, step)`: a run stopped mid-epoch continues with
+  that epoch's running metrics (restored) and its next batch. On a stop
+  request it saves that position and raises `TrainingInterrupted`.
+  """
   train_batches = strategy.experimental_distribute_dataset(train_data)
   validation_batches = (
       strategy.experimental_distribute_dataset(validation_data)
@@ -109,11 +127,14 @@ def _run_epochs(trainer, driver, strategy, train_data, validation_data,
                                                model=trainer.model)
   trainer.model.stop_training = False
   callback_list.on_train_begin()
-  for epoch in range(initial_epoch, epochs):
+  first_epoch, first_step = start
+  for epoch in range(first_epoch, epochs):
+    resumed_step = first_step if epoch == first_epoch else 0
     if verbose:
       print(f"Epoch {epoch + 1}/{epochs}")
     callback_list.on_epoch_begin(epoch)
-    trainer.reset()
+    if not resumed_step:
+      trainer.reset()
     progress_bar = keras.utils.Progbar(
         steps_per_epoch if steps_per_epoch > 0 else None, verbose=verbose,
         stateful_metrics=list(trainer.train_logs()) + ["val_loss"])
@@ -123,7 +144,16 @@ def _run_epochs(trainer, driver, strategy, train_data, validation_data,
         progress_bar.update(step, _as_floats(trainer.train_logs()).items())
 
     try:
-      steps = driver.train_epoch(iter(train_batches), epoch, show_progress)
+      iterator = iter(train_batches)
+      for _ in range(resumed_step):  # batches trained before the stop
+        next(iterator)
+      steps = driver.train_epoch(iterator, epoch, show_progress,
+                                 lambda: stops.requested, resumed_step)
+      if stops.requested:
+        if checkpoint:
+          checkpoint.save(epoch, steps)
+        raise TrainingInterrupted(stops.signal_number, epoch, steps,
+                                  history, saved=checkpoint is not None)
       if validation_batches is not None:
         callback_list.on_test_begin()
         driver.evaluate(iter(validation_batches))
@@ -141,6 +171,19 @@ def _run_epochs(trainer, driver, strategy, train_data, validation_data,
     if trainer.model.stop_training:
       break
   callback_list.on_train_end()
+
+
+class _StopAtEpochEnd(keras.callbacks.Callback):
+  """Ends `model.fit` after the epoch in which a stop was requested (fit
+  would otherwise report, and we checkpoint, a partial epoch as whole)."""
+
+  def __init__(self, stops):
+    super().__init__()
+    self.stops = stops
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.stops.requested:
+      self.model.stop_training = True
 
 
 class _SaveEachEpoch(keras.callbacks.Callback):
