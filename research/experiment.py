@@ -199,6 +199,8 @@ def _run_loop(experiment, loop, config, strategy, output_dir):
       output_dir, f"learning_curves_{loop}.png"), f"{experiment.name}: {loop}")
   if config["export_dir"]:
     export(history.model, os.path.join(config["export_dir"], loop))
+    save_keras_file(history.model,
+                    os.path.join(config["export_dir"], f"{loop}.keras"))
   return {"history": history.history, "epochs": history.epochs,
           "test": test, "steps_per_second": typical_rate(history),
           "wall_seconds": sum(history.wall_seconds),
@@ -242,6 +244,13 @@ def export(model, path):
     os.replace(path, previous)
   os.replace(temporary, path)
   shutil.rmtree(previous, ignore_errors=True)
+
+
+def save_keras_file(model, path):
+  """Saves `model` as a `.keras` file via a temporary name and a rename."""
+  temporary = path[:-len(".keras")] + ".tmp.keras"
+  model.save(temporary)
+  os.replace(temporary, path)
 
 
 def plot_learning_curves(history, path, title):

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from research import (callbacks, classify, compare, datasets, deep_net,
-                      hparam_search, regress, wide_deep)
+                      evaluate, hparam_search, regress, wide_deep)
 
 flags.FLAGS.mark_as_parsed()
 
@@ -311,3 +311,35 @@ def test_scripts_exit_with_a_clear_line(tmp_path, arguments, message):
   assert process.returncode == 1
   assert message in process.stderr
   assert "Traceback" not in process.stderr
+
+
+def test_evaluate_reloads_an_exported_keras_file(tmp_path, capsys):
+  export_dir = tmp_path / "export"
+  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0,
+                           output_dir=str(tmp_path / "run"),
+                           export_dir=str(export_dir)):
+    classify.main(["classify"])
+  accuracy = _results(tmp_path / "run")["loops"]["graph"]["test"]["accuracy"]
+  with flagsaver.flagsaver(model_path=str(export_dir / "graph.keras")):
+    evaluate.main(["evaluate"])
+  printed = capsys.readouterr().out
+  assert f"test accuracy: {accuracy:.4f}" in printed
+
+
+def test_evaluate_refuses_python_code_unless_trusted(tmp_path, capsys):
+  import keras
+  inputs = keras.Input((64,))
+  outputs = keras.layers.Dense(10, "softmax")(
+      keras.layers.Lambda(lambda x: x / 16.0)(inputs))
+  path = str(tmp_path / "lambda.keras")
+  keras.Model(inputs, outputs).save(path)
+  with flagsaver.flagsaver(model_path=path):
+    with pytest.raises(SystemExit, match="contains Python code .* Pass "
+                                         "--unsafe_deserialization"):
+      evaluate.main(["evaluate"])
+  with flagsaver.flagsaver(model_path=path, unsafe_deserialization=True):
+    evaluate.main(["evaluate"])
+  assert "test accuracy:" in capsys.readouterr().out
+  with flagsaver.flagsaver(model_path=str(tmp_path / "absent.keras")):
+    with pytest.raises(SystemExit, match="Model file not found"):
+      evaluate.main(["evaluate"])

@@ -1,0 +1,80 @@
+"""Evaluates a saved `.keras` model on a dataset's test split.
+
+    python -m research.evaluate --model_path=runs/export/graph.keras \
+        --dataset=digits
+
+Models load in Keras' safe mode: a file that carries Python code (a Lambda
+layer's function) is refused unless --unsafe_deserialization says the file
+is trusted.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+import keras
+import numpy as np
+
+from research import common_flags, datasets
+
+flags.DEFINE_string("model_path", None, "A .keras file to evaluate.")
+flags.DEFINE_boolean("unsafe_deserialization", False,
+                     "Allow the file's Python code (Lambda layers) to run. "
+                     "Only for files you trust.")
+
+FLAGS = flags.FLAGS
+DEFAULTS = common_flags.Defaults(dataset="digits")
+
+
+class ModelFileError(ValueError):
+  """The model file is missing, unreadable or refused."""
+
+
+def load_model(path, unsafe_deserialization=False):
+  """Loads a `.keras` file, in safe mode unless told otherwise."""
+  if not path or not path.endswith(".keras"):
+    raise ModelFileError(f"--model_path must name a .keras file, got "
+                         f"{path!r}.")
+  if not os.path.isfile(path):
+    raise ModelFileError(f"Model file not found: {path}")
+  try:
+    return keras.models.load_model(path,
+                                   safe_mode=not unsafe_deserialization)
+  except ValueError as error:
+    if "safe_mode" in str(error):
+      raise ModelFileError(
+          f"{path} contains Python code (e.g. a Lambda layer's function) "
+          "that safe mode will not run. Pass --unsafe_deserialization only "
+          "if you trust the file.") from None
+    raise ModelFileError(f"{path} could not be loaded: "
+                         f"{str(error).strip().splitlines()[0]}") from None
+
+
+def evaluate(model, splits, batch_size):
+  """Test accuracy (classification) or MSE (regression) from predictions."""
+  predictions = model.predict(splits.x_test, batch_size=batch_size,
+                              verbose=0)
+  if splits.num_classes:
+    return {"accuracy": float(np.mean(
+        predictions.argmax(axis=-1) == splits.y_test))}
+  return {"mse": float(np.mean(np.square(
+      predictions.reshape(-1) - splits.y_test)))}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  config = common_flags.resolved(DEFAULTS)
+  try:
+    model = load_model(FLAGS.model_path, FLAGS.unsafe_deserialization)
+    splits = datasets.load(config["dataset"], config["data_dir"],
+                           config["seed"])
+  except (ModelFileError, datasets.DataError) as error:
+    sys.exit(f"error: {error}")
+  scores = evaluate(model, splits, config["batch_size"])
+  print(" ".join(f"test {name}: {value:.4f}"
+                 for name, value in scores.items()))
+
+
+if __name__ == "__main__":
+  app.run(main)
