@@ -93,7 +93,8 @@ def main_for(build, defaults):
     except (datasets.DataError, SettingsError,
             training_loops.CheckpointMismatchError,
             training_loops.NonFiniteLossError,
-            training_loops.TrainingDataError) as error:
+            training_loops.TrainingDataError,
+            training_loops.WorkerLostError) as error:
       sys.exit(f"error: {error}")
   return main
 

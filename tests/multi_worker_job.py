@@ -1,11 +1,15 @@
-"""One worker of the multi-worker test: trains, prints its results as JSON.
+"""One worker of the multi-worker tests: trains, prints its results as JSON.
 
-    TF_CONFIG='{"cluster": ..., "task": ...}' python multi_worker_job.py LOOP
+    TF_CONFIG='{"cluster": ..., "task": ...}' python multi_worker_job.py \
+        LOOP [EPOCHS [CHECKPOINT_DIR [PAUSE_SECONDS]]]
+
+Exits 3 with the error on stderr when it loses its peer.
 """
 
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -16,20 +20,39 @@ import training_loops  # noqa: E402
 from loop_models import classification_data, classifier, sgd  # noqa: E402
 
 
-def run(loop, strategy=None):
+class _Pause(keras.callbacks.Callback):
+  """Slows epochs down so a test can kill a worker mid-run."""
+
+  def __init__(self, seconds):
+    super().__init__()
+    self.seconds = seconds
+
+  def on_epoch_end(self, epoch, logs=None):
+    time.sleep(self.seconds)
+
+
+def run(loop, strategy=None, epochs=2, checkpoint_dir=None, pause=0.0):
   """The run both the workers and the single-process reference make."""
   # A dataset's shuffle order depends on the global seed when it is built.
   keras.utils.set_random_seed(3)
   return training_loops.train(
       lambda: classifier(batch_norm=False), sgd(),
       losses.SparseCategoricalCrossentropy(),
-      classification_data(shuffle=True), loop=loop, epochs=2,
+      classification_data(shuffle=True), loop=loop, epochs=epochs,
       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-      strategy=strategy, seed=3, verbose=0)
+      strategy=strategy, checkpoint_dir=checkpoint_dir,
+      callbacks=[_Pause(pause)] if pause else [], seed=3, verbose=0)
 
 
 if __name__ == "__main__":
   strategy = training_loops.make_strategy("multi_worker")
-  history = run(sys.argv[1], strategy)
+  arguments = sys.argv[1:] + [None] * 4
+  try:
+    history = run(arguments[0], strategy,
+                  epochs=int(arguments[1] or 2), checkpoint_dir=arguments[2],
+                  pause=float(arguments[3] or 0))
+  except training_loops.WorkerLostError as error:
+    print(error, file=sys.stderr)
+    sys.exit(3)
   print(json.dumps({"history": history.history,
                     "replicas": strategy.num_replicas_in_sync}))

@@ -8,12 +8,13 @@ from training_loops.callbacks import BestModelCheckpoint, EarlyStopping
 from training_loops.checkpoints import CheckpointMismatchError
 from training_loops.history import History
 from training_loops.interrupts import TrainingInterrupted
-from training_loops.strategies import STRATEGIES, make_strategy
+from training_loops.strategies import (STRATEGIES, WorkerLostError,
+                                       make_strategy)
 from training_loops.trainer import (NonFiniteLossError, Trainer,
                                     TrainingDataError)
 from training_loops.training import LOOPS, evaluate, train
 
 __all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "EarlyStopping",
            "History", "LOOPS", "NonFiniteLossError", "STRATEGIES", "Trainer",
-           "TrainingDataError", "TrainingInterrupted", "evaluate",
-           "make_strategy", "train"]
+           "TrainingDataError", "TrainingInterrupted", "WorkerLostError",
+           "evaluate", "make_strategy", "train"]

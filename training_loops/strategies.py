@@ -8,6 +8,23 @@ import tensorflow as tf
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 
 
+class WorkerLostError(RuntimeError):
+  """A multi-worker run lost contact with a peer worker."""
+
+  def __init__(self, epoch, error):
+    where = "" if epoch is None else f" in epoch {epoch} (0-based)"
+    super().__init__(
+        f"A peer worker stopped responding{where} ({type(error).__name__}); "
+        "this worker stops too. Restart every worker with the same "
+        "checkpoint_dir to resume from the last checkpoint.")
+    self.epoch = epoch
+
+
+# A collective that waits longer than this for a peer fails instead of
+# hanging: long enough for a slow step, short enough to notice a frozen peer.
+COLLECTIVE_TIMEOUT_SECONDS = 300.0
+
+
 def make_strategy(name, cpu_replicas=None):
   """Returns the `tf.distribute.Strategy` called `name`.
 
@@ -41,7 +58,9 @@ def make_strategy(name, cpu_replicas=None):
   json.loads(os.environ["TF_CONFIG"])  # a clear JSON error, before TF's own
   if cpu_replicas and cpu_replicas > 1:
     split_cpu(cpu_replicas)
-  return tf.distribute.MultiWorkerMirroredStrategy()
+  return tf.distribute.MultiWorkerMirroredStrategy(
+      communication_options=tf.distribute.experimental.CommunicationOptions(
+          timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
 
 
 def split_cpu(count):

@@ -8,9 +8,13 @@ from training_loops.callbacks import EpochRecorder
 from training_loops.checkpoints import RunCheckpoint, replay_data_order
 from training_loops.history import History
 from training_loops.interrupts import StopRequests, TrainingInterrupted
+from training_loops.strategies import WorkerLostError
 from training_loops.trainer import Trainer, TrainingDataError
 
 LOOPS = ("eager", "function", "graph", "keras_fit")
+
+# What a collective op raises when a peer worker dies or freezes.
+_PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
 
 
 def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
@@ -82,9 +86,12 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
         raise ValueError(f"{checkpoint_dir} was saved mid-epoch by a custom "
                          "loop; resume it with that loop.")
       callbacks.append(_StopAtEpochEnd(stops))
-      keras_fit.fit(model, optimizer, loss, loss_weights, metrics,
-                    train_data, validation_data, epochs, start[0],
-                    steps_per_loop, jit_compile, callbacks, verbose)
+      try:
+        keras_fit.fit(model, optimizer, loss, loss_weights, metrics,
+                      train_data, validation_data, epochs, start[0],
+                      steps_per_loop, jit_compile, callbacks, verbose)
+      except _PEER_FAILURES as error:
+        raise WorkerLostError(None, error) from error
       if stops.requested:
         epoch = history.epochs[-1] + 1 if history.epochs else start[0]
         raise TrainingInterrupted(stops.signal_number, epoch, 0, history,
@@ -125,11 +132,8 @@ def _run_epochs(trainer, driver, strategy, train_data, validation_data,
   steps_per_epoch = int(train_data.cardinality())
   callback_list = keras.callbacks.CallbackList(callbacks,
                                                model=trainer.model)
-  trainer.model.stop_training = False
-  callback_list.on_train_begin()
-  first_epoch, first_step = start
-  for epoch in range(first_epoch, epochs):
-    resumed_step = first_step if epoch == first_epoch else 0
+
+  def run_epoch(epoch, resumed_step):
     if verbose:
       print(f"Epoch {epoch + 1}/{epochs}")
     callback_list.on_epoch_begin(epoch)
@@ -143,31 +147,38 @@ def _run_epochs(trainer, driver, strategy, train_data, validation_data,
       if verbose == 1:
         progress_bar.update(step, _as_floats(trainer.train_logs()).items())
 
-    try:
-      iterator = iter(train_batches)
-      for _ in range(resumed_step):  # batches trained before the stop
-        next(iterator)
-      steps = driver.train_epoch(iterator, epoch, show_progress,
-                                 lambda: stops.requested, resumed_step)
-      if stops.requested:
-        if checkpoint:
-          checkpoint.save(epoch, steps)
-        raise TrainingInterrupted(stops.signal_number, epoch, steps,
-                                  history, saved=checkpoint is not None)
-      if validation_batches is not None:
-        callback_list.on_test_begin()
-        driver.evaluate(iter(validation_batches))
-        callback_list.on_test_end()
-    except tf.errors.InvalidArgumentError as error:
-      raise TrainingDataError(epoch, error) from error
+    iterator = iter(train_batches)
+    for _ in range(resumed_step):  # batches trained before the stop
+      next(iterator)
+    steps = driver.train_epoch(iterator, epoch, show_progress,
+                               lambda: stops.requested, resumed_step)
+    if stops.requested:
+      if checkpoint:
+        checkpoint.save(epoch, steps)
+      raise TrainingInterrupted(stops.signal_number, epoch, steps, history,
+                                saved=checkpoint is not None)
     if steps == 0:  # a dataset of unknown length that turned out empty
       raise ValueError("train_data yielded no batches.")
     logs = trainer.train_logs()
     if validation_batches is not None:
+      callback_list.on_test_begin()
+      driver.evaluate(iter(validation_batches))
+      callback_list.on_test_end()
       logs.update(trainer.eval_logs())
     logs = _as_floats(logs)
     progress_bar.update(steps, logs.items(), finalize=True)
     callback_list.on_epoch_end(epoch, logs)
+
+  trainer.model.stop_training = False
+  callback_list.on_train_begin()
+  first_epoch, first_step = start
+  for epoch in range(first_epoch, epochs):
+    try:
+      run_epoch(epoch, first_step if epoch == first_epoch else 0)
+    except tf.errors.InvalidArgumentError as error:
+      raise TrainingDataError(epoch, error) from error
+    except _PEER_FAILURES as error:
+      raise WorkerLostError(epoch, error) from error
     if trainer.model.stop_training:
       break
   callback_list.on_train_end()
