@@ -85,7 +85,14 @@ def main_for(build, defaults):
       logging.set_verbosity(logging.WARNING)
     config = common_flags.resolved(defaults)
     try:
-      run(build(config), config)
+      # Before anything runs a TensorFlow op: splitting the CPU into
+      # replicas is only possible until then.
+      strategy = training_loops.make_strategy(config["strategy"],
+                                              config["cpu_replicas"])
+    except (ValueError, RuntimeError) as error:
+      sys.exit(f"error: {error}")
+    try:
+      run(build(config), config, strategy)
     except training_loops.TrainingInterrupted as interruption:
       print(f"{interruption} Partial results are in results.json.",
             file=sys.stderr)
@@ -99,15 +106,17 @@ def main_for(build, defaults):
   return main
 
 
-def run(experiment, config):
+def run(experiment, config, strategy=None):
   """Trains `experiment` with each loop `config` selects; returns results.
 
   Args:
     config: the resolved flags (`common_flags.resolved`).
+    strategy: the `tf.distribute` strategy the flags name; made here if not
+      given.
   """
   output_dir = config["output_dir"] or os.path.join("runs", experiment.name)
-  strategy = training_loops.make_strategy(config["strategy"],
-                                          config["cpu_replicas"])
+  strategy = strategy or training_loops.make_strategy(
+      config["strategy"], config["cpu_replicas"])
   replicas = strategy.num_replicas_in_sync
   if config["batch_size"] % replicas:
     # Uneven shards would give each replica's BatchNormalization and dropout

@@ -301,6 +301,12 @@ def test_rerun_refuses_an_output_dir_with_other_flags(tmp_path):
     (["--dataset=mnist", "--data_dir=/nonexistent"],
      "error: --data_dir '/nonexistent' is not a directory."),
     (["--learning_rate=-1"], "--learning_rate must be positive"),
+    (["--epochs=0"], "epochs"),
+    (["--batch_size=0"], "batch_size"),
+    (["--strategy=mirrored", "--cpu_replicas=2", "--batch_size=33"],
+     "error: --batch_size=33 is not divisible by the 2 replicas"),
+    (["--dataset=mnist", "--data_dir=/"],
+     "error: --data_dir '/' has no mnist IDX files"),
     (["--learning_rate=1e4", "--loop=graph", "--epochs=2", "--verbose=0"],
      "error: Training loss became")])
 def test_scripts_exit_with_a_clear_line(tmp_path, arguments, message):
@@ -343,3 +349,15 @@ def test_evaluate_refuses_python_code_unless_trusted(tmp_path, capsys):
   with flagsaver.flagsaver(model_path=str(tmp_path / "absent.keras")):
     with pytest.raises(SystemExit, match="Model file not found"):
       evaluate.main(["evaluate"])
+
+
+def test_a_script_trains_on_two_cpu_replicas(tmp_path):
+  # A fresh process: the CPU can be split only before TensorFlow's first op.
+  subprocess.run(
+      [sys.executable, "-m", "research.classify", "--strategy=mirrored",
+       "--cpu_replicas=2", "--loop=graph", "--epochs=1", "--verbose=0",
+       f"--output_dir={tmp_path}"], cwd=REPO, check=True, timeout=300,
+      capture_output=True)
+  results = _results(tmp_path)
+  assert results["flags"]["strategy"] == "mirrored"
+  assert results["loops"]["graph"]["test"]["accuracy"] > 0.3  # > chance
