@@ -8,8 +8,10 @@ import layers
 
 
 def classification_data(examples=50, batch_size=16, features=4, classes=3,
-                        seed=0, shuffle=False, sample_weights=False):
-  """A batched dataset with a partial last batch (50 = 3 x 16 + 2)."""
+                        seed=0, shuffle=False, sample_weights=False,
+                        drop_remainder=False):
+  """A batched dataset, by default with a partial last batch (50 = 3 x 16
+  + 2); `drop_remainder` gives every batch one static shape."""
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(examples, features)).astype("float32")
   y = (x[:, 0] + x[:, 1] > 0).astype("int64") + (x[:, 2] > 1)
@@ -21,7 +23,7 @@ def classification_data(examples=50, batch_size=16, features=4, classes=3,
   if shuffle:
     dataset = dataset.shuffle(examples, seed=seed,
                               reshuffle_each_iteration=True)
-  return dataset.batch(batch_size)
+  return dataset.batch(batch_size, drop_remainder=drop_remainder)
 
 
 def classifier(features=4, classes=3, dropout_seed=None, batch_norm=True):

@@ -174,6 +174,35 @@ def test_graph_loop_with_steps_per_loop_and_xla_matches():
                                  err_msg=f"{kwargs} {key}")
 
 
+@pytest.mark.parametrize("steps_per_loop", [None, 3])
+def test_graph_loop_xla_chunks_match_the_graph_loop(monkeypatch,
+                                                    steps_per_loop):
+  """Static batch shapes: XLA runs chunks of 2 batches (6 an epoch; with
+  steps_per_loop=3, calls of 2 + 1 steps, the 1 padded to a chunk)."""
+  chunked = []
+  monkeypatch.setattr(drivers, "XLA_CHUNK_STEPS", 2)
+  monkeypatch.setattr(drivers, "_train_in_chunks",
+                      _recording(drivers._train_in_chunks, chunked))
+  data = classification_data(examples=48, batch_size=8, drop_remainder=True)
+  reference = _run("graph", data=data, model_fn=classifier)
+  fused = _run("graph", data=data, model_fn=classifier, jit_compile=True,
+               steps_per_loop=steps_per_loop)
+  assert chunked, "the XLA chunk path was not taken"
+  for key, values in fused.history.items():
+    np.testing.assert_allclose(values, reference.history[key], rtol=1e-4,
+                               err_msg=key)
+  for fused_weight, weight in zip(fused.model.get_weights(),
+                                  reference.model.get_weights()):
+    np.testing.assert_allclose(fused_weight, weight, rtol=1e-4, atol=1e-6)
+
+
+def _recording(function, calls):
+  def recorded(*args):
+    calls.append(args)
+    return function(*args)
+  return recorded
+
+
 def test_mirrored_two_replicas_equal_one_device():
   """Global batch 16 split over two CPUs, with a partial last batch of 2.
 
@@ -322,18 +351,25 @@ class _NaNAfter(keras.layers.Layer):
     return inputs + poison
 
 
-@pytest.mark.parametrize("loop", training_loops.LOOPS)
+@pytest.mark.parametrize("loop, options", [
+    *((loop, {}) for loop in training_loops.LOOPS),
+    ("graph", {"jit_compile": True, "static_shapes": True})])
 def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(
-    loop, tmp_path):
+    loop, options, tmp_path):
   def model_fn():  # 4 steps an epoch: the 7th call is epoch 1, step 3
     return keras.Sequential([keras.Input((4,)), _NaNAfter(7),
                              layers.Dense(3, "softmax")])
 
+  data = None
+  if options.pop("static_shapes", False):  # XLA chunks: 4 batches of 12
+    data = classification_data(examples=48, batch_size=12,
+                               drop_remainder=True)
   where = ("model.fit reports no step" if loop == "keras_fit"
            else "step 3 of that epoch")
   with pytest.raises(training_loops.NonFiniteLossError,
                      match=rf"nan at epoch 1 \(0-based\), {where}"):
-    _run(loop, epochs=3, model_fn=model_fn, checkpoint_dir=tmp_path)
+    _run(loop, epochs=3, data=data, model_fn=model_fn,
+         checkpoint_dir=tmp_path, **options)
   model, optimizer = model_fn(), keras.optimizers.SGD()
   optimizer.build(model.trainable_variables)
   position = RunCheckpoint(tmp_path, model, optimizer,
