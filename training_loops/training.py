@@ -40,7 +40,9 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     strategy: a `tf.distribute.Strategy`; default: the current one.
     steps_per_loop: steps per `tf.function` call of the graph loop (default:
       a whole epoch); `steps_per_execution` for `keras_fit`.
-    jit_compile: XLA-compile the step (function, graph and keras_fit).
+    jit_compile: XLA-compile the step (function, graph and keras_fit);
+      the graph loop compiles its loop too when batches have one static
+      shape on one replica (see `drivers.GraphDriver`).
     checkpoint_dir: save every epoch there; if it holds a checkpoint,
       resume from it.
     log_dir: TensorBoard event files in `log_dir/train` and
