@@ -39,3 +39,13 @@ def classifier(features=4, classes=3, dropout_seed=None, batch_norm=True):
 
 def sgd(learning_rate=0.1):
   return lambda: keras.optimizers.SGD(learning_rate, momentum=0.9)
+
+
+def assert_same_run(history, reference, rtol, atol=0.0):
+  """Two `train` runs ended with the same weights and per-epoch history."""
+  for weight, expected in zip(history.model.get_weights(),
+                              reference.model.get_weights()):
+    np.testing.assert_allclose(weight, expected, rtol=rtol, atol=atol)
+  for key, values in reference.history.items():
+    np.testing.assert_allclose(history.history[key], values, rtol=rtol,
+                               err_msg=key)

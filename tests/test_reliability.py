@@ -15,7 +15,8 @@ import tensorflow as tf
 import layers
 import losses
 import training_loops
-from loop_models import classification_data, classifier, sgd
+from loop_models import (assert_same_run, classification_data, classifier,
+                         sgd)
 from research import experiment
 from training_loops.atomic import write_json_atomically
 
@@ -111,6 +112,17 @@ def _script(output_dir, epochs=4):
           f"--epochs={epochs}", "--verbose=0", f"--output_dir={output_dir}"]
 
 
+def _rerun_and_compare(resumed, uninterrupted):
+  """Runs the script to the end in both output dirs (resuming the first);
+  their results must agree."""
+  for output_dir in (resumed, uninterrupted):
+    subprocess.run(_script(output_dir), cwd=REPO, check=True, timeout=300,
+                   capture_output=True)
+  results = [_comparable(json.loads((d / "results.json").read_text()))
+             for d in (resumed, uninterrupted)]
+  _assert_same(results[0], results[1])
+
+
 def _comparable(results):
   """results.json without what a rerun legitimately changes: timings."""
   for report in results["loops"].values():
@@ -159,12 +171,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=30)
   assert not (killed / "results.json").exists()
-  for output_dir in (killed, uninterrupted):
-    subprocess.run(_script(output_dir), cwd=REPO, check=True, timeout=300,
-                   capture_output=True)
-  results = [_comparable(json.loads((d / "results.json").read_text()))
-             for d in (killed, uninterrupted)]
-  _assert_same(results[0], results[1])
+  _rerun_and_compare(killed, uninterrupted)
   final = [tf.train.load_checkpoint(str(d / "checkpoints" / "eager"))
            for d in (killed, uninterrupted)]
   names = [n for n, _ in tf.train.list_variables(
@@ -239,12 +246,7 @@ def test_signal_saves_where_it_stopped_and_the_rerun_continues_exactly(
     run(tmp_path)
   assert raised.value.history.epochs == list(range(where[0]))
   resumed = run(tmp_path)
-  for ours, reference in zip(resumed.model.get_weights(),
-                             uninterrupted.model.get_weights()):
-    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-7)
-  for key, values in uninterrupted.history.items():
-    np.testing.assert_allclose(resumed.history[key], values, rtol=1e-6,
-                               err_msg=key)
+  assert_same_run(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
 
 
 def test_sigterm_stops_a_script_cleanly_and_the_rerun_resumes(tmp_path):
@@ -263,9 +265,4 @@ def test_sigterm_stops_a_script_cleanly_and_the_rerun_resumes(tmp_path):
   assert partial["interrupted"]["signal"] == "SIGTERM"
   assert partial["interrupted"]["step"] > 0  # saved mid-epoch
   assert len(partial["loops"]["eager"]["history"]["loss"]) == 1
-  for output_dir in (stopped, uninterrupted):
-    subprocess.run(_script(output_dir), cwd=REPO, check=True, timeout=300,
-                   capture_output=True)
-  results = [_comparable(json.loads((d / "results.json").read_text()))
-             for d in (stopped, uninterrupted)]
-  _assert_same(results[0], results[1])
+  _rerun_and_compare(stopped, uninterrupted)

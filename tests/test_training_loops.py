@@ -21,7 +21,8 @@ import training_loops
 from training_loops import drivers
 from training_loops.checkpoints import RunCheckpoint
 import multi_worker_job
-from loop_models import classification_data, classifier, sgd
+from loop_models import (assert_same_run, classification_data, classifier,
+                         sgd)
 
 CUSTOM_LOOPS = ("eager", "function", "graph")
 
@@ -188,12 +189,7 @@ def test_graph_loop_xla_chunks_match_the_graph_loop(monkeypatch,
   fused = _run("graph", data=data, model_fn=classifier, jit_compile=True,
                steps_per_loop=steps_per_loop)
   assert chunked, "the XLA chunk path was not taken"
-  for key, values in fused.history.items():
-    np.testing.assert_allclose(values, reference.history[key], rtol=1e-4,
-                               err_msg=key)
-  for fused_weight, weight in zip(fused.model.get_weights(),
-                                  reference.model.get_weights()):
-    np.testing.assert_allclose(fused_weight, weight, rtol=1e-4, atol=1e-6)
+  assert_same_run(fused, reference, rtol=1e-4, atol=1e-6)
 
 
 def _recording(function, calls):
@@ -238,12 +234,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(loop, tmp_path):
   run(2, tmp_path)  # "stopped" after epoch 2
   resumed = run(4, tmp_path)
   assert resumed.epochs == [0, 1, 2, 3]  # epochs 0-1 from the first call
-  for ours, reference in zip(resumed.model.get_weights(),
-                             uninterrupted.model.get_weights()):
-    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
-  for key, values in uninterrupted.history.items():
-    np.testing.assert_allclose(resumed.history[key], values, rtol=1e-5,
-                               err_msg=key)
+  assert_same_run(resumed, uninterrupted, rtol=1e-5, atol=1e-6)
   assert len(run(4, tmp_path).epochs) == 4  # already done: nothing to run
 
 
