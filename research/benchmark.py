@@ -5,7 +5,8 @@ roofline.
         --output=benchmark.json
 
 In one process, so ratios are fair: for each batch size and loop variant it
-trains `1 + repeats` epochs of `steps` steps on data already in memory,
+trains `1 + repeats` epochs of `steps` steps on data already in memory
+(tf.data autotuning off, as `experiment.IN_MEMORY_DATA_OPTIONS` says why),
 drops the first epoch (tracing, compilation, warm-up) and reports the median
 steps/s of the rest, measured by the same `EpochRecorder` for every loop.
 FLOPs per step are counted from the model's Dense kernels; the roofline is
@@ -41,13 +42,6 @@ VARIANTS = (
      {"steps_per_loop": 100, "jit_compile": True}),
 )
 BENCHMARK_MODELS = ("mlp", "deep_net", "wide_deep")
-
-# In-memory batches leave tf.data's autotuner nothing to tune, but its
-# background thread still wakes up; on 2 cores it takes one from the matmul
-# threads for seconds at a time, halving any loop's rate while it does
-# (batch 256: 241 instead of 437 steps/s, bimodally).
-_UNTUNED = tf.data.Options()
-_UNTUNED.autotune.enabled = False
 
 flags.DEFINE_enum("model", "mlp", BENCHMARK_MODELS,
                   "mlp: the course's 784-300-100-10; deep_net: 20 x "
@@ -156,7 +150,8 @@ def measure(model_name, loop, options, batch_size, steps, repeats, seed):
           else losses.SparseCategoricalCrossentropy())
   keras.utils.set_random_seed(seed)
   data = tf.data.Dataset.from_tensor_slices((x, y)).batch(
-      batch_size, drop_remainder=True).cache().with_options(_UNTUNED)
+      batch_size, drop_remainder=True).cache().with_options(
+          experiment.IN_MEMORY_DATA_OPTIONS)
   with PeakMemory() as memory:
     history = training_loops.train(
         lambda: build_model(model_name, x),

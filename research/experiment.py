@@ -31,11 +31,12 @@ from training_loops.atomic import write_json_atomically
 # (relative): float32 reassociation across graph rewrites, not more.
 MATCH_TOLERANCE = 1e-3
 
-# The arrays are in memory: there is nothing to prefetch or tune, and on a
+# For datasets of in-memory arrays: nothing to prefetch or tune, and on a
 # small machine tf.data's autotuning thread takes a core from the training
-# steps for seconds at a time (see README, Performance).
-_IN_MEMORY = tf.data.Options()
-_IN_MEMORY.autotune.enabled = False
+# steps for seconds at a time, halving their rate while it does (see
+# README, Performance).
+IN_MEMORY_DATA_OPTIONS = tf.data.Options()
+IN_MEMORY_DATA_OPTIONS.autotune.enabled = False
 
 
 def _identity(value):
@@ -233,8 +234,7 @@ def make_dataset(experiment, split, batch_size, shuffle_seed=None):
   if shuffle_seed is not None:
     dataset = dataset.shuffle(len(y), seed=shuffle_seed,
                               reshuffle_each_iteration=True)
-  return dataset.batch(batch_size).with_options(_IN_MEMORY)
-
+  return dataset.batch(batch_size).with_options(IN_MEMORY_DATA_OPTIONS)
 
 
 def typical_rate(history):

@@ -62,7 +62,8 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
     keras.utils.set_random_seed(self.seed)
     data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
-        len(y), seed=self.seed).batch(self.batch_size)
+        len(y), seed=self.seed).batch(self.batch_size).with_options(
+            experiment.IN_MEMORY_DATA_OPTIONS)
     self.history_ = training_loops.train(
         lambda: models.regressor(x, self.hidden_layers, self.units),
         lambda: keras.optimizers.SGD(self.learning_rate),
