@@ -1,4 +1,7 @@
-"""Tiny models and datasets shared by the training-loop tests."""
+"""Tiny models, datasets and checks shared by the training-loop tests."""
+
+import json
+import time
 
 import keras
 import numpy as np
@@ -49,3 +52,17 @@ def assert_same_run(history, reference, rtol, atol=0.0):
   for key, values in reference.history.items():
     np.testing.assert_allclose(history.history[key], values, rtol=rtol,
                                err_msg=key)
+
+
+def wait_for_epochs(checkpoint_dir, epochs, process, timeout=120):
+  """Waits until the run in `process` has checkpointed `epochs` epochs."""
+  history = checkpoint_dir / "history.json"
+  deadline = time.monotonic() + timeout
+  while process.poll() is None:
+    if history.exists() and len(json.loads(history.read_text())[
+        "epochs"]) >= epochs:
+      time.sleep(0.2)  # the checkpoint is written right after the history
+      return
+    assert time.monotonic() < deadline, f"no epoch {epochs} in {timeout} s"
+    time.sleep(0.05)
+  raise AssertionError(f"the run ended early: {process.returncode}")

@@ -16,7 +16,7 @@ import layers
 import losses
 import training_loops
 from loop_models import (assert_same_run, classification_data, classifier,
-                         sgd)
+                         sgd, wait_for_epochs)
 from research import experiment
 from training_loops.atomic import write_json_atomically
 
@@ -147,26 +147,12 @@ def _assert_same(actual, expected, where="results"):
     assert actual == expected, where
 
 
-def _wait_for_epochs(checkpoint_dir, epochs, process, timeout=120):
-  """Waits until the run has checkpointed `epochs` epochs."""
-  history = checkpoint_dir / "history.json"
-  deadline = time.monotonic() + timeout
-  while process.poll() is None:
-    if history.exists() and len(json.loads(history.read_text())[
-        "epochs"]) >= epochs:
-      time.sleep(0.2)  # the checkpoint is written right after the history
-      return
-    assert time.monotonic() < deadline, f"no epoch {epochs} in {timeout} s"
-    time.sleep(0.05)
-  raise AssertionError(f"the run ended early: {process.returncode}")
-
-
 def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
   killed, uninterrupted = tmp_path / "killed", tmp_path / "whole"
   process = subprocess.Popen(_script(killed), cwd=REPO,
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-  _wait_for_epochs(killed / "checkpoints" / "eager", 2, process)
+  wait_for_epochs(killed / "checkpoints" / "eager", 2, process)
   time.sleep(0.5)  # into epoch 3 (an eager epoch takes seconds)
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=30)
@@ -254,7 +240,7 @@ def test_sigterm_stops_a_script_cleanly_and_the_rerun_resumes(tmp_path):
   process = subprocess.Popen(_script(stopped), cwd=REPO,
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
-  _wait_for_epochs(stopped / "checkpoints" / "eager", 1, process)
+  wait_for_epochs(stopped / "checkpoints" / "eager", 1, process)
   time.sleep(0.5)  # into epoch 1
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=60)

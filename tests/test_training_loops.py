@@ -22,7 +22,7 @@ from training_loops import drivers
 from training_loops.checkpoints import RunCheckpoint
 import multi_worker_job
 from loop_models import (assert_same_run, classification_data, classifier,
-                         sgd)
+                         sgd, wait_for_epochs)
 
 CUSTOM_LOOPS = ("eager", "function", "graph")
 
@@ -342,25 +342,23 @@ class _NaNAfter(keras.layers.Layer):
     return inputs + poison
 
 
-@pytest.mark.parametrize("loop, options", [
-    *((loop, {}) for loop in training_loops.LOOPS),
-    ("graph", {"jit_compile": True, "static_shapes": True})])
+@pytest.mark.parametrize("loop, jit_compile", [
+    *((loop, False) for loop in training_loops.LOOPS), ("graph", True)])
 def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(
-    loop, options, tmp_path):
+    loop, jit_compile, tmp_path):
   def model_fn():  # 4 steps an epoch: the 7th call is epoch 1, step 3
     return keras.Sequential([keras.Input((4,)), _NaNAfter(7),
                              layers.Dense(3, "softmax")])
 
-  data = None
-  if options.pop("static_shapes", False):  # XLA chunks: 4 batches of 12
-    data = classification_data(examples=48, batch_size=12,
-                               drop_remainder=True)
+  # With XLA, static shapes (4 batches of 12) for the graph loop's chunks.
+  data = (classification_data(examples=48, batch_size=12,
+                              drop_remainder=True) if jit_compile else None)
   where = ("model.fit reports no step" if loop == "keras_fit"
            else "step 3 of that epoch")
   with pytest.raises(training_loops.NonFiniteLossError,
                      match=rf"nan at epoch 1 \(0-based\), {where}"):
     _run(loop, epochs=3, data=data, model_fn=model_fn,
-         checkpoint_dir=tmp_path, **options)
+         checkpoint_dir=tmp_path, jit_compile=jit_compile)
   model, optimizer = model_fn(), keras.optimizers.SGD()
   optimizer.build(model.trainable_variables)
   position = RunCheckpoint(tmp_path, model, optimizer,
@@ -481,13 +479,7 @@ def test_two_workers_on_localhost_equal_one_process():
 def test_a_dead_worker_stops_its_peer_fast_and_a_restart_resumes(tmp_path):
   epochs = 12
   processes = _start_workers("graph", epochs, tmp_path, 0.3)
-  history = tmp_path / "history.json"
-  deadline = time.monotonic() + 120
-  while not (history.exists() and len(json.loads(history.read_text())[
-      "epochs"]) >= 3):
-    assert time.monotonic() < deadline and processes[0].poll() is None, (
-        "no third epoch in 120 s")
-    time.sleep(0.05)
+  wait_for_epochs(tmp_path, 3, processes[0])
   processes[1].kill()  # SIGKILL: no goodbye to its peer
   killed_at = time.monotonic()
   code, _, stderr = _finish(processes[:1], timeout=120)[0]
