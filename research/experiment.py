@@ -91,13 +91,7 @@ def main_for(build, defaults):
     if not flags.FLAGS["verbosity"].present:  # checkpoint saves log INFO
       logging.set_verbosity(logging.WARNING)
     config = common_flags.resolved(defaults)
-    try:
-      # Before anything runs a TensorFlow op: splitting the CPU into
-      # replicas is only possible until then.
-      strategy = training_loops.make_strategy(config["strategy"],
-                                              config["cpu_replicas"])
-    except (ValueError, RuntimeError) as error:
-      sys.exit(f"error: {error}")
+    strategy = strategy_for(config)
     try:
       run(build(config), config, strategy)
     except training_loops.TrainingInterrupted as interruption:
@@ -113,17 +107,25 @@ def main_for(build, defaults):
   return main
 
 
-def run(experiment, config, strategy=None):
+def strategy_for(config):
+  """The `tf.distribute` strategy the flags name; exits with a one-line
+  error for bad ones. Call it before anything runs a TensorFlow op: the CPU
+  can be split into replicas only until then."""
+  try:
+    return training_loops.make_strategy(config["strategy"],
+                                        config["cpu_replicas"])
+  except (ValueError, RuntimeError) as error:
+    sys.exit(f"error: {error}")
+
+
+def run(experiment, config, strategy):
   """Trains `experiment` with each loop `config` selects; returns results.
 
   Args:
     config: the resolved flags (`common_flags.resolved`).
-    strategy: the `tf.distribute` strategy the flags name; made here if not
-      given.
+    strategy: the `tf.distribute` strategy the flags name (`strategy_for`).
   """
   output_dir = config["output_dir"] or os.path.join("runs", experiment.name)
-  strategy = strategy or training_loops.make_strategy(
-      config["strategy"], config["cpu_replicas"])
   replicas = strategy.num_replicas_in_sync
   if config["batch_size"] % replicas:
     # Uneven shards would give each replica's BatchNormalization and dropout

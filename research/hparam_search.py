@@ -86,8 +86,9 @@ def log_trial(log_dir, trial_hparams, metrics):
       tf.summary.scalar(name, value, step=0)
 
 
-def learning_rate_sweep(config, output_dir):
-  """Trains the regressor once per learning rate; returns a row per rate."""
+def learning_rate_sweep(config, output_dir, strategy):
+  """Trains the regressor once per learning rate under `strategy`; returns a
+  row per rate."""
   rows = []
   for index, learning_rate in enumerate(np.geomspace(*SWEEP_RANGE,
                                                      FLAGS.sweep_points)):
@@ -95,7 +96,7 @@ def learning_rate_sweep(config, output_dir):
              "output_dir": os.path.join(output_dir, f"sweep_{index}"),
              "export_dir": None}
     try:
-      results = experiment.run(regress.build(trial), trial)
+      results = experiment.run(regress.build(trial), trial, strategy)
     except training_loops.NonFiniteLossError as error:  # a result, too
       row = {"learning_rate": float(learning_rate), "val_loss": np.inf,
              "test_loss": np.inf, "diverged": str(error)}
@@ -149,6 +150,7 @@ def main(argv):
   if config["loop"] == "all":
     raise app.UsageError("hparam_search trains one loop per trial; pick "
                          "--loop=eager|function|graph|keras_fit.")
+  strategy = experiment.strategy_for(config)
   output_dir = config["output_dir"] or os.path.join("runs", "hparam_search")
   try:
     experiment.claim_output_dir(output_dir, "hparam_search", {
@@ -157,7 +159,7 @@ def main(argv):
         "cv_folds": FLAGS.cv_folds})
   except experiment.SettingsError as error:
     sys.exit(f"error: {error}")
-  sweep = learning_rate_sweep(config, output_dir)
+  sweep = learning_rate_sweep(config, output_dir, strategy)
   search = randomized_search(config, output_dir)
   best = min(sweep, key=lambda row: row["val_loss"])
   results = {"experiment": "hparam_search", "flags": config,
