@@ -93,6 +93,13 @@ class Trainer:
   def train_replica_step(self, batch):
     """One optimizer step on this replica's shard; returns the global
     batch loss (identical on every replica)."""
+    # State that does not depend on the batch (e.g. dropout's seed) must not
+    # change without it: in a graph, a step whose fetch fails (the function
+    # loop's end of the data) would otherwise still advance it.
+    with tf.control_dependencies(tf.nest.flatten(batch)):
+      return self._train_on(batch)
+
+  def _train_on(self, batch):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
     with tf.GradientTape() as tape:
       predictions = self.model(x, training=True)
