@@ -4,13 +4,18 @@ roofline.
     python -m research.benchmark --model=mlp --batch_sizes=32,256 \
         --output=benchmark.json
 
-In one process, so ratios are fair: for each batch size and loop variant it
-trains `1 + repeats` epochs of `steps` steps on data already in memory
-(tf.data autotuning off, as `experiment.IN_MEMORY_DATA_OPTIONS` says why),
-drops the first epoch (tracing, compilation, warm-up) and reports the median
-steps/s of the rest, measured by the same `EpochRecorder` for every loop.
-FLOPs per step are counted from the model's Dense kernels; the roofline is
-the GFLOP/s of a large float32 matmul here.
+In one process, so ratios are fair. This VM's CPU speed drifts by tens of
+percent within seconds, so variants are measured in `rounds`: each round
+builds every variant afresh, trains it `1 + repeats` epochs of `steps` steps
+on data already in memory (tf.data autotuning off, as
+`experiment.IN_MEMORY_DATA_OPTIONS` says why) and drops the first epoch
+(tracing, compilation, warm-up); the order of variants is reversed every
+other round. A variant's steps/s is the median of all its measured epochs,
+timed by the same `EpochRecorder` for every loop; its ratio to
+`keras_fit` is the median over rounds of the ratio within a round, so a slow
+or fast spell of the machine cancels out. FLOPs per step are counted from
+the model's Dense kernels; the roofline is the GFLOP/s of a large float32
+matmul here.
 """
 
 import os
@@ -49,9 +54,11 @@ flags.DEFINE_enum("model", "mlp", BENCHMARK_MODELS,
 flags.DEFINE_list("batch_sizes", ["32", "256"], "Batch sizes to measure.")
 flags.DEFINE_integer("steps", 300, "Steps per measured epoch.",
                      lower_bound=10)
-flags.DEFINE_integer("repeats", 5, "Measured epochs per variant (median; "
-                     "this VM's CPU time varies, so more than 3).",
-                     lower_bound=3)
+flags.DEFINE_integer("repeats", 2, "Measured epochs per variant and round.",
+                     lower_bound=1)
+flags.DEFINE_integer("rounds", 3, "Rounds over all variants; steps/s is the "
+                     "median of rounds x repeats epochs, at least 3.",
+                     lower_bound=1)
 flags.DEFINE_list("loops", [], "Only these loops (default: all variants).")
 flags.DEFINE_string("output", None, "Write the results JSON here.")
 flags.DEFINE_integer("benchmark_seed", 0, "Seed for data and weights.")
@@ -144,7 +151,8 @@ def _vm_hwm_mb():
 
 
 def measure(model_name, loop, options, batch_size, steps, repeats, seed):
-  """Median steps/s over `repeats` epochs after a warm-up epoch."""
+  """Steps/s of `repeats` epochs after a warm-up epoch, peak RSS, and FLOPs
+  per step."""
   x, y = synthetic_data(model_name, steps * batch_size, seed)
   loss = (losses.MeanSquaredError() if model_name == "wide_deep"
           else losses.SparseCategoricalCrossentropy())
@@ -157,33 +165,53 @@ def measure(model_name, loop, options, batch_size, steps, repeats, seed):
         lambda: build_model(model_name, x),
         lambda: keras.optimizers.SGD(0.01), loss, data, loop=loop,
         epochs=1 + repeats, seed=seed, verbose=0, **options)
-  return (statistics.median(history.steps_per_second[1:]), memory.peak_mb,
+  return (history.steps_per_second[1:], memory.peak_mb,
           training_flops_per_step(history.model, batch_size))
 
 
-def run_benchmark(model_name, batch_sizes, steps, repeats, loops, seed):
+def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
+                  seed):
   roofline = matmul_roofline_gflops()
+  variants = [variant for variant in VARIANTS
+              if not loops or variant[0] in loops]
   results = []
   for batch_size in batch_sizes:
-    rows = []
-    for loop, variant, options in VARIANTS:
-      if loops and loop not in loops:
-        continue
-      rate, peak_mb, flops = measure(model_name, loop, options, batch_size,
-                                     steps, repeats, seed)
-      rows.append({"loop": loop, "variant": variant,
-                   "batch_size": batch_size, "steps_per_second": rate,
-                   "roofline_fraction": rate * flops / (roofline * 1e9),
-                   "peak_rss_mb": peak_mb, "flops_per_step": flops})
-    fit = next((row for row in rows if row["loop"] == "keras_fit"
-                and row["variant"] == "default"), None)
-    for row in rows:
-      row["ratio_to_keras_fit"] = (row["steps_per_second"]
-                                   / fit["steps_per_second"] if fit else None)
-    results += rows
+    rows = {(loop, variant): {"loop": loop, "variant": variant,
+                              "batch_size": batch_size,
+                              "epoch_steps_per_second": [],
+                              "peak_rss_mb": 0.0}
+            for loop, variant, _ in variants}
+    for round_index in range(rounds):
+      for loop, variant, options in (variants if round_index % 2 == 0
+                                     else variants[::-1]):
+        rates, peak_mb, flops = measure(model_name, loop, options,
+                                        batch_size, steps, repeats, seed)
+        row = rows[(loop, variant)]
+        row["epoch_steps_per_second"].append(rates)
+        row["peak_rss_mb"] = max(row["peak_rss_mb"], peak_mb)
+        row["flops_per_step"] = flops
+    fit = rows.get(("keras_fit", "default"))
+    for row in rows.values():
+      row["steps_per_second"] = statistics.median(
+          sum(row["epoch_steps_per_second"], []))
+      row["roofline_fraction"] = (row["steps_per_second"]
+                                  * row["flops_per_step"] / (roofline * 1e9))
+      row["ratio_to_keras_fit"] = (
+          paired_ratio(row["epoch_steps_per_second"],
+                       fit["epoch_steps_per_second"]) if fit else None)
+    results += rows.values()
   return {"model": model_name, "roofline_gflops": roofline,
           "machine": machine(), "steps": steps, "repeats": repeats,
-          "versions": experiment.versions(), "results": results}
+          "rounds": rounds, "seed": seed, "versions": experiment.versions(),
+          "results": results}
+
+
+def paired_ratio(rounds, reference_rounds):
+  """The median over rounds of the ratio of two variants' median steps/s in
+  the same round (`rounds`: one list of epoch rates per round)."""
+  return statistics.median(
+      statistics.median(rates) / statistics.median(reference)
+      for rates, reference in zip(rounds, reference_rounds))
 
 
 def machine():
@@ -220,12 +248,16 @@ def main(argv):
                          f"{FLAGS.batch_sizes}.") from None
   if any(size < 1 for size in batch_sizes):
     raise app.UsageError("--batch_sizes must be positive.")
+  if FLAGS.rounds * FLAGS.repeats < 3:
+    raise app.UsageError("--rounds x --repeats must be at least 3 measured "
+                         "epochs for a median.")
   unknown = set(FLAGS.loops) - set(training_loops.LOOPS)
   if unknown:
     raise app.UsageError(f"Unknown --loops {sorted(unknown)}; expected "
                          f"{', '.join(training_loops.LOOPS)}.")
   report = run_benchmark(FLAGS.model, batch_sizes, FLAGS.steps,
-                         FLAGS.repeats, FLAGS.loops, FLAGS.benchmark_seed)
+                         FLAGS.repeats, FLAGS.rounds, FLAGS.loops,
+                         FLAGS.benchmark_seed)
   print(format_table(report))
   if FLAGS.output:
     write_json_atomically(FLAGS.output, report, indent=2)
