@@ -56,7 +56,7 @@ flags.DEFINE_integer("steps", 300, "Steps per measured epoch.",
                      lower_bound=10)
 flags.DEFINE_integer("repeats", 2, "Measured epochs per variant and round.",
                      lower_bound=1)
-flags.DEFINE_integer("rounds", 3, "Rounds over all variants; steps/s is the "
+flags.DEFINE_integer("rounds", 5, "Rounds over all variants; steps/s is the "
                      "median of rounds x repeats epochs, at least 3.",
                      lower_bound=1)
 flags.DEFINE_list("loops", [], "Only these loops (default: all variants).")
