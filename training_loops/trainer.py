@@ -95,7 +95,10 @@ class Trainer:
     batch loss (identical on every replica)."""
     # State that does not depend on the batch (e.g. dropout's seed) must not
     # change without it: in a graph, a step whose fetch fails (the function
-    # loop's end of the data) would otherwise still advance it.
+    # loop's end of the data) would otherwise still advance it. Here, not
+    # around that fetch: MirroredStrategy builds each replica's step in its
+    # own thread, which a control-dependency scope outside `strategy.run`
+    # does not reach. Ops that already read the batch get no extra edge.
     with tf.control_dependencies(tf.nest.flatten(batch)):
       return self._train_on(batch)
 
