@@ -150,10 +150,9 @@ def _vm_hwm_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(model_name, loop, options, batch_size, steps, repeats, seed):
-  """Steps/s of `repeats` epochs after a warm-up epoch, peak RSS, and FLOPs
-  per step."""
-  x, y = synthetic_data(model_name, steps * batch_size, seed)
+def measure(model_name, loop, options, x, y, batch_size, repeats, seed):
+  """Steps/s of `repeats` epochs over `x, y` after a warm-up epoch, peak RSS,
+  and FLOPs per step."""
   loss = (losses.MeanSquaredError() if model_name == "wide_deep"
           else losses.SparseCategoricalCrossentropy())
   keras.utils.set_random_seed(seed)
@@ -176,6 +175,7 @@ def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
               if not loops or variant[0] in loops]
   results = []
   for batch_size in batch_sizes:
+    x, y = synthetic_data(model_name, steps * batch_size, seed)
     rows = {(loop, variant): {"loop": loop, "variant": variant,
                               "batch_size": batch_size,
                               "epoch_steps_per_second": [],
@@ -184,8 +184,8 @@ def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
     for round_index in range(rounds):
       for loop, variant, options in (variants if round_index % 2 == 0
                                      else variants[::-1]):
-        rates, peak_mb, flops = measure(model_name, loop, options,
-                                        batch_size, steps, repeats, seed)
+        rates, peak_mb, flops = measure(model_name, loop, options, x, y,
+                                        batch_size, repeats, seed)
         row = rows[(loop, variant)]
         row["epoch_steps_per_second"].append(rates)
         row["peak_rss_mb"] = max(row["peak_rss_mb"], peak_mb)

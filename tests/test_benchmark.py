@@ -64,7 +64,7 @@ def test_rounds_alternate_order_and_ratios_pair_within_a_round(monkeypatch):
            ("keras_fit", "default"): [[100.0], [50.0]]}
   calls = []
 
-  def fake_measure(model_name, loop, options, batch_size, steps, repeats,
+  def fake_measure(model_name, loop, options, x, y, batch_size, repeats,
                    seed):
     calls.append((loop, options))
     round_index = sum(1 for call in calls if call[0] == loop) - 1
