@@ -1,5 +1,6 @@
 """The four loops against each other and against model.fit, on tiny models."""
 
+import collections
 import contextlib
 import io
 import json
@@ -321,6 +322,35 @@ def test_early_stopping_and_best_checkpoint_in_every_loop(tmp_path):
     for ours, saved in zip(history.model.get_weights(),
                            restored.get_weights()):
       np.testing.assert_allclose(ours, saved)
+
+
+def _executed_functions(log_dir):
+  """How often each `tf.function` ran in the one profiler trace under
+  `log_dir`, by name without its tracing suffix."""
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+  (trace,) = log_dir.rglob("*.xplane.pb")
+  space = xplane_pb2.XSpace.FromString(trace.read_bytes())
+  prefix = "EagerLocalExecute: __inference_"
+  names = [metadata.name for plane in space.planes
+           for line in plane.lines for event in line.events
+           for metadata in [plane.event_metadata[event.metadata_id]]]
+  return collections.Counter(name[len(prefix):].rsplit("_", 1)[0]
+                             for name in names if name.startswith(prefix))
+
+
+@pytest.mark.parametrize("loop, function, calls_per_epoch", [
+    ("function", "train_next", lambda steps: steps + 1),  # + the end's fetch
+    ("graph", "train_steps", lambda steps: 1),
+    ("keras_fit", "multi_step_on_iterator", lambda steps: steps)])
+def test_profile_epoch_traces_one_epochs_training_only(
+    loop, function, calls_per_epoch, tmp_path):
+  data = classification_data()
+  _run(loop, epochs=3, data=data,
+       validation_data=classification_data(examples=20, seed=1),
+       callbacks=[training_loops.ProfileEpoch(tmp_path, epoch=1)])
+  # Neither the other epochs' steps nor validation's.
+  assert _executed_functions(tmp_path) == {
+      function: calls_per_epoch(int(data.cardinality()))}
 
 
 class _NaNAfter(keras.layers.Layer):

@@ -4,7 +4,8 @@
                                    loop="graph", epochs=5)
 """
 
-from training_loops.callbacks import BestModelCheckpoint, EarlyStopping
+from training_loops.callbacks import (BestModelCheckpoint, EarlyStopping,
+                                      ProfileEpoch)
 from training_loops.checkpoints import CheckpointMismatchError
 from training_loops.history import History
 from training_loops.interrupts import TrainingInterrupted
@@ -15,6 +16,6 @@ from training_loops.trainer import (NonFiniteLossError, Trainer,
 from training_loops.training import LOOPS, evaluate, train
 
 __all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "EarlyStopping",
-           "History", "LOOPS", "NonFiniteLossError", "STRATEGIES", "Trainer",
-           "TrainingDataError", "TrainingInterrupted", "WorkerLostError",
-           "evaluate", "make_strategy", "train"]
+           "History", "LOOPS", "NonFiniteLossError", "ProfileEpoch",
+           "STRATEGIES", "Trainer", "TrainingDataError", "TrainingInterrupted",
+           "WorkerLostError", "evaluate", "make_strategy", "train"]

@@ -82,6 +82,41 @@ class BestModelCheckpoint(keras.callbacks.Callback):
       os.replace(temporary, self.filepath)
 
 
+class ProfileEpoch(keras.callbacks.Callback):
+  """Traces one epoch's training with the TensorFlow profiler.
+
+  The trace (`log_dir/plugins/profile/<run>/*.xplane.pb`) opens in
+  TensorBoard's Profile tab (the `tensorboard-plugin-profile` package). It
+  works in every loop: Keras' `TensorBoard(profile_batch=...)` counts
+  batches, which the custom loops do not report one by one. The trace ends
+  before validation, so it holds training only; the default epoch, 1, skips
+  the first epoch's tracing and compilation. A run that raises mid-epoch
+  leaves the profiler on: `tf.profiler.experimental.stop()` ends it.
+  """
+
+  def __init__(self, log_dir, epoch=1):
+    super().__init__()
+    self.log_dir = os.fspath(log_dir)
+    self.epoch = epoch
+    self._tracing = False
+
+  def on_epoch_begin(self, epoch, logs=None):
+    if epoch == self.epoch:
+      tf.profiler.experimental.start(self.log_dir)
+      self._tracing = True
+
+  def on_test_begin(self, logs=None):
+    self._stop()
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._stop()
+
+  def _stop(self):
+    if self._tracing:
+      tf.profiler.experimental.stop()
+      self._tracing = False
+
+
 class EpochRecorder(keras.callbacks.Callback):
   """Fills a `History` and writes TensorBoard summaries, for every loop.
 
