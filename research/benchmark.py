@@ -15,7 +15,8 @@ timed by the same `EpochRecorder` for every loop; its ratio to
 `keras_fit` is the median over rounds of the ratio within a round, so a slow
 or fast spell of the machine cancels out. FLOPs per step are counted from
 the model's Dense kernels; the roofline is the GFLOP/s of a large float32
-matmul here.
+matmul here. `--profile_dir` adds a profiler trace of each variant
+(`training_loops.ProfileEpoch`) to see where a step's time goes.
 """
 
 import os
@@ -61,6 +62,9 @@ flags.DEFINE_integer("rounds", 5, "Rounds over all variants; steps/s is the "
                      lower_bound=1)
 flags.DEFINE_list("loops", [], "Only these loops (default: all variants).")
 flags.DEFINE_string("output", None, "Write the results JSON here.")
+flags.DEFINE_string("profile_dir", None, "Also write a TensorFlow profiler "
+                    "trace of one epoch per variant under "
+                    "<dir>/batch_<size>/<loop>_<variant>, for TensorBoard.")
 flags.DEFINE_integer("benchmark_seed", 0, "Seed for data and weights.")
 
 FLAGS = flags.FLAGS
@@ -150,7 +154,8 @@ def _vm_hwm_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(model_name, loop, options, x, y, batch_size, repeats, seed):
+def measure(model_name, loop, options, x, y, batch_size, repeats, seed,
+            callbacks=()):
   """Steps/s of `repeats` epochs over `x, y` after a warm-up epoch, peak RSS,
   and FLOPs per step."""
   loss = (losses.MeanSquaredError() if model_name == "wide_deep"
@@ -163,13 +168,17 @@ def measure(model_name, loop, options, x, y, batch_size, repeats, seed):
     history = training_loops.train(
         lambda: build_model(model_name, x),
         lambda: keras.optimizers.SGD(0.01), loss, data, loop=loop,
-        epochs=1 + repeats, seed=seed, verbose=0, **options)
+        epochs=1 + repeats, seed=seed, verbose=0, callbacks=callbacks,
+        **options)
   return (history.steps_per_second[1:], memory.peak_mb,
           training_flops_per_step(history.model, batch_size))
 
 
 def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
-                  seed):
+                  seed, profile_dir=None):
+  """The report `main` prints and writes; with `profile_dir`, also a
+  profiler trace of one epoch of each variant, from an extra run after the
+  timed rounds, so the profiler's overhead is in no reported rate."""
   roofline = matmul_roofline_gflops()
   variants = [variant for variant in VARIANTS
               if not loops or variant[0] in loops]
@@ -190,6 +199,12 @@ def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
         row["epoch_steps_per_second"].append(rates)
         row["peak_rss_mb"] = max(row["peak_rss_mb"], peak_mb)
         row["flops_per_step"] = flops
+    if profile_dir:
+      for loop, variant, options in variants:
+        trace_dir = os.path.join(profile_dir, f"batch_{batch_size}",
+                                 f"{loop}_{variant}")
+        measure(model_name, loop, options, x, y, batch_size, 1, seed,
+                [training_loops.ProfileEpoch(trace_dir)])
     fit = rows.get(("keras_fit", "default"))
     for row in rows.values():
       row["steps_per_second"] = statistics.median(
@@ -257,7 +272,7 @@ def main(argv):
                          f"{', '.join(training_loops.LOOPS)}.")
   report = run_benchmark(FLAGS.model, batch_sizes, FLAGS.steps,
                          FLAGS.repeats, FLAGS.rounds, FLAGS.loops,
-                         FLAGS.benchmark_seed)
+                         FLAGS.benchmark_seed, FLAGS.profile_dir)
   print(format_table(report))
   if FLAGS.output:
     write_json_atomically(FLAGS.output, report, indent=2)

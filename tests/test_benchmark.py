@@ -28,7 +28,8 @@ def test_benchmark_writes_the_documented_json(tmp_path, capsys):
   output = tmp_path / "benchmark.json"
   with flagsaver.flagsaver(model="mlp", batch_sizes=["8"], steps=10,
                            repeats=2, rounds=2, loops=["graph", "keras_fit"],
-                           output=str(output)):
+                           output=str(output),
+                           profile_dir=str(tmp_path / "profile")):
     benchmark.main(["benchmark"])
   report = json.loads(output.read_text())
   assert report["roofline_gflops"] > 0
@@ -55,6 +56,10 @@ def test_benchmark_writes_the_documented_json(tmp_path, capsys):
         / (report["roofline_gflops"] * 1e9))
     assert row["peak_rss_mb"] > 100  # TensorFlow alone is larger
   assert "roofline" in capsys.readouterr().out
+  traces = sorted(path.relative_to(tmp_path / "profile").parts[:2]
+                  for path in (tmp_path / "profile").rglob("*.xplane.pb"))
+  assert traces == sorted(("batch_8", f"{loop}_{variant}")
+                          for loop, variant in variants)
 
 
 def test_rounds_alternate_order_and_ratios_pair_within_a_round(monkeypatch):
@@ -65,7 +70,7 @@ def test_rounds_alternate_order_and_ratios_pair_within_a_round(monkeypatch):
   calls = []
 
   def fake_measure(model_name, loop, options, x, y, batch_size, repeats,
-                   seed):
+                   seed, callbacks=()):
     calls.append((loop, options))
     round_index = sum(1 for call in calls if call[0] == loop) - 1
     variant = "default" if loop == "keras_fit" else "steps_per_loop=epoch"
