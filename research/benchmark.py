@@ -31,7 +31,6 @@ import tensorflow as tf
 
 import losses
 import training_loops
-from training_loops.atomic import write_json_atomically
 from research import experiment, models
 
 # (loop, variant, train() keyword arguments)
@@ -275,7 +274,7 @@ def main(argv):
                          FLAGS.benchmark_seed, FLAGS.profile_dir)
   print(format_table(report))
   if FLAGS.output:
-    write_json_atomically(FLAGS.output, report, indent=2)
+    training_loops.write_json_atomically(FLAGS.output, report, indent=2)
 
 
 if __name__ == "__main__":

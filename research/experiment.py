@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 from typing import Callable
@@ -25,7 +24,6 @@ import tensorflow as tf
 
 import training_loops
 from research import common_flags, datasets
-from training_loops.atomic import write_json_atomically
 
 # A loop "matches" model.fit when its final training loss is this close
 # (relative): float32 reassociation across graph rewrites, not more.
@@ -153,9 +151,9 @@ def run(experiment, config, strategy):
                                 interruption.signal_name,
                                 "epoch": interruption.epoch,
                                 "step": interruption.step}
-      write_json_atomically(results_path, results, indent=2)
+      training_loops.write_json_atomically(results_path, results, indent=2)
       raise
-  write_json_atomically(results_path, results, indent=2)
+  training_loops.write_json_atomically(results_path, results, indent=2)
   print(format_table(results))
   return results
 
@@ -190,8 +188,7 @@ def claim_output_dir(output_dir, name, config):
           f"({'; '.join(differences)}); its checkpoints would be resumed. "
           "Use another --output_dir, or delete that one.")
     return
-  os.makedirs(output_dir, exist_ok=True)
-  write_json_atomically(path, identity)
+  training_loops.write_json_atomically(path, identity)
 
 
 def _run_loop(experiment, loop, config, strategy, output_dir):
@@ -255,21 +252,15 @@ def versions():
 def export(model, path):
   """Exports a SavedModel (`model.export`) to `path`, replacing any previous
   export only once the new one is complete."""
-  temporary = f"{path}.tmp"
-  shutil.rmtree(temporary, ignore_errors=True)
-  model.export(temporary, verbose=False)
-  previous = f"{path}.old"
-  if os.path.exists(path):
-    os.replace(path, previous)
-  os.replace(temporary, path)
-  shutil.rmtree(previous, ignore_errors=True)
+  with training_loops.replaced_atomically(path) as temporary:
+    model.export(temporary, verbose=False)
 
 
 def save_keras_file(model, path):
-  """Saves `model` as a `.keras` file via a temporary name and a rename."""
-  temporary = path[:-len(".keras")] + ".tmp.keras"
-  model.save(temporary)
-  os.replace(temporary, path)
+  """Saves `model` as a `.keras` file, replacing any previous one only once
+  the new one is complete."""
+  with training_loops.replaced_atomically(path) as temporary:
+    model.save(temporary)
 
 
 def plot_learning_curves(history, path, title):
@@ -288,11 +279,9 @@ def plot_learning_curves(history, path, title):
   axes.set(xlabel="epoch", title=title)
   axes.grid(True)
   axes.legend()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  temporary = f"{path}.tmp.png"
-  figure.savefig(temporary, dpi=80)
+  with training_loops.replaced_atomically(path) as temporary:
+    figure.savefig(temporary, dpi=80)
   pyplot.close(figure)
-  os.replace(temporary, path)
 
 
 def format_table(results):

@@ -25,7 +25,6 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 import losses
 import training_loops
-from training_loops.atomic import write_json_atomically
 from research import common_flags, datasets, experiment, models, regress
 
 flags.DEFINE_integer("sweep_points", 5, "Learning rates in the sweep "
@@ -166,8 +165,8 @@ def main(argv):
              "seed": config["seed"], "versions": experiment.versions(),
              "learning_rate_sweep": sweep, "best_learning_rate": best,
              "random_search": search}
-  write_json_atomically(os.path.join(output_dir, "results.json"), results,
-                        indent=2)
+  training_loops.write_json_atomically(
+      os.path.join(output_dir, "results.json"), results, indent=2)
   print("learning-rate sweep (final val MSE):")
   for row in sweep:
     print(f"  {row['learning_rate']:.1e}  {row['val_loss']:.4f}")

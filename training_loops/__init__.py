@@ -4,6 +4,7 @@
                                    loop="graph", epochs=5)
 """
 
+from training_loops.atomic import replaced_atomically, write_json_atomically
 from training_loops.callbacks import (BestModelCheckpoint, EarlyStopping,
                                       ProfileEpoch)
 from training_loops.checkpoints import CheckpointMismatchError
@@ -18,4 +19,5 @@ from training_loops.training import LOOPS, evaluate, train
 __all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "EarlyStopping",
            "History", "LOOPS", "NonFiniteLossError", "ProfileEpoch",
            "STRATEGIES", "Trainer", "TrainingDataError", "TrainingInterrupted",
-           "WorkerLostError", "evaluate", "make_strategy", "train"]
+           "WorkerLostError", "evaluate", "make_strategy", "replaced_atomically",
+           "train", "write_json_atomically"]

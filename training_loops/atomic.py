@@ -1,19 +1,101 @@
 """Writes that a crash cannot leave half done."""
 
+import contextlib
 import json
 import os
+import shutil
+import uuid
+
+
+@contextlib.contextmanager
+def replaced_atomically(path):
+  """Yields a temporary path to write a file or a directory to; when the
+  block ends, renames what was written there over `path`.
+
+      with replaced_atomically("best.weights.h5") as temporary:
+        model.save_weights(temporary)
+
+  The temporary is `.tmp-<random>.<name>` beside `path` (whose directory is
+  created if missing): on the same file system, so the rename is atomic,
+  and with the same name ending, from which Keras (`.keras`, `.weights.h5`)
+  and matplotlib (`.png`) take the format. What was written is synced to
+  disk before the rename, so readers see the previous version or the new
+  one, never a torn file, even after a power cut.
+
+  No rename replaces a non-empty directory, so a directory takes two: the
+  previous one moves aside to `.old.<name>`, the new one moves in, then the
+  old one is deleted. One left aside by a crash between the two renames is
+  put back by the next call if `path` is missing, else deleted. A `path`
+  has one writer at a time.
+
+  If the block raises, the temporary is removed, `path` is left as it was
+  and the exception propagates. A process killed mid-write leaves its
+  temporary behind.
+  """
+  directory, name = os.path.split(os.fspath(path))
+  directory = directory or os.curdir
+  path = os.path.join(directory, name)
+  os.makedirs(directory, exist_ok=True)
+  aside = os.path.join(directory, f".old.{name}")
+  _recover(aside, path)
+  temporary = os.path.join(directory, f".tmp-{uuid.uuid4().hex[:12]}.{name}")
+  try:
+    yield temporary
+    _sync_tree(temporary)
+    if os.path.isdir(temporary) or os.path.isdir(path):
+      if os.path.lexists(path):
+        os.replace(path, aside)
+      os.replace(temporary, path)
+      _remove(aside)
+    else:
+      os.replace(temporary, path)
+    _fsync(directory)  # the rename itself
+  except BaseException:
+    _remove(temporary)
+    _recover(aside, path)
+    raise
 
 
 def write_json_atomically(path, content, indent=None):
-  """Writes `content` as JSON to a temporary file, syncs it, and renames it
-  over `path`: readers see the old file or the new one, never a torn one."""
-  temporary = f"{path}.tmp"
-  try:
+  """Writes `content` as JSON over `path` by `replaced_atomically`: readers
+  see the old file or the new one, never a torn one."""
+  with replaced_atomically(path) as temporary:
     with open(temporary, "w", encoding="utf-8") as stream:
       json.dump(content, stream, indent=indent, sort_keys=indent is not None)
-      stream.flush()
-      os.fsync(stream.fileno())
-  except BaseException:
-    os.remove(temporary)
-    raise
-  os.replace(temporary, path)
+
+
+def _recover(aside, path):
+  """Puts back the previous version a directory replacement had moved
+  aside when it stopped before the new one was in place; deletes it when
+  the new one is."""
+  if not os.path.lexists(aside):
+    return
+  if os.path.lexists(path):
+    _remove(aside)
+  else:
+    os.replace(aside, path)
+
+
+def _sync_tree(path):
+  if os.path.isdir(path):
+    for root, _, files in os.walk(path):
+      for file in files:
+        _fsync(os.path.join(root, file))
+      _fsync(root)
+  else:
+    _fsync(path)
+
+
+def _fsync(path):
+  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
+
+
+def _remove(path):
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.remove(path)

@@ -12,6 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from training_loops.atomic import replaced_atomically
+
 
 class EarlyStopping(keras.callbacks.Callback):
   """Stops training when `monitor` has not improved for `patience` epochs.
@@ -58,8 +60,8 @@ class EarlyStopping(keras.callbacks.Callback):
 class BestModelCheckpoint(keras.callbacks.Callback):
   """Saves the model's weights whenever `monitor` improves.
 
-  The file (`*.weights.h5`) is written under a temporary name and renamed,
-  so a crash mid-write leaves the previous best readable.
+  The file (`*.weights.h5`) is replaced atomically, so a crash mid-write
+  leaves the previous best readable.
   """
 
   def __init__(self, filepath, monitor="val_loss", mode="auto"):
@@ -76,10 +78,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     current = self.sign * _monitored(self.monitor, logs)
     if current < self.best:
       self.best, self.best_epoch = current, epoch
-      os.makedirs(os.path.dirname(self.filepath) or ".", exist_ok=True)
-      temporary = self.filepath[:-len(".weights.h5")] + ".tmp.weights.h5"
-      self.model.save_weights(temporary)
-      os.replace(temporary, self.filepath)
+      with replaced_atomically(self.filepath) as temporary:
+        self.model.save_weights(temporary)
 
 
 class ProfileEpoch(keras.callbacks.Callback):
