@@ -13,10 +13,21 @@ class BatchNormalization(keras.layers.Layer):
   `moving = momentum * moving + (1 - momentum) * batch`, as Keras does.
   Inference: the same with `moving_mean` / `moving_variance`.
   Inputs and outputs: any shape; weights are `[input_shape[axis]]`.
+
+  With `synchronized=True` the batch moments in training are those of the
+  global batch: every replica of the current `tf.distribute` replica context
+  normalizes (and updates the moving statistics) with the moments of all the
+  replicas' inputs together, weighted by their example counts, so uneven
+  shards give the moments of the concatenated batch. In a cross-replica
+  context, or with one replica, it is the unsynchronized layer.
+
+  Subclasses change how statistics are computed by overriding the hooks
+  `_moments(inputs) -> (mean, variance)` and
+  `_update_moving_statistics(mean, variance)`.
   """
 
   def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True,
-               scale=True, **kwargs):
+               scale=True, synchronized=False, **kwargs):
     super().__init__(**kwargs)
     if not 0.0 <= momentum <= 1.0:
       raise ValueError(
@@ -24,11 +35,15 @@ class BatchNormalization(keras.layers.Layer):
     if epsilon <= 0:
       raise ValueError(
           f"BatchNormalization: epsilon must be positive, got {epsilon}.")
+    if not isinstance(synchronized, bool):
+      raise ValueError(f"BatchNormalization: synchronized must be True or "
+                       f"False, got {synchronized!r}.")
     self.axis = axis
     self.momentum = momentum
     self.epsilon = epsilon
     self.center = center
     self.scale = scale
+    self.synchronized = synchronized
 
   def build(self, input_shape):
     rank = len(input_shape)
@@ -59,17 +74,8 @@ class BatchNormalization(keras.layers.Layer):
 
   def call(self, inputs, training=None):
     if training and self.trainable:
-      mean = tf.reduce_mean(inputs, self._reduction_axes)
-      # Biased variance about the mean (not E[x^2] - E[x]^2, which cancels
-      # catastrophically when |mean| >> std).
-      variance = tf.reduce_mean(
-          tf.square(inputs - tf.reshape(mean, self._broadcast_shape)),
-          self._reduction_axes)
-      self.moving_mean.assign(
-          self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-      self.moving_variance.assign(
-          self.moving_variance * self.momentum
-          + variance * (1.0 - self.momentum))
+      mean, variance = self._moments(inputs)
+      self._update_moving_statistics(mean, variance)
     else:
       mean, variance = self.moving_mean, self.moving_variance
     multiplier = tf.math.rsqrt(variance + self.epsilon)
@@ -81,10 +87,55 @@ class BatchNormalization(keras.layers.Layer):
     return (inputs * tf.reshape(multiplier, self._broadcast_shape)
             + tf.reshape(offset, self._broadcast_shape))
 
+  def _moments(self, inputs):
+    """Returns the batch `(mean, variance)`, each `[input_shape[axis]]`."""
+    context = tf.distribute.get_replica_context()
+    # With one replica the global batch is this one: the local moments are
+    # the same numbers without the all-reduces' rounding.
+    if (self.synchronized and context is not None
+        and context.num_replicas_in_sync > 1):
+      return self._global_moments(inputs, context)
+    mean = tf.reduce_mean(inputs, self._reduction_axes)
+    # Biased variance about the mean (not E[x^2] - E[x]^2, which cancels
+    # catastrophically when |mean| >> std).
+    variance = tf.reduce_mean(
+        tf.square(inputs - tf.reshape(mean, self._broadcast_shape)),
+        self._reduction_axes)
+    return mean, variance
+
+  def _global_moments(self, inputs, context):
+    """The moments of every replica's `inputs` together.
+
+    Sums and counts are all-reduced, not per-replica means: replicas may hold
+    different numbers of examples (a partial last batch), even none. The
+    variance is a second pass about the global mean, as in `_moments`.
+    """
+    local_count = tf.cast(tf.size(inputs) // tf.shape(inputs)[self._axis],
+                          inputs.dtype)
+    total, count = context.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        [tf.reduce_sum(inputs, self._reduction_axes), local_count])
+    mean = total / count
+    squared_deviations = context.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        tf.reduce_sum(
+            tf.square(inputs - tf.reshape(mean, self._broadcast_shape)),
+            self._reduction_axes))
+    return mean, squared_deviations / count
+
+  def _update_moving_statistics(self, mean, variance):
+    """Moves the moving statistics towards a batch's `mean` and `variance`."""
+    self.moving_mean.assign(
+        self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+    self.moving_variance.assign(
+        self.moving_variance * self.momentum
+        + variance * (1.0 - self.momentum))
+
   def compute_output_shape(self, input_shape):
     return input_shape
 
   def get_config(self):
     return {**super().get_config(), "axis": self.axis,
             "momentum": self.momentum, "epsilon": self.epsilon,
-            "center": self.center, "scale": self.scale}
+            "center": self.center, "scale": self.scale,
+            "synchronized": self.synchronized}

@@ -1,0 +1,86 @@
+"""Training under tf.distribute strategies."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import layers
+import losses
+import training_loops
+from loop_models import assert_same_run, classification_data, sgd
+
+SYNCHRONIZED_LOOPS = ("graph", "function")
+
+
+@pytest.fixture(scope="module")
+def mirrored():
+  strategy = training_loops.make_strategy("mirrored", cpu_replicas=2)
+  assert strategy.num_replicas_in_sync == 2
+  return strategy
+
+
+def _batch_norm_classifier(synchronized):
+  return keras.Sequential([
+      keras.Input((4,)), layers.Dense(8, "relu"),
+      layers.BatchNormalization(synchronized=synchronized),
+      layers.Dense(3, "softmax")])
+
+
+def _run(loop, synchronized, strategy=None):
+  # The default data: 50 examples in batches of 16, so each epoch ends with
+  # a batch of 2 that two replicas split 1 + 1.
+  return training_loops.train(
+      lambda: _batch_norm_classifier(synchronized), sgd(),
+      losses.SparseCategoricalCrossentropy(), classification_data(),
+      loop=loop, epochs=2, strategy=strategy, seed=3, verbose=0,
+      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+@pytest.fixture(scope="module")
+def one_replica_runs():
+  """The plain layer on the whole batch, one device: the reference."""
+  return {loop: _run(loop, synchronized=False) for loop in SYNCHRONIZED_LOOPS}
+
+
+@pytest.mark.parametrize("loop", SYNCHRONIZED_LOOPS)
+def test_synchronized_batch_norm_on_two_replicas_equals_one(
+    loop, mirrored, one_replica_runs):
+  """Weights, moving statistics (in `get_weights`) and history."""
+  replicated = _run(loop, synchronized=True, strategy=mirrored)
+  assert_same_run(replicated, one_replica_runs[loop], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loop", SYNCHRONIZED_LOOPS)
+def test_per_replica_batch_norm_on_two_replicas_differs_from_one(
+    loop, mirrored, one_replica_runs):
+  """Each replica normalizing its own shard is another run, so the test
+  above can fail."""
+  replicated = _run(loop, synchronized=False, strategy=mirrored)
+  with pytest.raises(AssertionError):
+    assert_same_run(replicated, one_replica_runs[loop], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("split", [(3, 1), (2, 0)])
+def test_synchronized_moments_are_those_of_the_concatenated_shards(
+    rng, mirrored, split):
+  rows = (rng.normal(size=(sum(split), 3)) * 4 + 10).astype("float32")
+  shards = np.split(rows, [split[0]])
+  layer = layers.BatchNormalization(synchronized=True)
+  with mirrored.scope():
+    layer.build((None, 3))
+  per_replica = mirrored.experimental_distribute_values_from_function(
+      lambda context: tf.constant(shards[context.replica_id_in_sync_group]))
+  moments = tf.function(lambda x: mirrored.run(layer._moments, args=(x,)))(
+      per_replica)
+  expected = rows.astype("float64")
+  for replica in range(2):
+    mean, variance = (mirrored.experimental_local_results(m)[replica]
+                      for m in moments)
+    np.testing.assert_allclose(mean, expected.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(variance, expected.var(0), rtol=1e-5)
+  # In the cross-replica context there is nothing to synchronize with.
+  with mirrored.scope():
+    mean, variance = layer._moments(tf.constant(shards[0]))
+  np.testing.assert_allclose(mean, expected[:split[0]].mean(0), rtol=1e-6)
+  np.testing.assert_allclose(variance, expected[:split[0]].var(0), rtol=1e-5)
