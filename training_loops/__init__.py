@@ -8,6 +8,8 @@ from training_loops.atomic import replaced_atomically, write_json_atomically
 from training_loops.callbacks import (BestModelCheckpoint, EarlyStopping,
                                       ProfileEpoch)
 from training_loops.checkpoints import CheckpointMismatchError
+from training_loops.controller import Controller
+from training_loops.drivers import Driver, LoopOptions, StepDriver
 from training_loops.history import History
 from training_loops.interrupts import TrainingInterrupted
 from training_loops.strategies import (STRATEGIES, WorkerLostError,
@@ -16,8 +18,9 @@ from training_loops.trainer import (NonFiniteLossError, Trainer,
                                     TrainingDataError)
 from training_loops.training import LOOPS, evaluate, train
 
-__all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "EarlyStopping",
-           "History", "LOOPS", "NonFiniteLossError", "ProfileEpoch",
-           "STRATEGIES", "Trainer", "TrainingDataError", "TrainingInterrupted",
-           "WorkerLostError", "evaluate", "make_strategy", "replaced_atomically",
-           "train", "write_json_atomically"]
+__all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "Controller",
+           "Driver", "EarlyStopping", "evaluate", "History", "LoopOptions",
+           "LOOPS", "make_strategy", "NonFiniteLossError", "ProfileEpoch",
+           "replaced_atomically", "StepDriver", "STRATEGIES", "train",
+           "Trainer", "TrainingDataError", "TrainingInterrupted",
+           "WorkerLostError", "write_json_atomically"]

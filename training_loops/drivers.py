@@ -1,52 +1,132 @@
-"""How a `Trainer`'s steps are driven: the three custom loops.
+"""How a run's steps are driven: the driver protocol, the registry of loops,
+and the three custom loops.
 
-Each driver runs one epoch over an iterator of distributed batches and
-reports progress; they differ only in how much runs per Python call.
+A `Controller` owns everything around the epochs (callbacks, validation,
+checkpoints, stop requests, history, progress, errors); a driver only runs
+steps. The custom loops share `StepDriver`, which owns an epoch's
+bookkeeping (stop checks, step counting, the finite-loss check, progress);
+each supplies only how many steps one Python call runs and how.
 """
 
-import contextlib
+import abc
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
 
+from training_loops import xla_chunks
 from training_loops.trainer import NonFiniteLossError
 
+DRIVERS = {}
 
-class _Driver:
-  """Steps through an epoch one eager `step` call per batch."""
 
-  def __init__(self, trainer, jit_compile=False, steps_per_loop=None):
-    if jit_compile:
+def register(name):
+  """Class decorator: makes a `Driver` subclass `train(loop=name)`."""
+  def add(driver_class):
+    if name in DRIVERS:
+      raise ValueError(f"A loop named {name!r} is already registered.")
+    DRIVERS[name] = driver_class
+    return driver_class
+  return add
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+  """How a loop runs its steps, as `train` was asked.
+
+  Attributes:
+    steps_per_loop: steps per `tf.function` call of the graph loop (None: a
+      whole epoch); `steps_per_execution` for `keras_fit`.
+    jit_compile: XLA-compile the step (function, graph and keras_fit).
+  """
+  steps_per_loop: int | None = None
+  jit_compile: bool = False
+
+  def __post_init__(self):
+    if self.steps_per_loop is not None and self.steps_per_loop < 1:
+      raise ValueError(
+          f"steps_per_loop must be >= 1, got {self.steps_per_loop}.")
+
+
+class Driver(abc.ABC):
+  """The protocol between a `Controller` and one way of running steps.
+
+  Args:
+    trainer: the `Trainer` whose steps (or, for `model.fit`, whose model,
+      optimizer, losses and metrics) it runs.
+    options: `LoopOptions`; a driver refuses the ones it cannot honour.
+  """
+
+  def __init__(self, trainer, options=LoopOptions()):
+    self.trainer = trainer
+    self.options = options
+
+  @abc.abstractmethod
+  def run(self, controller):
+    """Trains the epochs `controller` asks for, letting it do what happens
+    around them (`Controller.epochs`, or its callback hooks for a loop that
+    runs its own epochs)."""
+
+
+class StepDriver(Driver):
+  """A loop that runs the `Trainer`'s steps itself, epoch by epoch.
+
+  Subclasses set `steps_per_call` and implement `stepper` and `evaluate`.
+  """
+
+  steps_per_call = 1
+
+  def run(self, controller):
+    for epoch in controller.epochs(self):
+      self.train_epoch(epoch)
+
+  def train_epoch(self, epoch):
+    """Trains on `epoch.iterator` until the data ends or a stop is
+    requested, counting steps in `epoch.steps`."""
+    run_steps = self.stepper(epoch.iterator)
+    while not epoch.stop_requested():
+      steps, loss = run_steps()
+      if steps:
+        epoch.steps += steps
+        _check_finite(loss, epoch.index, epoch.steps)
+        epoch.show_progress()
+      if steps < self.steps_per_call:
+        return
+
+  @abc.abstractmethod
+  def stepper(self, iterator):
+    """Returns `run()`: trains up to `steps_per_call` steps on `iterator`'s
+    next batches and returns `(steps run, last loss)`; fewer steps than
+    `steps_per_call` mean the data ended (or the loss is not finite)."""
+
+  @abc.abstractmethod
+  def evaluate(self, iterator):
+    """Runs the eval step on every batch of `iterator`."""
+
+
+@register("eager")
+class EagerDriver(StepDriver):
+  """Every op of every step runs eagerly under `tf.GradientTape`."""
+
+  def __init__(self, trainer, options=LoopOptions()):
+    super().__init__(trainer, options)
+    if options.jit_compile:
       raise ValueError("jit_compile needs loop='function' or 'graph'.")
-    del steps_per_loop
     self.train_step, self.eval_step = _distributed_steps(trainer, False)
 
-  def train_epoch(self, iterator, epoch, progress, should_stop=None,
-                  first_step=0):
-    """Trains on `iterator`'s batches until it ends or `should_stop()`;
-    returns the epoch's step count, starting from `first_step` (the steps
-    a resumed epoch had already done)."""
-    should_stop = should_stop or _never
-    step = first_step
-    for batch in iterator:
-      if should_stop():
-        break
-      loss = self.train_step(batch)
-      step += 1
-      _check_finite(loss, epoch, step)
-      progress(step)
-    return step
+  def stepper(self, iterator):
+    def run():
+      batch = next(iterator, None)
+      return (0, None) if batch is None else (1, self.train_step(batch))
+    return run
 
   def evaluate(self, iterator):
     for batch in iterator:
       self.eval_step(batch)
 
 
-class EagerDriver(_Driver):
-  """Every op of every step runs eagerly under `tf.GradientTape`."""
-
-
-class FunctionDriver(_Driver):
+@register("function")
+class FunctionDriver(StepDriver):
   """The same step compiled by `tf.function`, one call per step from a
   Python loop.
 
@@ -57,9 +137,9 @@ class FunctionDriver(_Driver):
   every call: for a small model that lookup costs a tenth of a step.
   """
 
-  def __init__(self, trainer, jit_compile=False, steps_per_loop=None):
-    del steps_per_loop
-    train_step, eval_step = _distributed_steps(trainer, jit_compile)
+  def __init__(self, trainer, options=LoopOptions()):
+    super().__init__(trainer, options)
+    train_step, eval_step = _distributed_steps(trainer, options.jit_compile)
 
     @tf.function
     def train_next(iterator):
@@ -72,53 +152,51 @@ class FunctionDriver(_Driver):
     self.train_next = train_next
     self.eval_next = eval_next
 
-  def train_epoch(self, iterator, epoch, progress, should_stop=None,
-                  first_step=0):
-    should_stop = should_stop or _never
+  def stepper(self, iterator):
     train_next = self.train_next.get_concrete_function(iterator)
-    step = first_step
-    while not should_stop():
+
+    def run():
       try:
-        loss = train_next(iterator)
+        return 1, train_next(iterator)
       except tf.errors.OutOfRangeError:
-        break
-      step += 1
-      _check_finite(loss, epoch, step)
-      progress(step)
-    return step
+        return 0, None
+    return run
 
   def evaluate(self, iterator):
     eval_next = self.eval_next.get_concrete_function(iterator)
-    with contextlib.suppress(tf.errors.OutOfRangeError):
+    try:
       while True:
         eval_next(iterator)
+    except tf.errors.OutOfRangeError:
+      pass
 
 
-class GraphDriver(_Driver):
+@register("graph")
+class GraphDriver(StepDriver):
   """`steps_per_loop` steps (default: the whole epoch) in one
-  `tf.function` call, the loop itself in the graph.
+  `tf.function` call, the loop itself in the graph; a stop request is seen
+  between calls.
 
   With `jit_compile`, one replica and batches of one static shape (e.g.
-  `batch(..., drop_remainder=True)`), XLA compiles the loop with the step:
-  each call copies up to `XLA_CHUNK_STEPS` batches into one tensor and runs
-  them in one XLA computation, so no step pays the graph executor's per-op
-  cost. Otherwise XLA compiles each step alone.
+  `batch(..., drop_remainder=True)`), XLA compiles the loop with the step
+  (`xla_chunks`). Otherwise XLA compiles each step alone.
   """
 
-  def __init__(self, trainer, jit_compile=False, steps_per_loop=None):
-    if steps_per_loop is not None and steps_per_loop < 1:
-      raise ValueError(f"steps_per_loop must be >= 1, got {steps_per_loop}.")
-    self.steps_per_loop = steps_per_loop or np.iinfo(np.int32).max
-    train_step, eval_step = _distributed_steps(trainer, jit_compile)
-    chunk_size = min(XLA_CHUNK_STEPS, self.steps_per_loop)
-    train_chunk = _compiled_chunk(trainer) if jit_compile else None
+  def __init__(self, trainer, options=LoopOptions()):
+    super().__init__(trainer, options)
+    self.steps_per_call = options.steps_per_loop or np.iinfo(np.int32).max
+    train_step, eval_step = _distributed_steps(trainer, options.jit_compile)
+    chunk_size = min(xla_chunks.CHUNK_STEPS, self.steps_per_call)
+    train_chunk = (xla_chunks.compiled_chunk(trainer) if options.jit_compile
+                   else None)
 
     @tf.function
     def train_steps(iterator, max_steps):
       """Returns (steps run, last loss); stops early at the end of the data
       or at a non-finite loss, so the caller can name the step."""
-      if train_chunk and _one_static_batch_shape(iterator, trainer.strategy):
-        return _train_in_chunks(train_chunk, chunk_size, iterator, max_steps)
+      if train_chunk and xla_chunks.applies(iterator, trainer.strategy):
+        return xla_chunks.train_in_chunks(train_chunk, chunk_size, iterator,
+                                          max_steps)
       steps, loss = tf.constant(0), tf.constant(0.0)
       for _ in tf.range(max_steps):
         batch = iterator.get_next_as_optional()
@@ -138,35 +216,16 @@ class GraphDriver(_Driver):
     self.train_steps = train_steps
     self._evaluate = evaluate
 
-  def train_epoch(self, iterator, epoch, progress, should_stop=None,
-                  first_step=0):
-    """As `EagerDriver.train_epoch`; a stop request is seen between calls,
-    so with the default `steps_per_loop` only at the epoch's end."""
-    should_stop = should_stop or _never
-    done = first_step
-    max_steps = tf.constant(self.steps_per_loop)
-    while not should_stop():
+  def stepper(self, iterator):
+    max_steps = tf.constant(self.steps_per_call)
+
+    def run():
       steps, loss = self.train_steps(iterator, max_steps)
-      steps = int(steps)
-      done += steps
-      if steps:
-        _check_finite(loss, epoch, done)
-        progress(done)
-      if steps < self.steps_per_loop:
-        break
-    return done
+      return int(steps), loss
+    return run
 
   def evaluate(self, iterator):
     self._evaluate(iterator)
-
-
-DRIVERS = {"eager": EagerDriver, "function": FunctionDriver,
-           "graph": GraphDriver}
-
-# Batches per XLA computation of the graph loop: enough that the call and
-# the copy into one tensor cost little per step, few enough to bound the
-# copy's memory (64 MNIST batches of 256: 51 MB).
-XLA_CHUNK_STEPS = 64
 
 
 def _distributed_steps(trainer, jit_compile):
@@ -177,79 +236,6 @@ def _distributed_steps(trainer, jit_compile):
       else (lambda step: step))
   return (trainer.distribute(compile_replica_step(trainer.train_replica_step)),
           trainer.distribute(compile_replica_step(trainer.eval_replica_step)))
-
-
-def _one_static_batch_shape(iterator, strategy):
-  """Whether every batch is one plain tensor structure of one known shape."""
-  specs = tf.nest.flatten(iterator.element_spec)
-  return strategy.num_replicas_in_sync == 1 and all(
-      isinstance(spec, tf.TensorSpec) and spec.shape.is_fully_defined()
-      for spec in specs)
-
-
-def _compiled_chunk(trainer):
-  """`train_chunk((batches, count))`: the train step on `batches[i]` for
-  `i < count`, the loop XLA-compiled with the step; stops after a
-  non-finite loss. Returns (steps run, last loss)."""
-  def train_chunk(chunk):
-    batches, count = chunk
-
-    def train_one(step, loss):
-      del loss
-      batch = tf.nest.map_structure(lambda stacked: stacked[step], batches)
-      return step + 1, trainer.train_replica_step(batch)
-
-    def go_on(step, loss):
-      return tf.logical_and(step < count, tf.math.is_finite(loss))
-
-    return tf.while_loop(go_on, train_one, (tf.constant(0), tf.constant(0.0)))
-  return trainer.distribute(tf.function(train_chunk, jit_compile=True))
-
-
-def _train_in_chunks(train_chunk, chunk_size, iterator, max_steps):
-  """The graph loop's body on `chunk_size` batches at a time."""
-  steps, loss = tf.constant(0), tf.constant(0.0)
-  while steps < max_steps:
-    batches, count = _next_chunk(iterator, chunk_size, max_steps - steps)
-    if count == 0:
-      break
-    done, loss = train_chunk((batches, count))
-    steps += done
-    if count < chunk_size or not tf.math.is_finite(loss):
-      break
-  return steps, loss
-
-
-def _next_chunk(iterator, size, limit):
-  """Up to `min(size, limit)` batches stacked on a new leading axis, padded
-  to `size` with copies of the last (so XLA sees one shape), and how many
-  are real."""
-  specs = iterator.element_spec
-  arrays = tf.nest.map_structure(
-      lambda spec: tf.TensorArray(spec.dtype, size=size,
-                                  element_shape=spec.shape), specs)
-  last = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
-                               specs)
-  count = tf.constant(0)
-  for _ in tf.range(tf.minimum(size, limit)):
-    batch = iterator.get_next_as_optional()
-    if not batch.has_value():
-      break
-    last = batch.get_value()
-    arrays = _write(arrays, count, last)
-    count += 1
-  for padding in tf.range(count, size):
-    arrays = _write(arrays, padding, last)
-  return tf.nest.map_structure(lambda array: array.stack(), arrays), count
-
-
-def _write(arrays, index, batch):
-  return tf.nest.map_structure(lambda array, value: array.write(index, value),
-                               arrays, batch)
-
-
-def _never():
-  return False
 
 
 def _check_finite(loss, epoch, step):

@@ -1,51 +1,78 @@
-"""The `model.fit` baseline, configured like the custom loops."""
+"""The `model.fit` baseline behind the driver protocol.
+
+`model.fit` runs its own epochs, so this driver hands it the controller's
+callbacks plus `_ControllerHooks`, which brings the controller's epoch
+bookkeeping (checkpoint, stop requests) into fit's callback order.
+"""
 
 import math
 
 import keras
-import tensorflow as tf
 
-from training_loops import trainer as trainer_lib
+from training_loops import drivers
+from training_loops.trainer import NonFiniteLossError
 
 
-def fit(model, optimizer, loss, loss_weights, metrics, train_data,
-        validation_data, epochs, initial_epoch, steps_per_loop, jit_compile,
-        callbacks, verbose):
-  """Compiles `model` as the custom loops use it and runs `model.fit`.
+@drivers.register("keras_fit")
+class KerasFitDriver(drivers.Driver):
+  """`model.compile` as the custom loops use the model, then `model.fit`.
 
   `steps_per_loop` becomes `steps_per_execution`; `jit_compile` is passed
-  explicitly, since Keras' "auto" turns XLA off on CPU-only machines.
+  explicitly, since Keras' "auto" turns XLA off on CPU-only machines. The
+  metrics are the trainer's copies, compiled per output.
   """
-  multi_output = not isinstance(loss, keras.losses.Loss)
-  copies = trainer_lib.copied_metrics(metrics, multi_output)
-  if isinstance(metrics, dict):
-    compiled_metrics = {key: [m for (k, _), m in copies.items() if k == key]
-                        for key in metrics}
-  else:
-    compiled_metrics = list(copies.values())
-  model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
-                metrics=compiled_metrics or None,
-                steps_per_execution=steps_per_loop or 1,
-                jit_compile=jit_compile)
-  # With steps_per_epoch given, fit opens one dataset iterator per epoch, as
-  # the custom loops do (without it, two: one is opened and dropped at each
-  # epoch's end), so `replay_data_order` resumes shuffled data alike.
-  cardinality = int(train_data.cardinality())
-  try:
-    model.fit(train_data, epochs=epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=cardinality if cardinality > 0 else None,
-              validation_data=validation_data, callbacks=list(callbacks),
-              shuffle=False, verbose=verbose)
-  except tf.errors.InvalidArgumentError as error:  # fit does not say where
-    raise trainer_lib.TrainingDataError(None, error) from error
+
+  def run(self, controller):
+    first_epoch, first_step = controller.position
+    if first_step:
+      raise ValueError("The checkpoint was saved mid-epoch by a custom "
+                       "loop; resume it with that loop.")
+    trainer = self.trainer
+    # Fit resets its compiled metrics only once they are built, after the
+    # first batch: a running state restored from the checkpoint would
+    # otherwise leak into the first resumed epoch.
+    trainer.reset()
+    metrics = trainer.train_metrics
+    if trainer.output_losses[0].key is None:
+      compiled_metrics = list(metrics.values())
+    else:
+      compiled_metrics = {}
+      for (key, _), metric in metrics.items():
+        compiled_metrics.setdefault(key, []).append(metric)
+    trainer.model.compile(
+        optimizer=trainer.optimizer, loss=trainer.loss,
+        loss_weights=trainer.loss_weights,
+        metrics=compiled_metrics or None,
+        steps_per_execution=self.options.steps_per_loop or 1,
+        jit_compile=self.options.jit_compile)
+    # With steps_per_epoch given, fit opens one dataset iterator per epoch,
+    # as the custom loops do (without it, two: one is opened and dropped at
+    # each epoch's end), so `replay_data_order` resumes shuffled data alike.
+    cardinality = int(controller.train_data.cardinality())
+    trainer.model.fit(
+        controller.train_data, epochs=controller.epochs_total,
+        initial_epoch=first_epoch,
+        steps_per_epoch=cardinality if cardinality > 0 else None,
+        validation_data=controller.validation_data,
+        callbacks=[*controller.callbacks, _ControllerHooks(controller)],
+        shuffle=False, verbose=controller.verbose)
 
 
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
-  """Raises `NonFiniteLossError` at the end of an epoch whose loss is NaN or
-  infinite. Per epoch, not per batch: a batch hook would make `model.fit`
-  return to Python every step and slow the baseline down."""
+class _ControllerHooks(keras.callbacks.Callback):
+  """Last in fit's callbacks, so the checkpoint holds what the others left
+  (e.g. weights restored by early stopping)."""
+
+  def __init__(self, controller):
+    super().__init__()
+    self.controller = controller
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.controller.epoch_begun(epoch)
 
   def on_epoch_end(self, epoch, logs=None):
+    # Per epoch, not per batch: a batch hook would make fit return to
+    # Python every step and slow the baseline down.
     loss = (logs or {}).get("loss")
     if loss is not None and not math.isfinite(loss):
-      raise trainer_lib.NonFiniteLossError(epoch, None, loss)
+      raise NonFiniteLossError(epoch, None, loss)
+    self.controller.epoch_done(epoch)

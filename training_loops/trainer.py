@@ -75,6 +75,7 @@ class Trainer:
                strategy=None):
     self.model = model
     self.optimizer = optimizer
+    self.loss, self.loss_weights = loss, loss_weights
     self.strategy = strategy or tf.distribute.get_strategy()
     self.output_losses = _output_losses(model, loss, loss_weights)
     multi_output = self.output_losses[0].key is not None
@@ -83,8 +84,8 @@ class Trainer:
       for output in self.output_losses:
         self.train_trackers[output.report_name] = keras.metrics.Mean(
             name=output.report_name)
-    self.train_metrics = copied_metrics(metrics, multi_output)
-    self.eval_metrics = copied_metrics(metrics, multi_output)
+    self.train_metrics = _copied_metrics(metrics, multi_output)
+    self.eval_metrics = _copied_metrics(metrics, multi_output)
     self.eval_trackers = {name: keras.metrics.Mean(name=name)
                           for name in self.train_trackers}
 
@@ -248,7 +249,7 @@ def _unreduced(loss):
   return type(loss).from_config({**loss.get_config(), "reduction": "none"})
 
 
-def copied_metrics(metrics, multi_output):
+def _copied_metrics(metrics, multi_output):
   """`{(output_key, report_name): metric copy}` in a stable order."""
   if multi_output and metrics and not isinstance(metrics, dict):
     raise ValueError("For a multi-output model, give metrics as a dict: "

@@ -1,20 +1,15 @@
-"""`train`: one training run, four interchangeable ways."""
+"""`train`: one training run, four interchangeable ways; `evaluate`."""
 
 import keras
 import tensorflow as tf
 
-from training_loops import drivers, keras_fit
-from training_loops.callbacks import EpochRecorder
-from training_loops.checkpoints import RunCheckpoint, replay_data_order
-from training_loops.history import History
-from training_loops.interrupts import StopRequests, TrainingInterrupted
-from training_loops.strategies import WorkerLostError
-from training_loops.trainer import Trainer, TrainingDataError
+# keras_fit registers the "keras_fit" loop, after the custom loops.
+from training_loops import drivers, keras_fit  # noqa: F401
+from training_loops.controller import Controller, as_floats
+from training_loops.trainer import Trainer
 
-LOOPS = ("eager", "function", "graph", "keras_fit")
-
-# What a collective op raises when a peer worker dies or freezes.
-_PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
+# The loops that ship, in the registry's order; `drivers.register` adds more.
+LOOPS = tuple(drivers.DRIVERS)
 
 
 def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
@@ -23,6 +18,9 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
           checkpoint_dir=None, log_dir=None, callbacks=(), seed=None,
           verbose=1):
   """Trains `model_fn()` with `optimizer_fn()` on `train_data`.
+
+  Checks the arguments, builds the model, optimizer and `Trainer` under
+  the strategy, and hands the run to a `Controller` with the loop's driver.
 
   Args:
     model_fn, optimizer_fn: build the model and optimizer; called inside
@@ -33,16 +31,12 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
       `(x, y, sample_weight)` batches; `x` and `y` may be nested. Pass a
       freshly built dataset to each run: a reshuffling dataset continues its
       sequence of orders across runs, so two runs would see different data.
-    loop: one of `LOOPS`.
+    loop: one of `LOOPS`, or a loop added with `drivers.register`.
     epochs: the total number of epochs, counting those a resumed run did.
     metrics: `keras.metrics.Metric` objects (a dict output -> list for a
       multi-output model); copied for this run.
     strategy: a `tf.distribute.Strategy`; default: the current one.
-    steps_per_loop: steps per `tf.function` call of the graph loop (default:
-      a whole epoch); `steps_per_execution` for `keras_fit`.
-    jit_compile: XLA-compile the step (function, graph and keras_fit);
-      the graph loop compiles its loop too when batches have one static
-      shape on one replica (see `drivers.GraphDriver`).
+    steps_per_loop, jit_compile: `drivers.LoopOptions`.
     checkpoint_dir: save every epoch there; if it holds a checkpoint,
       resume from it.
     log_dir: TensorBoard event files in `log_dir/train` and
@@ -55,9 +49,10 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     A `History`.
 
   Raises:
-    NonFiniteLossError: the training loss became NaN or infinite.
+    See `Controller.run`.
   """
   _check_arguments(loop, epochs, train_data, validation_data)
+  options = drivers.LoopOptions(steps_per_loop, jit_compile)
   strategy = strategy or tf.distribute.get_strategy()
   if seed is not None:
     keras.utils.set_random_seed(seed)
@@ -65,45 +60,13 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     model, optimizer = model_fn(), optimizer_fn()
     _check_model_fits_data(model, loss, train_data)
     optimizer.build(model.trainable_variables)
-    trainer = (None if loop == "keras_fit" else
-               Trainer(model, optimizer, loss, loss_weights, metrics,
-                       strategy))
-  history = History(model=model)
-  callbacks = [EpochRecorder(history, optimizer, log_dir), *callbacks]
-  if loop == "keras_fit":  # the custom loops check every step themselves
-    callbacks.append(keras_fit.StopOnNonFiniteLoss())
-  checkpoint = None
-  start = (0, 0)  # (epoch, step in it)
-  if checkpoint_dir:
-    checkpoint = RunCheckpoint(
-        checkpoint_dir, model, optimizer, strategy, history,
-        trainer.progress_variables() if trainer else ())
-    start = checkpoint.restore()
-    # Last: a non-finite or early-stopped epoch is seen first.
-    callbacks.append(_SaveEachEpoch(checkpoint))
-  replay_data_order(train_data, start[0])
-  with StopRequests() as stops:
-    if loop == "keras_fit":
-      if start[1]:
-        raise ValueError(f"{checkpoint_dir} was saved mid-epoch by a custom "
-                         "loop; resume it with that loop.")
-      callbacks.append(_StopAtEpochEnd(stops))
-      try:
-        keras_fit.fit(model, optimizer, loss, loss_weights, metrics,
-                      train_data, validation_data, epochs, start[0],
-                      steps_per_loop, jit_compile, callbacks, verbose)
-      except _PEER_FAILURES as error:
-        raise WorkerLostError(None, error) from error
-      if stops.requested:
-        epoch = history.epochs[-1] + 1 if history.epochs else start[0]
-        raise TrainingInterrupted(stops.signal_number, epoch, 0, history,
-                                  saved=checkpoint is not None)
-      return history
-    driver = drivers.DRIVERS[loop](trainer, jit_compile, steps_per_loop)
-    _run_epochs(trainer, driver, strategy, train_data, validation_data,
-                start, epochs, callbacks, verbose, stops, checkpoint,
-                history)
-  return history
+    trainer = Trainer(model, optimizer, loss, loss_weights, metrics,
+                      strategy)
+  driver = drivers.DRIVERS[loop](trainer, options)
+  return Controller(
+      driver, train_data, epochs=epochs, validation_data=validation_data,
+      checkpoint_dir=checkpoint_dir, log_dir=log_dir, callbacks=callbacks,
+      verbose=verbose).run()
 
 
 def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
@@ -115,100 +78,7 @@ def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
     trainer = Trainer(model, None, loss, loss_weights, metrics, strategy)
   driver = drivers.GraphDriver(trainer)
   driver.evaluate(iter(strategy.experimental_distribute_dataset(data)))
-  return _as_floats(trainer.eval_logs(prefix=""))
-
-
-def _run_epochs(trainer, driver, strategy, train_data, validation_data,
-                start, epochs, callbacks, verbose, stops, checkpoint,
-                history):
-  """The outer loop of the custom loops, with Keras' callback order.
-
-  Starts at `start = (epoch, step)`: a run stopped mid-epoch continues with
-  that epoch's running metrics (restored) and its next batch. On a stop
-  request it saves that position and raises `TrainingInterrupted`.
-  """
-  train_batches = strategy.experimental_distribute_dataset(train_data)
-  validation_batches = (
-      strategy.experimental_distribute_dataset(validation_data)
-      if validation_data is not None else None)
-  steps_per_epoch = int(train_data.cardinality())
-  callback_list = keras.callbacks.CallbackList(callbacks,
-                                               model=trainer.model)
-
-  def run_epoch(epoch, resumed_step):
-    if verbose:
-      print(f"Epoch {epoch + 1}/{epochs}")
-    callback_list.on_epoch_begin(epoch)
-    if not resumed_step:
-      trainer.reset()
-    progress_bar = keras.utils.Progbar(
-        steps_per_epoch if steps_per_epoch > 0 else None, verbose=verbose,
-        stateful_metrics=list(trainer.train_logs()) + ["val_loss"])
-
-    def show_progress(step):
-      if verbose == 1:
-        progress_bar.update(step, _as_floats(trainer.train_logs()).items())
-
-    iterator = iter(train_batches)
-    for _ in range(resumed_step):  # batches trained before the stop
-      next(iterator)
-    steps = driver.train_epoch(iterator, epoch, show_progress,
-                               lambda: stops.requested, resumed_step)
-    if stops.requested:
-      if checkpoint:
-        checkpoint.save(epoch, steps)
-      raise TrainingInterrupted(stops.signal_number, epoch, steps, history,
-                                saved=checkpoint is not None)
-    if steps == 0:  # a dataset of unknown length that turned out empty
-      raise ValueError("train_data yielded no batches.")
-    logs = trainer.train_logs()
-    if validation_batches is not None:
-      callback_list.on_test_begin()
-      driver.evaluate(iter(validation_batches))
-      callback_list.on_test_end()
-      logs.update(trainer.eval_logs())
-    logs = _as_floats(logs)
-    progress_bar.update(steps, logs.items(), finalize=True)
-    callback_list.on_epoch_end(epoch, logs)
-
-  trainer.model.stop_training = False
-  callback_list.on_train_begin()
-  first_epoch, first_step = start
-  for epoch in range(first_epoch, epochs):
-    try:
-      run_epoch(epoch, first_step if epoch == first_epoch else 0)
-    except tf.errors.InvalidArgumentError as error:
-      raise TrainingDataError(epoch, error) from error
-    except _PEER_FAILURES as error:
-      raise WorkerLostError(epoch, error) from error
-    if trainer.model.stop_training:
-      break
-  callback_list.on_train_end()
-
-
-class _StopAtEpochEnd(keras.callbacks.Callback):
-  """Ends `model.fit` after the epoch in which a stop was requested (fit
-  would otherwise report, and we checkpoint, a partial epoch as whole)."""
-
-  def __init__(self, stops):
-    super().__init__()
-    self.stops = stops
-
-  def on_epoch_end(self, epoch, logs=None):
-    if self.stops.requested:
-      self.model.stop_training = True
-
-
-class _SaveEachEpoch(keras.callbacks.Callback):
-  """Saves a `RunCheckpoint` after each epoch (after the other callbacks,
-  so weights restored by EarlyStopping are what gets saved)."""
-
-  def __init__(self, checkpoint):
-    super().__init__()
-    self.checkpoint = checkpoint
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.checkpoint.save(epoch + 1)
+  return as_floats(trainer.eval_logs(prefix=""))
 
 
 def _check_model_fits_data(model, loss, data):
@@ -254,9 +124,9 @@ def _first_line(error):
 
 
 def _check_arguments(loop, epochs, train_data, validation_data):
-  if loop not in LOOPS:
+  if loop not in drivers.DRIVERS:
     raise ValueError(f"Unknown loop {loop!r}; expected one of "
-                     f"{', '.join(LOOPS)}.")
+                     f"{', '.join(drivers.DRIVERS)}.")
   if not isinstance(epochs, int) or epochs < 1:
     raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
   for name, data in (("train_data", train_data),
@@ -272,7 +142,3 @@ def _check_arguments(loop, epochs, train_data, validation_data):
                        f"batches, got elements {data.element_spec}.")
     if int(data.cardinality()) == 0:
       raise ValueError(f"{name} is empty: it yields no batches.")
-
-
-def _as_floats(logs):
-  return {key: float(value) for key, value in logs.items()}

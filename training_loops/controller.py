@@ -1,0 +1,197 @@
+"""`Controller`: one training run's outer loop, the same for every loop.
+
+As Orbit's `Controller`, it owns what happens around the steps, each in
+one place: the callback list, checkpoints (restore, one save per epoch, the
+position of a stop), stop requests, the `History`, the progress bar,
+validation, and the translation of TensorFlow's errors into ours. A driver
+(`drivers`) only runs steps: the custom loops take their epochs from
+`Controller.epochs`; `model.fit`, which runs its own epochs, reaches the
+same hooks through its callbacks.
+"""
+
+import keras
+import tensorflow as tf
+
+from training_loops.callbacks import EpochRecorder
+from training_loops.checkpoints import RunCheckpoint, replay_data_order
+from training_loops.history import History
+from training_loops.interrupts import StopRequests, TrainingInterrupted
+from training_loops.strategies import WorkerLostError
+from training_loops.trainer import TrainingDataError
+
+# What a collective op raises when a peer worker dies or freezes.
+_PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
+
+
+class Epoch:
+  """One epoch of a custom loop, as the controller hands it to a driver.
+
+  Attributes:
+    index: the epoch, 0-based.
+    iterator: its distributed batches, past those a resumed run trained.
+    steps: steps done in it, counting those of a resumed run; the driver
+      adds the ones it runs.
+  """
+
+  def __init__(self, index, iterator, steps, controller):
+    self.index, self.iterator, self.steps = index, iterator, steps
+    self._controller = controller
+
+  def stop_requested(self):
+    """Checked at each step boundary."""
+    return self._controller.stop_requested
+
+  def show_progress(self):
+    """After each call that ran steps."""
+    self._controller.show_progress(self.steps)
+
+
+class Controller:
+  """Runs `driver` for `epochs` epochs of `train_data`, with Keras'
+  callback order.
+
+  Args:
+    driver: a `drivers.Driver` around the run's `Trainer`.
+    train_data, validation_data: `tf.data.Dataset`s of batches.
+    epochs: the total number of epochs, counting those a resumed run did.
+    checkpoint_dir: save every epoch there (and the position of a stop);
+      if it holds a checkpoint, resume from it.
+    log_dir: TensorBoard event files in `log_dir/train` and
+      `log_dir/validation`.
+    callbacks: `keras.callbacks.Callback`s.
+    verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
+  """
+
+  def __init__(self, driver, train_data, *, epochs, validation_data=None,
+               checkpoint_dir=None, log_dir=None, callbacks=(), verbose=1):
+    trainer = driver.trainer
+    self.driver, self.trainer, self.model = driver, trainer, trainer.model
+    self.train_data, self.validation_data = train_data, validation_data
+    self.epochs_total, self.verbose = epochs, verbose
+    self.history = History(model=self.model)
+    self.callbacks = [EpochRecorder(self.history, trainer.optimizer,
+                                    log_dir), *callbacks]
+    self.checkpoint = (
+        RunCheckpoint(checkpoint_dir, self.model, trainer.optimizer,
+                      trainer.strategy, self.history,
+                      trainer.progress_variables())
+        if checkpoint_dir else None)
+    # (epoch, steps done in it): where the run is, and where a stop saves.
+    self.position = (0, 0)
+    self._stops = None
+
+  def run(self):
+    """Resumes from the checkpoint, if any, and trains; returns the
+    `History`.
+
+    Raises:
+      NonFiniteLossError: the training loss became NaN or infinite.
+      TrainingDataError: a step rejected a batch.
+      WorkerLostError: a multi-worker peer stopped responding.
+      TrainingInterrupted: SIGINT or SIGTERM; the position was saved.
+    """
+    if self.checkpoint:
+      self.position = self.checkpoint.restore()
+    replay_data_order(self.train_data, self.position[0])
+    with StopRequests() as self._stops:
+      try:
+        self.driver.run(self)
+      except tf.errors.InvalidArgumentError as error:
+        raise TrainingDataError(self.position[0], error) from error
+      except _PEER_FAILURES as error:
+        raise WorkerLostError(self.position[0], error) from error
+      if self._stops.requested:
+        self._interrupt()
+    return self.history
+
+  @property
+  def stop_requested(self):
+    return self._stops.requested
+
+  # -- for the custom loops ------------------------------------------------
+
+  def epochs(self, driver):
+    """Yields an `Epoch` for each epoch to train; before each, Keras'
+    epoch-begin hooks; after each, validation with `driver.evaluate`, the
+    epoch-end hooks and the checkpoint. Ends early when a callback sets
+    `model.stop_training` or a stop is requested (at a step boundary)."""
+    strategy = self.trainer.strategy
+    train_batches = strategy.experimental_distribute_dataset(self.train_data)
+    validation_batches = (
+        strategy.experimental_distribute_dataset(self.validation_data)
+        if self.validation_data is not None else None)
+    callbacks = keras.callbacks.CallbackList(self.callbacks, model=self.model)
+    self.model.stop_training = False
+    callbacks.on_train_begin()
+    first_epoch, first_step = self.position
+    for index in range(first_epoch, self.epochs_total):
+      if self.verbose:
+        print(f"Epoch {index + 1}/{self.epochs_total}")
+      callbacks.on_epoch_begin(index)
+      first = first_step if index == first_epoch else 0
+      epoch = self._begin_epoch(index, first, train_batches)
+      yield epoch
+      self.position = (index, epoch.steps)
+      if self.stop_requested:
+        return
+      if epoch.steps == 0:  # a dataset of unknown length that was empty
+        raise ValueError("train_data yielded no batches.")
+      logs = self.trainer.train_logs()
+      if validation_batches is not None:
+        callbacks.on_test_begin()
+        driver.evaluate(iter(validation_batches))
+        callbacks.on_test_end()
+        logs.update(self.trainer.eval_logs())
+      logs = as_floats(logs)
+      self._progress_bar.update(epoch.steps, logs.items(), finalize=True)
+      callbacks.on_epoch_end(index, logs)
+      self.epoch_done(index)
+      if self.model.stop_training:
+        break
+    callbacks.on_train_end()
+
+  def _begin_epoch(self, index, first_step, train_batches):
+    if not first_step:
+      self.trainer.reset()  # else: the running metrics were restored
+    cardinality = int(self.train_data.cardinality())
+    self._progress_bar = keras.utils.Progbar(
+        cardinality if cardinality > 0 else None, verbose=self.verbose,
+        stateful_metrics=list(self.trainer.train_logs()) + ["val_loss"])
+    iterator = iter(train_batches)
+    for _ in range(first_step):  # batches trained before the stop
+      next(iterator)
+    self.position = (index, first_step)
+    return Epoch(index, iterator, first_step, self)
+
+  def show_progress(self, steps):
+    if self.verbose == 1:
+      self._progress_bar.update(steps,
+                                as_floats(self.trainer.train_logs()).items())
+
+  # -- for every loop ------------------------------------------------------
+
+  def epoch_begun(self, index):
+    """Notes that epoch `index` started (for a loop that runs its own
+    epochs), so errors and stops name it."""
+    self.position = (index, 0)
+
+  def epoch_done(self, index):
+    """After epoch `index` and its callbacks: saves the checkpoint and, on
+    a stop request, asks the loop to stop."""
+    self.position = (index + 1, 0)
+    if self.checkpoint:
+      self.checkpoint.save(index + 1)
+    if self.stop_requested:
+      self.model.stop_training = True
+
+  def _interrupt(self):
+    epoch, step = self.position
+    if self.checkpoint and step:  # an epoch's end was saved already
+      self.checkpoint.save(epoch, step)
+    raise TrainingInterrupted(self._stops.signal_number, epoch, step,
+                              self.history,
+                              saved=self.checkpoint is not None)
+
+
+def as_floats(logs):
+  return {key: float(value) for key, value in logs.items()}

@@ -1,0 +1,88 @@
+"""The graph loop's XLA path: many steps in one XLA computation.
+
+XLA compiles a `tf.while_loop` over a chunk of batches together with the
+train step, so no step pays the graph executor's per-op cost. XLA needs one
+static shape, so each chunk is `CHUNK_STEPS` batches stacked on a new
+leading axis (a short last chunk padded with copies of its last batch, the
+padding never trained on), and iterators and cross-replica plumbing stay
+outside XLA: this path serves one replica with batches of one static shape.
+"""
+
+import tensorflow as tf
+
+# Batches per XLA computation: enough that the call and the copy into one
+# tensor cost little per step, few enough to bound the copy's memory (64
+# MNIST batches of 256: 51 MB).
+CHUNK_STEPS = 64
+
+
+def applies(iterator, strategy):
+  """Whether every batch is one plain tensor structure of one known shape,
+  on one replica."""
+  specs = tf.nest.flatten(iterator.element_spec)
+  return strategy.num_replicas_in_sync == 1 and all(
+      isinstance(spec, tf.TensorSpec) and spec.shape.is_fully_defined()
+      for spec in specs)
+
+
+def compiled_chunk(trainer):
+  """`train_chunk((batches, count))`: the train step on `batches[i]` for
+  `i < count`, the loop XLA-compiled with the step; stops after a
+  non-finite loss. Returns (steps run, last loss)."""
+  def train_chunk(chunk):
+    batches, count = chunk
+
+    def train_one(step, loss):
+      del loss
+      batch = tf.nest.map_structure(lambda stacked: stacked[step], batches)
+      return step + 1, trainer.train_replica_step(batch)
+
+    def go_on(step, loss):
+      return tf.logical_and(step < count, tf.math.is_finite(loss))
+
+    return tf.while_loop(go_on, train_one, (tf.constant(0), tf.constant(0.0)))
+  return trainer.distribute(tf.function(train_chunk, jit_compile=True))
+
+
+def train_in_chunks(train_chunk, chunk_size, iterator, max_steps):
+  """Up to `max_steps` steps from `iterator`, `chunk_size` batches per XLA
+  computation; returns (steps run, last loss), stopping early at the end of
+  the data or a non-finite loss. Traced into the graph loop's function."""
+  steps, loss = tf.constant(0), tf.constant(0.0)
+  while steps < max_steps:
+    batches, count = _next_chunk(iterator, chunk_size, max_steps - steps)
+    if count == 0:
+      break
+    done, loss = train_chunk((batches, count))
+    steps += done
+    if count < chunk_size or not tf.math.is_finite(loss):
+      break
+  return steps, loss
+
+
+def _next_chunk(iterator, size, limit):
+  """Up to `min(size, limit)` batches stacked on a new leading axis, padded
+  to `size` with copies of the last (so XLA sees one shape), and how many
+  are real."""
+  specs = iterator.element_spec
+  arrays = tf.nest.map_structure(
+      lambda spec: tf.TensorArray(spec.dtype, size=size,
+                                  element_shape=spec.shape), specs)
+  last = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
+                               specs)
+  count = tf.constant(0)
+  for _ in tf.range(tf.minimum(size, limit)):
+    batch = iterator.get_next_as_optional()
+    if not batch.has_value():
+      break
+    last = batch.get_value()
+    arrays = _write(arrays, count, last)
+    count += 1
+  for padding in tf.range(count, size):
+    arrays = _write(arrays, padding, last)
+  return tf.nest.map_structure(lambda array: array.stack(), arrays), count
+
+
+def _write(arrays, index, batch):
+  return tf.nest.map_structure(lambda array, value: array.write(index, value),
+                               arrays, batch)
