@@ -8,6 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 import layers
+import losses
+import training_loops
 
 
 def classification_data(examples=50, batch_size=16, features=4, classes=3,
@@ -42,6 +44,24 @@ def classifier(features=4, classes=3, dropout_seed=None, batch_norm=True):
 
 def sgd(learning_rate=0.1):
   return lambda: keras.optimizers.SGD(learning_rate, momentum=0.9)
+
+
+def accuracy():
+  return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+
+def run_loop(loop, epochs=2, data=None, **kwargs):
+  """`training_loops.train` on the tiny classifier (with dropout) and
+  weighted classification data, unless `kwargs` say otherwise."""
+  kwargs.setdefault("metrics", [accuracy()])
+  kwargs.setdefault("seed", 3)
+  kwargs.setdefault("verbose", 0)
+  return training_loops.train(
+      kwargs.pop("model_fn", lambda: classifier(dropout_seed=7)),
+      kwargs.pop("optimizer_fn", sgd()),
+      kwargs.pop("loss", losses.SparseCategoricalCrossentropy()),
+      data if data is not None else classification_data(sample_weights=True),
+      loop=loop, epochs=epochs, **kwargs)
 
 
 def assert_same_run(history, reference, rtol, atol=0.0):

@@ -1,0 +1,288 @@
+"""The four loops against each other and against model.fit, on tiny models;
+and a loop added the way BUILD.md's recipe says."""
+
+import contextlib
+import io
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import layers
+import losses
+import training_loops
+from training_loops import drivers, xla_chunks
+from training_loops.controller import Epoch
+from loop_models import (accuracy, assert_same_run, classification_data,
+                         classifier, run_loop, sgd)
+
+CUSTOM_LOOPS = ("eager", "function", "graph")
+
+
+@pytest.fixture(scope="module")
+def histories():
+  validation = classification_data(examples=20, seed=1)
+  return {loop: run_loop(loop, validation_data=validation)
+          for loop in training_loops.LOOPS}
+
+
+def test_every_loop_reports_the_same_keys(histories):
+  for history in histories.values():
+    assert sorted(history.history) == ["accuracy", "loss", "val_accuracy",
+                                       "val_loss"]
+    assert history.epochs == [0, 1]
+    assert len(history.steps_per_second) == len(history.wall_seconds) == 2
+    assert all(rate > 0 for rate in history.steps_per_second)
+
+
+def test_custom_loops_agree_and_match_model_fit(histories):
+  reference = histories["eager"].history
+  for loop in ("function", "graph"):
+    for key, values in histories[loop].history.items():
+      np.testing.assert_allclose(values, reference[key], rtol=1e-5,
+                                 err_msg=f"{loop} {key}")
+  for key, values in histories["keras_fit"].history.items():
+    np.testing.assert_allclose(values, reference[key], rtol=1e-3,
+                               err_msg=f"keras_fit {key}")
+
+
+def test_loss_is_the_example_weighted_epoch_mean():
+  """Recomputes the first epoch's loss with NumPy, batch by batch."""
+  data = classification_data(sample_weights=True)
+  model = classifier()
+  keras.utils.set_random_seed(3)
+  model = classifier()
+  optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+  total, examples = 0.0, 0
+  for x, y, w in data:
+    with tf.GradientTape() as tape:
+      probs = model(x, training=True)
+      per_example = -np.log(np.clip(probs.numpy()[np.arange(len(y)), y],
+                                    1e-7, 1 - 1e-7))
+      batch_loss = tf.reduce_sum(
+          keras.losses.sparse_categorical_crossentropy(y, probs) * w) / len(y)
+    optimizer.apply_gradients(zip(tape.gradient(batch_loss,
+                                                model.trainable_variables),
+                                  model.trainable_variables))
+    total += float(np.sum(per_example * w.numpy()))
+    examples += len(y)
+  history = run_loop("graph", epochs=1, model_fn=classifier, metrics=[])
+  np.testing.assert_allclose(history.history["loss"][0], total / examples,
+                             rtol=1e-5)
+
+
+def test_unknown_loop_names_the_choices():
+  with pytest.raises(ValueError, match="eager, function, graph, keras_fit"):
+    run_loop("fast")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(epochs=0), "epochs must be a positive int"),
+    (dict(data=np.zeros((4, 2))), "batched tf.data.Dataset"),
+    (dict(jit_compile=True, loop="eager"), "jit_compile needs"),
+    (dict(metrics=["accuracy"]), "keras.metrics.Metric objects"),
+    (dict(steps_per_loop=0), "steps_per_loop must be >= 1")])
+def test_bad_arguments_are_clear_errors(bad, match):
+  loop = bad.pop("loop", "graph")
+  with pytest.raises(ValueError, match=match):
+    run_loop(loop, **bad)
+
+
+def _trainer():
+  keras.utils.set_random_seed(0)
+  model, optimizer = classifier(), keras.optimizers.SGD(0.1)
+  optimizer.build(model.trainable_variables)
+  return training_loops.Trainer(model, optimizer,
+                                losses.SparseCategoricalCrossentropy())
+
+
+def test_partial_last_batch_does_not_retrace_every_epoch():
+  data = classification_data()  # batches of 16, 16, 16, 2
+  function_driver = drivers.FunctionDriver(_trainer())
+  graph_driver = drivers.GraphDriver(
+      _trainer(), training_loops.LoopOptions(steps_per_loop=3))
+  for index in range(4):
+    for driver in (function_driver, graph_driver):
+      epoch = Epoch(index, iter(data), 0, _NeverStops())
+      driver.train_epoch(epoch)
+      assert epoch.steps == 4
+  # The batch is fetched inside the function: one trace for all shapes.
+  assert function_driver.train_next.experimental_get_tracing_count() == 1
+  assert graph_driver.train_steps.experimental_get_tracing_count() == 1
+
+
+class _NeverStops:
+  """The part of a `Controller` an `Epoch` talks to."""
+  stop_requested = False
+
+  def show_progress(self, steps):
+    del steps
+
+
+def test_evaluate_matches_model_evaluate(histories):
+  model = histories["graph"].model
+  data = classification_data(examples=20, seed=1)
+  ours = training_loops.evaluate(model, losses.SparseCategoricalCrossentropy(),
+                                 data, metrics=[accuracy()])
+  model.compile(loss=keras.losses.SparseCategoricalCrossentropy(),
+                metrics=[accuracy()])
+  theirs = model.evaluate(data, return_dict=True, verbose=0)
+  assert sorted(ours) == sorted(theirs) == ["accuracy", "loss"]
+  for key in ours:
+    np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5)
+
+
+def test_steps_use_training_flag():
+  """Training updates BatchNorm's moving statistics (training=True);
+  validation loss equals the model evaluated with training=False."""
+  validation = classification_data(examples=20, seed=1)
+  for loop in CUSTOM_LOOPS:
+    history = run_loop(loop, epochs=1, validation_data=validation,
+                       model_fn=classifier)
+    model = history.model
+    batch_norm = model.layers[1]
+    assert not np.allclose(batch_norm.moving_mean, 0.0)
+    total = count = 0
+    for x, y in validation:
+      probs = model(x, training=False)
+      total += float(tf.reduce_sum(
+          keras.losses.sparse_categorical_crossentropy(y, probs)))
+      count += len(y)
+    np.testing.assert_allclose(history.history["val_loss"][0], total / count,
+                               rtol=1e-5)
+
+
+def test_graph_loop_with_steps_per_loop_and_xla_matches():
+  # No dropout: XLA draws different (still seeded) random numbers.
+  whole_epoch = run_loop("graph", model_fn=classifier).history
+  for kwargs in (dict(steps_per_loop=3), dict(jit_compile=True)):
+    for key, values in run_loop("graph", model_fn=classifier,
+                                **kwargs).history.items():
+      np.testing.assert_allclose(values, whole_epoch[key], rtol=1e-4,
+                                 err_msg=f"{kwargs} {key}")
+
+
+@pytest.mark.parametrize("steps_per_loop", [None, 3])
+def test_graph_loop_xla_chunks_match_the_graph_loop(monkeypatch,
+                                                    steps_per_loop):
+  """Static batch shapes: XLA runs chunks of 2 batches (6 an epoch; with
+  steps_per_loop=3, calls of 2 + 1 steps, the 1 padded to a chunk)."""
+  chunked = []
+  monkeypatch.setattr(xla_chunks, "CHUNK_STEPS", 2)
+  monkeypatch.setattr(xla_chunks, "train_in_chunks",
+                      _recording(xla_chunks.train_in_chunks, chunked))
+  data = classification_data(examples=48, batch_size=8, drop_remainder=True)
+  reference = run_loop("graph", data=data, model_fn=classifier)
+  fused = run_loop("graph", data=data, model_fn=classifier,
+                   jit_compile=True, steps_per_loop=steps_per_loop)
+  assert chunked, "the XLA chunk path was not taken"
+  assert_same_run(fused, reference, rtol=1e-4, atol=1e-6)
+
+
+def _recording(function, calls):
+  def recorded(*args):
+    calls.append(args)
+    return function(*args)
+  return recorded
+
+
+def _wide_deep_model():
+  wide = keras.Input((2,), name="wide")
+  deep = keras.Input((3,), name="deep")
+  hidden = layers.Dense(6, "relu")(deep)
+  merged = layers.WideDeepMerge()([wide, hidden])
+  return keras.Model({"wide": wide, "deep": deep},
+                     {"main": layers.Dense(1, name="main")(merged),
+                      "aux": layers.Dense(1, name="aux")(hidden)})
+
+
+def test_multi_input_multi_output_agree_with_model_fit():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(40, 5)).astype("float32")
+  target = (x[:, :1] * 2 - x[:, 3:4]).astype("float32")
+  data = tf.data.Dataset.from_tensor_slices(
+      ({"wide": x[:, :2], "deep": x[:, 2:]},
+       {"main": target, "aux": target})).batch(8)
+  # Equal batches: model.fit averages per-output losses per batch, ignoring
+  # a partial last batch's size (its static batch size is None); our loops
+  # weight by examples, as Keras does for the total loss.
+  kwargs = dict(model_fn=_wide_deep_model, data=data,
+                loss={"main": losses.MeanSquaredError(),
+                      "aux": losses.MeanSquaredError()},
+                loss_weights={"main": 0.9, "aux": 0.1},
+                metrics={"main": [keras.metrics.MeanAbsoluteError(
+                    name="mae")]},
+                validation_data=data, optimizer_fn=sgd(0.01))
+  results = {loop: run_loop(loop, **kwargs).history
+             for loop in training_loops.LOOPS}
+  assert sorted(results["graph"]) == sorted(results["keras_fit"]) == [
+      "aux_loss", "loss", "main_loss", "main_mae", "val_aux_loss",
+      "val_loss", "val_main_loss", "val_main_mae"]
+  for loop, history in results.items():
+    for key, values in history.items():
+      np.testing.assert_allclose(values, results["eager"][key],
+                                 rtol=1e-3 if loop == "keras_fit" else 1e-5,
+                                 err_msg=f"{loop} {key}")
+
+
+def test_progress_bar_and_silence():
+  for verbose, expect_output in ((1, True), (0, False)):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      run_loop("function", epochs=1, verbose=verbose)
+    printed = out.getvalue()
+    assert ("loss:" in printed and "accuracy:" in printed) == expect_output
+    assert bool(printed) == expect_output
+
+
+@drivers.register("two_steps_a_call")
+class _TwoStepsACall(training_loops.StepDriver):
+  """A loop as BUILD.md's "Adding a loop" recipe writes one: two steps per
+  `tf.function` call, the loop over them in Python."""
+
+  steps_per_call = 2
+
+  def __init__(self, trainer, options=training_loops.LoopOptions()):
+    super().__init__(trainer, options)
+    train_step = trainer.distribute(trainer.train_replica_step)
+    self.eval_step = trainer.distribute(trainer.eval_replica_step)
+
+    @tf.function
+    def train_two(iterator):
+      steps, loss = tf.constant(0), tf.constant(0.0)
+      for _ in tf.range(self.steps_per_call):
+        batch = iterator.get_next_as_optional()
+        if not batch.has_value():
+          break
+        loss = train_step(batch.get_value())
+        steps += 1
+      return steps, loss
+
+    self.train_two = train_two
+
+  def stepper(self, iterator):
+    def run():
+      steps, loss = self.train_two(iterator)
+      return int(steps), loss
+    return run
+
+  def evaluate(self, iterator):
+    for batch in iterator:
+      self.eval_step(batch)
+
+
+def test_a_registered_loop_trains_through_train_and_matches_the_graph_loop(
+    tmp_path):
+  """Through every piece the controller owns: validation, a callback, a
+  checkpoint that a second call resumes from."""
+  validation = classification_data(examples=20, seed=1)
+  reference = run_loop("graph", epochs=3, validation_data=validation)
+  run_loop("two_steps_a_call", epochs=2, validation_data=validation,
+           checkpoint_dir=tmp_path)
+  stopper = training_loops.EarlyStopping(patience=5)
+  resumed = run_loop("two_steps_a_call", epochs=3,
+                     validation_data=validation, checkpoint_dir=tmp_path,
+                     callbacks=[stopper])
+  assert resumed.epochs == [0, 1, 2] and stopper.best_epoch is not None
+  assert_same_run(resumed, reference, rtol=1e-5, atol=1e-6)
