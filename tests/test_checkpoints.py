@@ -13,8 +13,9 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(loop, tmp_path):
   def run(epochs, checkpoint_dir=None):
     keras.utils.set_random_seed(3)  # the shuffle order depends on it
     data = classification_data(shuffle=True)  # reshuffled every epoch
-    return run_loop(loop, epochs=epochs, data=data, checkpoint_dir=checkpoint_dir,
-                model_fn=lambda: classifier(dropout_seed=5))
+    return run_loop(loop, epochs=epochs, data=data,
+                    checkpoint_dir=checkpoint_dir,
+                    model_fn=lambda: classifier(dropout_seed=5))
 
   uninterrupted = run(4)
   run(2, tmp_path)  # "stopped" after epoch 2

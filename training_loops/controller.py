@@ -110,9 +110,9 @@ class Controller:
 
   # -- for the custom loops ------------------------------------------------
 
-  def epochs(self, driver):
+  def epochs(self):
     """Yields an `Epoch` for each epoch to train; before each, Keras'
-    epoch-begin hooks; after each, validation with `driver.evaluate`, the
+    epoch-begin hooks; after each, validation (the driver's `evaluate`), the
     epoch-end hooks and the checkpoint. Ends early when a callback sets
     `model.stop_training` or a stop is requested (at a step boundary)."""
     strategy = self.trainer.strategy
@@ -139,7 +139,7 @@ class Controller:
       logs = self.trainer.train_logs()
       if validation_batches is not None:
         callbacks.on_test_begin()
-        driver.evaluate(iter(validation_batches))
+        self.driver.evaluate(iter(validation_batches))
         callbacks.on_test_end()
         logs.update(self.trainer.eval_logs())
       logs = as_floats(logs)

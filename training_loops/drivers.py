@@ -77,7 +77,7 @@ class StepDriver(Driver):
   steps_per_call = 1
 
   def run(self, controller):
-    for epoch in controller.epochs(self):
+    for epoch in controller.epochs():
       self.train_epoch(epoch)
 
   def train_epoch(self, epoch):
