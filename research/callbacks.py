@@ -5,6 +5,7 @@ stopping: our callbacks in the custom loops, Keras' own in model.fit.
     tensorboard --logdir runs/callbacks/logs
 """
 
+import functools
 import os
 
 from absl import app, flags
@@ -17,20 +18,19 @@ from research import classify, common_flags, datasets, experiment, models
 flags.DEFINE_integer("patience", 5, "EarlyStopping patience (epochs).",
                      lower_bound=0)
 
-FLAGS = flags.FLAGS
 DEFAULTS = common_flags.Defaults(dataset="digits", epochs=100,
                                  learning_rate=0.01)
 
 
-def stopping_callbacks(loop, output_dir):
+def stopping_callbacks(loop, output_dir, patience):
   """[early stopping, best-model checkpoint] on val_loss."""
   best_path = os.path.join(output_dir, "best", f"{loop}.weights.h5")
   if loop == "keras_fit":
-    return [keras.callbacks.EarlyStopping(patience=FLAGS.patience,
+    return [keras.callbacks.EarlyStopping(patience=patience,
                                           restore_best_weights=True),
             keras.callbacks.ModelCheckpoint(best_path, save_best_only=True,
                                             save_weights_only=True)]
-  return [training_loops.EarlyStopping(patience=FLAGS.patience,
+  return [training_loops.EarlyStopping(patience=patience,
                                        restore_best_weights=True),
           training_loops.BestModelCheckpoint(best_path)]
 
@@ -49,8 +49,10 @@ def build(config):
       model_fn=lambda: models.mlp_classifier(splits.x_train,
                                              splits.num_classes),
       loss=losses.SparseCategoricalCrossentropy(),
-      metrics=[classify.accuracy()], callbacks=stopping_callbacks,
-      loop_report=stopping_report, extra={"patience": FLAGS.patience})
+      metrics=[classify.accuracy()],
+      callbacks=functools.partial(stopping_callbacks,
+                                  patience=config["patience"]),
+      loop_report=stopping_report, extra={"patience": config["patience"]})
 
 
 main = experiment.main_for(build, DEFAULTS)

@@ -14,7 +14,6 @@ flags.DEFINE_enum("normalize", "zscore", models.NORMALIZATIONS,
                   "Input scaling fitted on the training split: none, "
                   "zscore (Standardize) or minmax (MinMaxScale).")
 
-FLAGS = flags.FLAGS
 DEFAULTS = common_flags.Defaults(dataset="digits", epochs=20,
                                  learning_rate=0.01)
 
@@ -28,9 +27,9 @@ def build(config):
   return experiment.Experiment(
       name="classify", splits=splits,
       model_fn=lambda: models.mlp_classifier(
-          splits.x_train, splits.num_classes, FLAGS.normalize),
+          splits.x_train, splits.num_classes, config["normalize"]),
       loss=losses.SparseCategoricalCrossentropy(), metrics=[accuracy()],
-      extra={"normalize": FLAGS.normalize})
+      extra={"normalize": config["normalize"]})
 
 
 main = experiment.main_for(build, DEFAULTS)

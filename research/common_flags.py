@@ -1,6 +1,8 @@
 """Flags every research script shares; defined once per process.
 
-Defaults left as None are filled in by each experiment (`Defaults`).
+Defaults left as None are filled in by each experiment (`Defaults`). A
+script's `main` turns the flags into one config (`resolved`) that everything
+below it takes; nothing else reads `FLAGS`.
 """
 
 import dataclasses
@@ -52,12 +54,17 @@ class Defaults:
   learning_rate: float = 0.01
 
 
-def resolved(defaults):
-  """The flags with `defaults` filled in, as a dict for results.json."""
-  values = {name: FLAGS[name].value for name in (
-      "dataset", "loop", "epochs", "batch_size", "learning_rate", "seed",
-      "strategy", "cpu_replicas", "data_dir", "output_dir", "export_dir",
-      "verbose")}
+def resolved(defaults, *modules):
+  """The config a script runs with, a dict for run_config.json and
+  results.json: the shared flags with `defaults` filled in, then every flag
+  that `modules` (module names: a script passes its `__name__`) define.
+
+  Flags are taken by the module that defines them, so a process that
+  imports every script (tests, `compare`) gives each only its own, and
+  absl's own flags (`--verbosity`, ...) are in no config."""
+  values = {flag.name: flag.value
+            for module in (__name__, *modules)
+            for flag in FLAGS.get_flags_for_module(module)}
   for field in dataclasses.fields(defaults):
     if values[field.name] is None:
       values[field.name] = getattr(defaults, field.name)

@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   script = EXPERIMENTS[FLAGS.experiment]
   defaults = dataclasses.replace(script.DEFAULTS, loop="all")
-  experiment.main_for(script.build, defaults)(argv)
+  experiment.main_for(script.build, defaults, flags_of=[__name__])(argv)
 
 
 if __name__ == "__main__":

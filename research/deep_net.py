@@ -25,7 +25,6 @@ flags.DEFINE_enum("dropout", "none", ("none", "standard", "alpha"),
 flags.DEFINE_integer("gradient_batches", 3, "Batches for the gradient-norm "
                      "report.", lower_bound=1)
 
-FLAGS = flags.FLAGS
 DEFAULTS = common_flags.Defaults(dataset="digits", epochs=10,
                                  learning_rate=0.01)
 
@@ -55,23 +54,23 @@ def build(config):
 
   def model_fn():
     return models.deep_classifier(
-        splits.x_train, splits.num_classes, FLAGS.activation,
-        FLAGS.batchnorm, FLAGS.dropout, seed=config["seed"])
+        splits.x_train, splits.num_classes, config["activation"],
+        config["batchnorm"], config["dropout"], seed=config["seed"])
 
   loss = losses.SparseCategoricalCrossentropy()
   norms = initial_gradient_norms(model_fn, loss, splits,
                                  config["batch_size"],
-                                 FLAGS.gradient_batches, config["seed"])
+                                 config["gradient_batches"], config["seed"])
   print("kernel-gradient norms at initialization (mean of "
-        f"{FLAGS.gradient_batches} batches), input side first:")
+        f"{config['gradient_batches']} batches), input side first:")
   print("  " + " ".join(f"{np.mean(v):.2e}" for v in norms.values()))
   return experiment.Experiment(
       name="deep_net", splits=splits, model_fn=model_fn, loss=loss,
       metrics=[classify.accuracy()],
       extra={"gradient_norms": norms,
-             "architecture": {"activation": FLAGS.activation,
-                              "batchnorm": FLAGS.batchnorm,
-                              "dropout": FLAGS.dropout}})
+             "architecture": {"activation": config["activation"],
+                              "batchnorm": config["batchnorm"],
+                              "dropout": config["dropout"]}})
 
 
 main = experiment.main_for(build, DEFAULTS)

@@ -22,7 +22,6 @@ flags.DEFINE_boolean("unsafe_deserialization", False,
                      "Allow the file's Python code (Lambda layers) to run. "
                      "Only for files you trust.")
 
-FLAGS = flags.FLAGS
 DEFAULTS = common_flags.Defaults(dataset="digits")
 
 
@@ -64,9 +63,10 @@ def evaluate(model, splits, batch_size):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  config = common_flags.resolved(DEFAULTS)
+  config = common_flags.resolved(DEFAULTS, __name__)
   try:
-    model = load_model(FLAGS.model_path, FLAGS.unsafe_deserialization)
+    model = load_model(config["model_path"],
+                       config["unsafe_deserialization"])
     splits = datasets.load(config["dataset"], config["data_dir"],
                            config["seed"])
   except (ModelFileError, datasets.DataError) as error:

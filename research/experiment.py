@@ -80,15 +80,17 @@ class Experiment:
   extra: dict = dataclasses.field(default_factory=dict)
 
 
-def main_for(build, defaults):
-  """An absl `main` that resolves the flags, builds the experiment with
-  `build(config)` and runs it; bad data ends it with a one-line error."""
+def main_for(build, defaults, flags_of=()):
+  """An absl `main` that resolves the config (the shared flags and those
+  defined by `build`'s module and the modules named in `flags_of`), builds
+  the experiment with `build(config)` and runs it; bad data ends it with a
+  one-line error."""
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:  # checkpoint saves log INFO
       logging.set_verbosity(logging.WARNING)
-    config = common_flags.resolved(defaults)
+    config = common_flags.resolved(defaults, build.__module__, *flags_of)
     strategy = strategy_for(config)
     try:
       run(build(config), config, strategy)
@@ -120,7 +122,7 @@ def run(experiment, config, strategy):
   """Trains `experiment` with each loop `config` selects; returns results.
 
   Args:
-    config: the resolved flags (`common_flags.resolved`).
+    config: the resolved config (`common_flags.resolved`).
     strategy: the `tf.distribute` strategy the flags name (`strategy_for`).
   """
   output_dir = config["output_dir"] or os.path.join("runs", experiment.name)
@@ -169,9 +171,9 @@ _RESUMABLE_CHANGES = ("epochs", "verbose", "output_dir", "export_dir")
 
 
 def claim_output_dir(output_dir, name, config):
-  """Records the run's flags in `output_dir/run_config.json`, or checks
-  them against the recorded ones: a rerun resumes from the checkpoints
-  there, which is only right for the same experiment and flags."""
+  """Records the run's config in `output_dir/run_config.json`, or checks
+  it against the recorded one: a rerun resumes from the checkpoints there,
+  which is only right for the same experiment and flags."""
   identity = {"experiment": name, **{key: value for key, value in
                                       config.items()
                                       if key not in _RESUMABLE_CHANGES}}
@@ -179,9 +181,12 @@ def claim_output_dir(output_dir, name, config):
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as stream:
       recorded = json.load(stream)
-    differences = [f"{key}: {recorded.get(key)!r} then, {value!r} now"
-                   for key, value in identity.items()
-                   if recorded.get(key) != value]
+    # Keys of either side: a flag only the recorded run had (another
+    # script's, via compare) differs too.
+    differences = [
+        f"{key}: {recorded.get(key)!r} then, {identity.get(key)!r} now"
+        for key in {**recorded, **identity}
+        if recorded.get(key) != identity.get(key)]
     if differences:
       raise SettingsError(
           f"{output_dir} holds a run with other settings "

@@ -33,7 +33,6 @@ flags.DEFINE_integer("search_iterations", 6, "RandomizedSearchCV candidates.",
                      lower_bound=1)
 flags.DEFINE_integer("cv_folds", 3, "Cross-validation folds.", lower_bound=2)
 
-FLAGS = flags.FLAGS
 DEFAULTS = common_flags.Defaults(dataset="diabetes", loop="graph", epochs=20,
                                  learning_rate=0.01)
 SWEEP_RANGE = (1e-4, 3e-2)
@@ -86,11 +85,11 @@ def log_trial(log_dir, trial_hparams, metrics):
 
 
 def learning_rate_sweep(config, output_dir, strategy):
-  """Trains the regressor once per learning rate under `strategy`; returns a
-  row per rate."""
+  """Trains the regressor under `strategy` at `config["sweep_points"]`
+  learning rates; returns a row per rate."""
   rows = []
-  for index, learning_rate in enumerate(np.geomspace(*SWEEP_RANGE,
-                                                     FLAGS.sweep_points)):
+  rates = np.geomspace(*SWEEP_RANGE, config["sweep_points"])
+  for index, learning_rate in enumerate(rates):
     trial = {**config, "learning_rate": float(learning_rate),
              "output_dir": os.path.join(output_dir, f"sweep_{index}"),
              "export_dir": None}
@@ -120,7 +119,7 @@ def randomized_search(config, output_dir):
                        seed=config["seed"]),
       {"hidden_layers": [0, 1, 2, 3], "units": list(range(1, 101)),
        "learning_rate": stats.loguniform(3e-4, 3e-2)},
-      n_iter=FLAGS.search_iterations, cv=FLAGS.cv_folds,
+      n_iter=config["search_iterations"], cv=config["cv_folds"],
       scoring="neg_mean_squared_error", random_state=config["seed"],
       error_score=-np.inf, refit=True)  # a diverged candidate scores -inf
   search.fit(splits.x_train, splits.y_train)
@@ -145,17 +144,14 @@ def _plain(params):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  config = common_flags.resolved(DEFAULTS)
+  config = common_flags.resolved(DEFAULTS, __name__)
   if config["loop"] == "all":
     raise app.UsageError("hparam_search trains one loop per trial; pick "
                          "--loop=eager|function|graph|keras_fit.")
   strategy = experiment.strategy_for(config)
   output_dir = config["output_dir"] or os.path.join("runs", "hparam_search")
   try:
-    experiment.claim_output_dir(output_dir, "hparam_search", {
-        **config, "sweep_points": FLAGS.sweep_points,
-        "search_iterations": FLAGS.search_iterations,
-        "cv_folds": FLAGS.cv_folds})
+    experiment.claim_output_dir(output_dir, "hparam_search", config)
   except experiment.SettingsError as error:
     sys.exit(f"error: {error}")
   sweep = learning_rate_sweep(config, output_dir, strategy)

@@ -20,7 +20,6 @@ flags.DEFINE_enum("wide_deep_variant", "functional",
 flags.DEFINE_boolean("aux_output", False, "multi_input only: add the "
                      "auxiliary output on the deep path.")
 
-FLAGS = flags.FLAGS
 # The course trains wide & deep at 1e-3: the wide path feeds raw (scaled)
 # features with heavy tails straight to the output, and 1e-2 diverges.
 DEFAULTS = common_flags.Defaults(dataset="diabetes", epochs=30,
@@ -31,7 +30,7 @@ def build(config):
   splits = datasets.load_for("regression", config)
   if splits.x_train.shape[1] < 8:
     raise ValueError("wide & deep needs at least 8 features.")
-  variant, aux = FLAGS.wide_deep_variant, FLAGS.aux_output
+  variant, aux = config["wide_deep_variant"], config["aux_output"]
   if aux and variant != "multi_input":
     raise app.UsageError("--aux_output needs --wide_deep_variant="
                          "multi_input.")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import training_loops
 from research import (callbacks, classify, compare, datasets, deep_net,
                       evaluate, hparam_search, regress, wide_deep)
 
@@ -245,6 +246,7 @@ def test_deep_net_reports_gradient_norms_per_layer(tmp_path, activation,
   norms = results["gradient_norms"]
   assert list(norms) == [f"hidden_{i:02d}" for i in range(1, 21)]
   assert all(len(v) == 2 and all(n > 0 for n in v) for v in norms.values())
+  assert results["flags"]["activation"] == activation
 
 
 @pytest.mark.parametrize("variant,aux", [
@@ -274,6 +276,7 @@ def test_hparam_search_sweeps_searches_and_logs_hparams(tmp_path):
                                         "learning_rate"}
   assert len(search["trials"]) == 2 and np.isfinite(search["test_mse"])
   assert len(os.listdir(tmp_path / "hparams")) == 4  # 2 sweep + 2 search
+  assert results["flags"]["cv_folds"] == 2
 
 
 def test_toolkit_regressor_is_a_scikit_learn_estimator():
@@ -294,6 +297,74 @@ def test_rerun_refuses_an_output_dir_with_other_flags(tmp_path):
                            output_dir=str(tmp_path)):
     with pytest.raises(SystemExit, match="seed: 42 then, 7 now"):
       regress.main(["regress"])
+
+
+class _TrainingStarted(Exception):
+  pass
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+  """Scripts stop where training would start: after claiming the output
+  dir, which is all the tests of run_config.json need."""
+  def refuse(*args, **kwargs):
+    raise _TrainingStarted
+  monkeypatch.setattr(training_loops, "train", refuse)
+
+
+def _run_until_training(script, **flag_values):
+  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0, **flag_values):
+    script.main([script.__name__])
+
+
+# What run_config.json records besides a script's own flags: the shared
+# flags a rerun may not change.
+_SHARED = {"experiment", "dataset", "loop", "batch_size", "learning_rate",
+           "seed", "strategy", "cpu_replicas", "data_dir"}
+
+
+@pytest.mark.parametrize("script,own", [
+    (classify, {"normalize"}), (callbacks, {"patience"}), (regress, set()),
+    (deep_net, {"activation", "batchnorm", "dropout", "gradient_batches"}),
+    (wide_deep, {"wide_deep_variant", "aux_output"}),
+    (hparam_search, {"sweep_points", "search_iterations", "cv_folds"}),
+    (compare, {"experiment", "normalize"})])  # its own and classify's
+def test_run_config_records_the_scripts_own_flags(tmp_path, no_training,
+                                                  script, own):
+  with pytest.raises(_TrainingStarted):
+    _run_until_training(script, output_dir=str(tmp_path))
+  recorded = json.loads((tmp_path / "run_config.json").read_text())
+  assert set(recorded) == _SHARED | own
+  for name in own:
+    assert recorded[name] == flags.FLAGS[name].value
+
+
+@pytest.mark.parametrize("script,flag,first,rerun,fixed", [
+    (classify, "normalize", "minmax", "zscore", {}),
+    (deep_net, "activation", "relu", "selu", {}),
+    (deep_net, "batchnorm", False, True, {}),
+    (deep_net, "dropout", "none", "alpha", {}),
+    (deep_net, "gradient_batches", 1, 2, {}),
+    (wide_deep, "wide_deep_variant", "functional", "subclassed", {}),
+    (wide_deep, "aux_output", False, True,
+     {"wide_deep_variant": "multi_input"}),
+    (callbacks, "patience", 5, 3, {}),
+    (hparam_search, "sweep_points", 2, 3, {}),
+    (hparam_search, "search_iterations", 2, 3, {}),
+    (hparam_search, "cv_folds", 2, 3, {}),
+    (compare, "experiment", "classify", "callbacks", {})])
+def test_rerun_refuses_a_change_of_any_script_flag(tmp_path, no_training,
+                                                   script, flag, first,
+                                                   rerun, fixed):
+  with pytest.raises(_TrainingStarted):
+    _run_until_training(script, output_dir=str(tmp_path), **fixed,
+                        **{flag: first})
+  with pytest.raises(SystemExit) as refused:
+    _run_until_training(script, output_dir=str(tmp_path), **fixed,
+                        **{flag: rerun})
+  line = str(refused.value)
+  assert line.startswith("error: ") and "\n" not in line
+  assert f"{flag}: {first!r} then, {rerun!r} now" in line
 
 
 @pytest.mark.parametrize("arguments,message", [
