@@ -326,14 +326,18 @@ def test_sigterm_stops_a_script_cleanly_and_the_rerun_resumes(tmp_path):
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
   wait_for_epochs(stopped / "checkpoints" / "eager", 1, process)
-  time.sleep(0.5)  # into epoch 1
+  # Into epoch 1. An eager epoch takes under a second and its speed
+  # varies, so where the run stopped is read back, not assumed.
+  time.sleep(0.1)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=60)
   assert process.returncode == 128 + signal.SIGTERM
-  assert "Interrupted by SIGTERM at epoch 1 (0-based), step" in stderr
-  assert "Traceback" not in stderr
   partial = json.loads((stopped / "results.json").read_text())
-  assert partial["interrupted"]["signal"] == "SIGTERM"
-  assert partial["interrupted"]["step"] > 0  # saved mid-epoch
-  assert len(partial["loops"]["eager"]["history"]["loss"]) == 1
+  where = partial["interrupted"]
+  assert where["signal"] == "SIGTERM" and where["epoch"] >= 1
+  assert where["step"] > 0  # saved mid-epoch
+  assert (f"Interrupted by SIGTERM at epoch {where['epoch']} (0-based), "
+          f"step {where['step']}: checkpoint saved") in stderr
+  assert "Traceback" not in stderr
+  assert len(partial["loops"]["eager"]["history"]["loss"]) == where["epoch"]
   _rerun_and_compare(stopped, uninterrupted)
