@@ -16,6 +16,13 @@ from training_loops.strategies import split_cpu  # noqa: E402
 
 split_cpu(2)
 
+# The repository root: where `python -m research.<script>` runs from.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The real datasets beside the repository (../shared/data/README.md).
+SHARED = os.path.join(REPO, "..", "shared", "data")
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED),
+                                  reason="../shared/data is not here")
+
 
 @pytest.fixture
 def rng():

@@ -1,10 +1,7 @@
-"""research/: datasets against hand-made files and the shared real data,
-and every script's main end to end on tiny settings."""
+"""Every research script's main end to end on tiny settings."""
 
-import gzip
 import json
 import os
-import struct
 import subprocess
 import sys
 
@@ -14,139 +11,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import training_loops
+from conftest import REPO, SHARED, needs_shared
 from research import (callbacks, classify, compare, datasets, deep_net,
                       evaluate, hparam_search, regress, wide_deep)
 
 flags.FLAGS.mark_as_parsed()
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, "..", "shared", "data")
 MNIST_DIR = os.path.join(SHARED, "mnist-t10k")
-CALIFORNIA_DIR = os.path.join(SHARED, "california-housing")
-needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED),
-                                  reason="../shared/data is not here")
-
-
-# ------------------------------------------------------------------ IDX
-
-
-def _write_idx(path, array, magic=None, cut=0):
-  header = struct.pack(">I", magic or (2048 + array.ndim))
-  header += struct.pack(f">{array.ndim}I", *array.shape)
-  content = header + array.astype(np.uint8).tobytes()
-  with gzip.open(path, "wb") as stream:
-    stream.write(content[:len(content) - cut])
-
-
-def test_idx_reader_round_trips_generated_files(tmp_path):
-  images = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 256
-  labels = np.array([7, 1])
-  _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
-  _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
-  read_images, read_labels = datasets.read_idx_pair(str(tmp_path), "train")
-  np.testing.assert_array_equal(read_images, images)
-  np.testing.assert_array_equal(read_labels, labels)
-
-
-@pytest.mark.parametrize("damage,match", [
-    (dict(magic=1234), "bad IDX magic number 1234"),
-    (dict(cut=5), r"header says \(2, 3, 4\) = 24 bytes of data, the file "
-                  "has 19"),
-    (dict(cut=30), "truncated IDX header|too short")])
-def test_idx_reader_rejects_corrupt_files(tmp_path, damage, match):
-  path = tmp_path / "bad-images-idx3-ubyte.gz"
-  _write_idx(path, np.zeros((2, 3, 4)), **damage)
-  with pytest.raises(datasets.DataError, match=match):
-    datasets.read_idx(str(path))
-
-
-def test_idx_reader_names_unreadable_and_missing_files(tmp_path):
-  whole = tmp_path / "whole.gz"
-  _write_idx(whole, np.zeros((50, 28, 28)))
-  truncated = tmp_path / "truncated.gz"
-  truncated.write_bytes(whole.read_bytes()[:40])  # a cut gzip stream
-  with pytest.raises(datasets.DataError, match="truncated.gz: not a readable"):
-    datasets.read_idx(str(truncated))
-  (tmp_path / "plain.gz").write_bytes(b"not gzip at all")
-  with pytest.raises(datasets.DataError, match="plain.gz: not a readable"):
-    datasets.read_idx(str(tmp_path / "plain.gz"))
-  with pytest.raises(datasets.DataError, match="IDX file not found"):
-    datasets.read_idx(str(tmp_path / "absent.gz"))
-  _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 2, 2)))
-  _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(4))
-  with pytest.raises(datasets.DataError, match="3 images but 4 labels"):
-    datasets.read_idx_pair(str(tmp_path), "t10k")
-  with pytest.raises(datasets.DataError, match="not a directory"):
-    datasets.load("mnist", str(tmp_path / "nowhere"))
-
-
-@needs_shared
-def test_real_mnist_test_set_and_its_stratified_split():
-  images, labels = datasets.read_idx_pair(MNIST_DIR, "t10k")
-  assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
-  # Class counts from ../shared/data/README.md.
-  np.testing.assert_array_equal(np.bincount(labels), [
-      980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
-  splits = datasets.load("mnist", MNIST_DIR, seed=0)
-  assert splits.sizes == {"train": 8000, "validation": 1000, "test": 1000}
-  assert splits.num_classes == 10
-  for part in (splits.y_val, splits.y_test):  # stratified: same proportions
-    np.testing.assert_allclose(np.bincount(part) / len(part),
-                               np.bincount(labels) / len(labels), atol=2e-3)
-  again = datasets.load("mnist", MNIST_DIR, seed=0)
-  np.testing.assert_array_equal(again.y_test, splits.y_test)
-
-
-# ----------------------------------------------------------- California
-
-
-def test_california_features_against_hand_computed_rows(tmp_path):
-  # Columns deliberately out of the StatLib order.
-  path = tmp_path / "cal_housing.csv"
-  path.write_text(
-      "median_house_value,longitude,latitude,housing_median_age,"
-      "total_rooms,total_bedrooms,population,households,median_income\n"
-      "452600,-122.23,37.88,41,880,129,322,126,8.3252\n"
-      "100000,-118.0,34.0,10,1000,200,500,250,2.5\n")
-  features, target = datasets.read_california_csv(str(path))
-  expected = np.array([
-      [8.3252, 41, 880 / 126, 129 / 126, 322, 322 / 126, 37.88, -122.23],
-      [2.5, 10, 4.0, 0.8, 500, 2.0, 34.0, -118.0]], np.float32)
-  np.testing.assert_allclose(features, expected, rtol=1e-6)
-  np.testing.assert_allclose(target, [4.526, 1.0], rtol=1e-6)
-
-
-@pytest.mark.parametrize("content,match", [
-    ("longitude,latitude\n1,2\n", "missing column"),
-    ("longitude,latitude,housing_median_age,total_rooms,total_bedrooms,"
-     "population,households,median_income,median_house_value\n"
-     "1,2,3,4,x,6,7,8,9\n", r":2: column total_bedrooms is not a number"),
-    ("longitude,latitude,housing_median_age,total_rooms,total_bedrooms,"
-     "population,households,median_income,median_house_value\n"
-     "1,2,3,4,5,6,7,8,9\n1,2,3,4,5,nan,7,8,9\n",
-     r":3: column population is nan")])
-def test_california_csv_errors_name_row_and_column(tmp_path, content, match):
-  path = tmp_path / "cal_housing.csv"
-  path.write_text(content)
-  with pytest.raises(datasets.DataError, match=match):
-    datasets.read_california_csv(str(path))
-
-
-@needs_shared
-def test_real_california_csv_matches_scikit_learns_first_row():
-  features, target = datasets.read_california_csv(
-      os.path.join(CALIFORNIA_DIR, "cal_housing.csv"))
-  assert features.shape == (20640, 8)
-  # fetch_california_housing().data[0] and .target[0], as documented.
-  np.testing.assert_allclose(features[0], [
-      8.3252, 41.0, 6.98412698, 1.02380952, 322.0, 2.55555556, 37.88,
-      -122.23], rtol=1e-6)
-  np.testing.assert_allclose(target[0], 4.526, rtol=1e-6)
-  assert 0.14 < target.min() and target.max() < 5.01
-
-
-# -------------------------------------------------------------- scripts
 
 
 def _results(output_dir):
@@ -287,84 +158,6 @@ def test_toolkit_regressor_is_a_scikit_learn_estimator():
   x = rng.normal(size=(64, 3)).astype("float32")
   y = x @ np.array([1.0, -2.0, 0.5], np.float32)
   assert estimator.fit(x, y).predict(x).shape == (64,)
-
-
-def test_rerun_refuses_an_output_dir_with_other_flags(tmp_path):
-  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0,
-                           output_dir=str(tmp_path)):
-    regress.main(["regress"])
-  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0, seed=7,
-                           output_dir=str(tmp_path)):
-    with pytest.raises(SystemExit, match="seed: 42 then, 7 now"):
-      regress.main(["regress"])
-
-
-class _TrainingStarted(Exception):
-  pass
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-  """Scripts stop where training would start: after claiming the output
-  dir, which is all the tests of run_config.json need."""
-  def refuse(*args, **kwargs):
-    raise _TrainingStarted
-  monkeypatch.setattr(training_loops, "train", refuse)
-
-
-def _run_until_training(script, **flag_values):
-  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0, **flag_values):
-    script.main([script.__name__])
-
-
-# What run_config.json records besides a script's own flags: the shared
-# flags a rerun may not change.
-_SHARED = {"experiment", "dataset", "loop", "batch_size", "learning_rate",
-           "seed", "strategy", "cpu_replicas", "data_dir"}
-
-
-@pytest.mark.parametrize("script,own", [
-    (classify, {"normalize"}), (callbacks, {"patience"}), (regress, set()),
-    (deep_net, {"activation", "batchnorm", "dropout", "gradient_batches"}),
-    (wide_deep, {"wide_deep_variant", "aux_output"}),
-    (hparam_search, {"sweep_points", "search_iterations", "cv_folds"}),
-    (compare, {"experiment", "normalize"})])  # its own and classify's
-def test_run_config_records_the_scripts_own_flags(tmp_path, no_training,
-                                                  script, own):
-  with pytest.raises(_TrainingStarted):
-    _run_until_training(script, output_dir=str(tmp_path))
-  recorded = json.loads((tmp_path / "run_config.json").read_text())
-  assert set(recorded) == _SHARED | own
-  for name in own:
-    assert recorded[name] == flags.FLAGS[name].value
-
-
-@pytest.mark.parametrize("script,flag,first,rerun,fixed", [
-    (classify, "normalize", "minmax", "zscore", {}),
-    (deep_net, "activation", "relu", "selu", {}),
-    (deep_net, "batchnorm", False, True, {}),
-    (deep_net, "dropout", "none", "alpha", {}),
-    (deep_net, "gradient_batches", 1, 2, {}),
-    (wide_deep, "wide_deep_variant", "functional", "subclassed", {}),
-    (wide_deep, "aux_output", False, True,
-     {"wide_deep_variant": "multi_input"}),
-    (callbacks, "patience", 5, 3, {}),
-    (hparam_search, "sweep_points", 2, 3, {}),
-    (hparam_search, "search_iterations", 2, 3, {}),
-    (hparam_search, "cv_folds", 2, 3, {}),
-    (compare, "experiment", "classify", "callbacks", {})])
-def test_rerun_refuses_a_change_of_any_script_flag(tmp_path, no_training,
-                                                   script, flag, first,
-                                                   rerun, fixed):
-  with pytest.raises(_TrainingStarted):
-    _run_until_training(script, output_dir=str(tmp_path), **fixed,
-                        **{flag: first})
-  with pytest.raises(SystemExit) as refused:
-    _run_until_training(script, output_dir=str(tmp_path), **fixed,
-                        **{flag: rerun})
-  line = str(refused.value)
-  assert line.startswith("error: ") and "\n" not in line
-  assert f"{flag}: {first!r} then, {rerun!r} now" in line
 
 
 @pytest.mark.parametrize("arguments,message", [

@@ -1,0 +1,43 @@
+"""Bad input to `train` is one clear error naming the problem, before or
+instead of a TensorFlow traceback."""
+
+import pytest
+import tensorflow as tf
+
+import losses
+import training_loops
+from loop_models import classification_data, classifier, run_loop
+
+
+def _train(loop="graph", **kwargs):
+  """The plain classifier, unweighted data, no metrics, seed 1."""
+  kwargs.setdefault("model_fn", classifier)
+  kwargs.setdefault("data", classification_data())
+  kwargs.setdefault("metrics", [])
+  return run_loop(loop, epochs=kwargs.pop("epochs", 1), seed=1, **kwargs)
+
+
+def test_empty_dataset_is_refused():
+  empty = classification_data().take(0)
+  with pytest.raises(ValueError, match="train_data is empty"):
+    _train(data=empty)
+
+
+def test_model_that_does_not_fit_the_inputs_names_both_shapes():
+  with pytest.raises(ValueError, match=r"does not accept the data's inputs "
+                                       r"\(None, 5\)"):
+    _train(data=classification_data(features=5))
+
+
+def test_model_outputs_that_do_not_fit_the_targets_name_both_shapes():
+  one_hot = classification_data().map(lambda x, y: (x, tf.one_hot(y, 4)))
+  with pytest.raises(ValueError, match=r"outputs \(1, 3\) do not fit the "
+                                       r"data's targets \(None, 4\)"):
+    _train(data=one_hot, loss=losses.CategoricalCrossentropy())
+
+
+@pytest.mark.parametrize("loop", training_loops.LOOPS)
+def test_labels_outside_the_classes_are_a_clear_error(loop):
+  bad = classification_data().map(lambda x, y: (x, y + 2))  # labels 2..4
+  with pytest.raises(ValueError, match=r"\[0, 3\)"):
+    _train(data=bad, loop=loop)

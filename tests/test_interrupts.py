@@ -1,0 +1,169 @@
+"""Interrupted runs resume exactly: `kill -9` mid-epoch, and SIGINT/SIGTERM
+stopping at a step boundary with the position saved."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import layers
+import training_loops
+from conftest import REPO
+from loop_models import (assert_same_run, classification_data, run_loop,
+                         wait_for_epochs)
+
+
+
+def _script(output_dir, epochs=4):
+  return [sys.executable, "-m", "research.classify", "--loop=eager",
+          f"--epochs={epochs}", "--verbose=0", f"--output_dir={output_dir}"]
+
+
+def _rerun_and_compare(resumed, uninterrupted):
+  """Runs the script to the end in both output dirs (resuming the first);
+  their results must agree."""
+  for output_dir in (resumed, uninterrupted):
+    subprocess.run(_script(output_dir), cwd=REPO, check=True, timeout=300,
+                   capture_output=True)
+  results = [_comparable(json.loads((d / "results.json").read_text()))
+             for d in (resumed, uninterrupted)]
+  _assert_same(results[0], results[1])
+
+
+def _comparable(results):
+  """results.json without what a rerun legitimately changes: timings."""
+  for report in results["loops"].values():
+    report.pop("steps_per_second"), report.pop("wall_seconds")
+  results["flags"].pop("output_dir")
+  return results
+
+
+def _assert_same(actual, expected, where="results"):
+  """Equal structure and strings; numbers equal to float32 rounding."""
+  if isinstance(expected, dict):
+    assert sorted(actual) == sorted(expected), where
+    for key in expected:
+      _assert_same(actual[key], expected[key], f"{where}.{key}")
+  elif isinstance(expected, list):
+    assert len(actual) == len(expected), where
+    for index, (a, e) in enumerate(zip(actual, expected)):
+      _assert_same(a, e, f"{where}[{index}]")
+  elif isinstance(expected, float):
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, err_msg=where)
+  else:
+    assert actual == expected, where
+
+
+def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
+  killed, uninterrupted = tmp_path / "killed", tmp_path / "whole"
+  process = subprocess.Popen(_script(killed), cwd=REPO,
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  wait_for_epochs(killed / "checkpoints" / "eager", 2, process)
+  time.sleep(0.5)  # into epoch 3 (an eager epoch takes seconds)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=30)
+  assert not (killed / "results.json").exists()
+  _rerun_and_compare(killed, uninterrupted)
+  final = [tf.train.load_checkpoint(str(d / "checkpoints" / "eager"))
+           for d in (killed, uninterrupted)]
+  names = [n for n, _ in tf.train.list_variables(
+      str(uninterrupted / "checkpoints" / "eager")) if "model_variables" in n]
+  assert names
+  for name in names:
+    np.testing.assert_allclose(final[0].get_tensor(name),
+                               final[1].get_tensor(name), rtol=1e-6,
+                               atol=1e-7)
+
+
+class _Switch:
+  """A plain object: Keras would store a dict attribute as a tracked copy."""
+  on = False
+
+
+class _SignalAt(keras.layers.Layer):
+  """The identity; on its `call_number`-th training call (counted at run
+  time, also inside graphs) it sends `signal_number` to this process, once
+  while `armed.on`."""
+
+  def __init__(self, call_number, signal_number, armed, **kwargs):
+    super().__init__(**kwargs)
+    self.call_number, self.signal_number = call_number, signal_number
+    self.armed, self.calls = armed, 0
+
+  def _count(self):
+    self.calls += 1
+    if self.armed.on and self.calls == self.call_number:
+      self.armed.on = False
+      os.kill(os.getpid(), self.signal_number)
+    return np.float32(0.0)
+
+  def call(self, inputs, training=None):
+    if not training:
+      return inputs
+    zero = tf.py_function(self._count, [], tf.float32)
+    return inputs + tf.ensure_shape(zero, [])
+
+
+@pytest.mark.parametrize("loop,where", [
+    ("eager", (1, 2)), ("function", (1, 2)), ("graph", (1, 4)),
+    ("keras_fit", (2, 0))])
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_where_it_stopped_and_the_rerun_continues_exactly(
+    loop, where, signal_number, tmp_path):
+  armed = _Switch()
+
+  def model_fn():  # 4 steps an epoch: the 6th step is epoch 1, step 2
+    return keras.Sequential([keras.Input((4,)),
+                             _SignalAt(6, signal_number, armed),
+                             layers.Dense(8, "relu"),
+                             layers.Dropout(0.2, seed=3),
+                             layers.Dense(3, "softmax")])
+
+  def run(checkpoint_dir=None):
+    keras.utils.set_random_seed(1)
+    data = classification_data(shuffle=True)
+    return run_loop(loop, epochs=3, model_fn=model_fn, data=data, seed=1,
+                  checkpoint_dir=checkpoint_dir,
+                  metrics=[keras.metrics.SparseCategoricalAccuracy()])
+
+  uninterrupted = run()
+  armed.on = True
+  with pytest.raises(training_loops.TrainingInterrupted,
+                     match=rf"{signal.Signals(signal_number).name} at epoch "
+                           rf"{where[0]} \(0-based\), step {where[1]}: "
+                           "checkpoint saved") as raised:
+    run(tmp_path)
+  assert raised.value.history.epochs == list(range(where[0]))
+  resumed = run(tmp_path)
+  assert_same_run(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_stops_a_script_cleanly_and_the_rerun_resumes(tmp_path):
+  stopped, uninterrupted = tmp_path / "stopped", tmp_path / "whole"
+  process = subprocess.Popen(_script(stopped), cwd=REPO,
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  wait_for_epochs(stopped / "checkpoints" / "eager", 1, process)
+  # Into epoch 1. An eager epoch takes under a second and its speed
+  # varies, so where the run stopped is read back, not assumed.
+  time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 128 + signal.SIGTERM
+  partial = json.loads((stopped / "results.json").read_text())
+  where = partial["interrupted"]
+  assert where["signal"] == "SIGTERM" and where["epoch"] >= 1
+  assert where["step"] > 0  # saved mid-epoch
+  assert (f"Interrupted by SIGTERM at epoch {where['epoch']} (0-based), "
+          f"step {where['step']}: checkpoint saved") in stderr
+  assert "Traceback" not in stderr
+  assert len(partial["loops"]["eager"]["history"]["loss"]) == where["epoch"]
+  _rerun_and_compare(stopped, uninterrupted)

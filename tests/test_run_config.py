@@ -1,0 +1,93 @@
+"""One config per experiment: run_config.json records every flag a script
+defines, and a rerun into the same output dir that changes one is refused
+with one line naming it."""
+
+import json
+
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+import training_loops
+from research import (callbacks, classify, compare, deep_net, hparam_search,
+                      regress, wide_deep)
+
+flags.FLAGS.mark_as_parsed()
+
+
+def test_rerun_refuses_an_output_dir_with_other_flags(tmp_path):
+  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0,
+                           output_dir=str(tmp_path)):
+    regress.main(["regress"])
+  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0, seed=7,
+                           output_dir=str(tmp_path)):
+    with pytest.raises(SystemExit, match="seed: 42 then, 7 now"):
+      regress.main(["regress"])
+
+
+class _TrainingStarted(Exception):
+  pass
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+  """Scripts stop where training would start: after claiming the output
+  dir, which is all the tests of run_config.json need."""
+  def refuse(*args, **kwargs):
+    raise _TrainingStarted
+  monkeypatch.setattr(training_loops, "train", refuse)
+
+
+def _run_until_training(script, **flag_values):
+  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0, **flag_values):
+    script.main([script.__name__])
+
+
+# What run_config.json records besides a script's own flags: the shared
+# flags a rerun may not change.
+_SHARED = {"experiment", "dataset", "loop", "batch_size", "learning_rate",
+           "seed", "strategy", "cpu_replicas", "data_dir"}
+
+
+@pytest.mark.parametrize("script,own", [
+    (classify, {"normalize"}), (callbacks, {"patience"}), (regress, set()),
+    (deep_net, {"activation", "batchnorm", "dropout", "gradient_batches"}),
+    (wide_deep, {"wide_deep_variant", "aux_output"}),
+    (hparam_search, {"sweep_points", "search_iterations", "cv_folds"}),
+    (compare, {"experiment", "normalize"})])  # its own and classify's
+def test_run_config_records_the_scripts_own_flags(tmp_path, no_training,
+                                                  script, own):
+  with pytest.raises(_TrainingStarted):
+    _run_until_training(script, output_dir=str(tmp_path))
+  recorded = json.loads((tmp_path / "run_config.json").read_text())
+  assert set(recorded) == _SHARED | own
+  for name in own:
+    assert recorded[name] == flags.FLAGS[name].value
+
+
+@pytest.mark.parametrize("script,flag,first,rerun,fixed", [
+    (classify, "normalize", "minmax", "zscore", {}),
+    (deep_net, "activation", "relu", "selu", {}),
+    (deep_net, "batchnorm", False, True, {}),
+    (deep_net, "dropout", "none", "alpha", {}),
+    (deep_net, "gradient_batches", 1, 2, {}),
+    (wide_deep, "wide_deep_variant", "functional", "subclassed", {}),
+    (wide_deep, "aux_output", False, True,
+     {"wide_deep_variant": "multi_input"}),
+    (callbacks, "patience", 5, 3, {}),
+    (hparam_search, "sweep_points", 2, 3, {}),
+    (hparam_search, "search_iterations", 2, 3, {}),
+    (hparam_search, "cv_folds", 2, 3, {}),
+    (compare, "experiment", "classify", "callbacks", {})])
+def test_rerun_refuses_a_change_of_any_script_flag(tmp_path, no_training,
+                                                   script, flag, first,
+                                                   rerun, fixed):
+  with pytest.raises(_TrainingStarted):
+    _run_until_training(script, output_dir=str(tmp_path), **fixed,
+                        **{flag: first})
+  with pytest.raises(SystemExit) as refused:
+    _run_until_training(script, output_dir=str(tmp_path), **fixed,
+                        **{flag: rerun})
+  line = str(refused.value)
+  assert line.startswith("error: ") and "\n" not in line
+  assert f"{flag}: {first!r} then, {rerun!r} now" in line
