@@ -20,7 +20,6 @@ from loop_models import (assert_same_run, classification_data, run_loop,
                          wait_for_epochs)
 
 
-
 def _script(output_dir, epochs=4):
   return [sys.executable, "-m", "research.classify", "--loop=eager",
           f"--epochs={epochs}", "--verbose=0", f"--output_dir={output_dir}"]
@@ -131,8 +130,8 @@ def test_signal_saves_where_it_stopped_and_the_rerun_continues_exactly(
     keras.utils.set_random_seed(1)
     data = classification_data(shuffle=True)
     return run_loop(loop, epochs=3, model_fn=model_fn, data=data, seed=1,
-                  checkpoint_dir=checkpoint_dir,
-                  metrics=[keras.metrics.SparseCategoricalAccuracy()])
+                    checkpoint_dir=checkpoint_dir,
+                    metrics=[keras.metrics.SparseCategoricalAccuracy()])
 
   uninterrupted = run()
   armed.on = True
@@ -144,6 +143,22 @@ def test_signal_saves_where_it_stopped_and_the_rerun_continues_exactly(
   assert raised.value.history.epochs == list(range(where[0]))
   resumed = run(tmp_path)
   assert_same_run(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
+
+
+def test_model_fit_refuses_a_checkpoint_saved_mid_epoch(tmp_path):
+  """fit cannot start inside an epoch: one line naming the directory,
+  before anything trains."""
+  armed = _Switch()
+  armed.on = True
+  model_fn = lambda: keras.Sequential([
+      keras.Input((4,)), _SignalAt(6, signal.SIGINT, armed),
+      layers.Dense(3, "softmax")])
+  with pytest.raises(training_loops.TrainingInterrupted, match="step 2"):
+    run_loop("eager", epochs=3, model_fn=model_fn, checkpoint_dir=tmp_path)
+  with pytest.raises(ValueError, match=f"{tmp_path} was saved mid-epoch by "
+                                       "a custom loop"):
+    run_loop("keras_fit", epochs=3, model_fn=model_fn,
+             checkpoint_dir=tmp_path)
 
 
 def test_sigterm_stops_a_script_cleanly_and_the_rerun_resumes(tmp_path):

@@ -81,6 +81,8 @@ def test_unknown_loop_names_the_choices():
     (dict(epochs=0), "epochs must be a positive int"),
     (dict(data=np.zeros((4, 2))), "batched tf.data.Dataset"),
     (dict(jit_compile=True, loop="eager"), "jit_compile needs"),
+    (dict(steps_per_loop=2, loop="eager"), "steps_per_loop needs"),
+    (dict(steps_per_loop=2, loop="function"), "steps_per_loop needs"),
     (dict(metrics=["accuracy"]), "keras.metrics.Metric objects"),
     (dict(steps_per_loop=0), "steps_per_loop must be >= 1")])
 def test_bad_arguments_are_clear_errors(bad, match):
@@ -236,7 +238,6 @@ def test_progress_bar_and_silence():
     assert bool(printed) == expect_output
 
 
-@drivers.register("two_steps_a_call")
 class _TwoStepsACall(training_loops.StepDriver):
   """A loop as BUILD.md's "Adding a loop" recipe writes one: two steps per
   `tf.function` call, the loop over them in Python."""
@@ -272,8 +273,17 @@ class _TwoStepsACall(training_loops.StepDriver):
       self.eval_step(batch)
 
 
+@pytest.fixture
+def two_steps_a_call():
+  """Registers the loop as the recipe does (`@drivers.register(name)` on
+  the class), for this test only."""
+  drivers.register("two_steps_a_call")(_TwoStepsACall)
+  yield
+  del drivers.DRIVERS["two_steps_a_call"]
+
+
 def test_a_registered_loop_trains_through_train_and_matches_the_graph_loop(
-    tmp_path):
+    tmp_path, two_steps_a_call):
   """Through every piece the controller owns: validation, a callback, a
   checkpoint that a second call resumes from."""
   validation = classification_data(examples=20, seed=1)

@@ -45,22 +45,22 @@ class RunCheckpoint:
         epochs_done=self.epochs_done, steps_in_epoch=self.steps_in_epoch,
         progress_variables=list(progress_variables))
     self._optimizer = optimizer
-    self._directory = os.fspath(directory)
+    self.directory = os.fspath(directory)
     self._model = model
-    self._manifest_path = os.path.join(self._directory, "variables.json")
+    self._manifest_path = os.path.join(self.directory, "variables.json")
     self._history = history
-    self._history_path = os.path.join(self._directory, "history.json")
+    self._history_path = os.path.join(self.directory, "history.json")
     self._scratch = None
     self.is_writer = strategy.extended.should_checkpoint
     if not self.is_writer:
       task = strategy.cluster_resolver.task_id
-      self._scratch = os.path.join(self._directory, f".worker_{task}")
-    os.makedirs(self._scratch or self._directory, exist_ok=True)
+      self._scratch = os.path.join(self.directory, f".worker_{task}")
+    os.makedirs(self._scratch or self.directory, exist_ok=True)
     self._manager = tf.train.CheckpointManager(
-        self._checkpoint, self._scratch or self._directory,
+        self._checkpoint, self._scratch or self.directory,
         max_to_keep=max_to_keep)
     self._reader = tf.train.CheckpointManager(
-        self._checkpoint, self._directory, max_to_keep=max_to_keep)
+        self._checkpoint, self.directory, max_to_keep=max_to_keep)
 
   def restore(self):
     """Restores the latest checkpoint and its history, if any.
@@ -115,7 +115,7 @@ class RunCheckpoint:
                             f"{len(current)} now")
     if differences:
       raise CheckpointMismatchError(
-          f"{self._directory} holds a checkpoint of a different model ("
+          f"{self.directory} holds a checkpoint of a different model ("
           f"{'; '.join(differences[:4])}). Use another checkpoint "
           "directory, or delete this one.")
 

@@ -78,6 +78,7 @@ class Controller:
         if checkpoint_dir else None)
     # (epoch, steps done in it): where the run is, and where a stop saves.
     self.position = (0, 0)
+    self._saved_position = None  # what the checkpoint holds
     self._stops = None
 
   def run(self):
@@ -88,10 +89,11 @@ class Controller:
       NonFiniteLossError: the training loss became NaN or infinite.
       TrainingDataError: a step rejected a batch.
       WorkerLostError: a multi-worker peer stopped responding.
-      TrainingInterrupted: SIGINT or SIGTERM; the position was saved.
+      TrainingInterrupted: SIGINT or SIGTERM; the position was saved, with
+        a `checkpoint_dir`.
     """
     if self.checkpoint:
-      self.position = self.checkpoint.restore()
+      self.position = self._saved_position = self.checkpoint.restore()
     replay_data_order(self.train_data, self.position[0])
     with StopRequests() as self._stops:
       try:
@@ -178,16 +180,20 @@ class Controller:
   def epoch_done(self, index):
     """After epoch `index` and its callbacks: saves the checkpoint and, on
     a stop request, asks the loop to stop."""
-    self.position = (index + 1, 0)
     if self.checkpoint:
-      self.checkpoint.save(index + 1)
+      self._save(index + 1, 0)
+    self.position = (index + 1, 0)
     if self.stop_requested:
       self.model.stop_training = True
 
+  def _save(self, epoch, step):
+    self.checkpoint.save(epoch, step)
+    self._saved_position = (epoch, step)
+
   def _interrupt(self):
     epoch, step = self.position
-    if self.checkpoint and step:  # an epoch's end was saved already
-      self.checkpoint.save(epoch, step)
+    if self.checkpoint and self.position != self._saved_position:
+      self._save(epoch, step)
     raise TrainingInterrupted(self._stops.signal_number, epoch, step,
                               self.history,
                               saved=self.checkpoint is not None)

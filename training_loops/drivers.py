@@ -71,10 +71,19 @@ class Driver(abc.ABC):
 class StepDriver(Driver):
   """A loop that runs the `Trainer`'s steps itself, epoch by epoch.
 
-  Subclasses set `steps_per_call` and implement `stepper` and `evaluate`.
+  Subclasses set `steps_per_call` and implement `stepper` and `evaluate`;
+  one that sets `steps_per_call` from `options.steps_per_loop` says so with
+  `takes_steps_per_loop`, and the others refuse it.
   """
 
   steps_per_call = 1
+  takes_steps_per_loop = False
+
+  def __init__(self, trainer, options=LoopOptions()):
+    super().__init__(trainer, options)
+    if options.steps_per_loop is not None and not self.takes_steps_per_loop:
+      raise ValueError(f"steps_per_loop needs loop='graph' or 'keras_fit'; "
+                       f"{type(self).__name__} ignores it.")
 
   def run(self, controller):
     for epoch in controller.epochs():
@@ -111,7 +120,8 @@ class EagerDriver(StepDriver):
   def __init__(self, trainer, options=LoopOptions()):
     super().__init__(trainer, options)
     if options.jit_compile:
-      raise ValueError("jit_compile needs loop='function' or 'graph'.")
+      raise ValueError("jit_compile needs loop='function', 'graph' or "
+                       "'keras_fit'.")
     self.train_step, self.eval_step = _distributed_steps(trainer, False)
 
   def stepper(self, iterator):
@@ -181,6 +191,8 @@ class GraphDriver(StepDriver):
   `batch(..., drop_remainder=True)`), XLA compiles the loop with the step
   (`xla_chunks`). Otherwise XLA compiles each step alone.
   """
+
+  takes_steps_per_loop = True
 
   def __init__(self, trainer, options=LoopOptions()):
     super().__init__(trainer, options)

@@ -25,8 +25,9 @@ class KerasFitDriver(drivers.Driver):
   def run(self, controller):
     first_epoch, first_step = controller.position
     if first_step:
-      raise ValueError("The checkpoint was saved mid-epoch by a custom "
-                       "loop; resume it with that loop.")
+      raise ValueError(f"{controller.checkpoint.directory} was saved "
+                       "mid-epoch by a custom loop; resume it with that "
+                       "loop.")
     trainer = self.trainer
     # Fit resets its compiled metrics only once they are built, after the
     # first batch: a running state restored from the checkpoint would
