@@ -184,7 +184,8 @@ def claim_output_dir(output_dir, name, config):
     # Keys of either side: a flag only the recorded run had (another
     # script's, via compare) differs too.
     differences = [
-        f"{key}: {recorded.get(key)!r} then, {identity.get(key)!r} now"
+        f"{key}: {_recorded_value(recorded, key)} then, "
+        f"{identity.get(key)!r} now"
         for key in {**recorded, **identity}
         if recorded.get(key) != identity.get(key)]
     if differences:
@@ -194,6 +195,12 @@ def claim_output_dir(output_dir, name, config):
           "Use another --output_dir, or delete that one.")
     return
   training_loops.write_json_atomically(path, identity)
+
+
+def _recorded_value(recorded, key):
+  # Directories written before a script's own flags were recorded lack
+  # them: say so, rather than show a `None` nobody passed.
+  return repr(recorded[key]) if key in recorded else "not recorded"
 
 
 def _run_loop(experiment, loop, config, strategy, output_dir):

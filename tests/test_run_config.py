@@ -91,3 +91,16 @@ def test_rerun_refuses_a_change_of_any_script_flag(tmp_path, no_training,
   line = str(refused.value)
   assert line.startswith("error: ") and "\n" not in line
   assert f"{flag}: {first!r} then, {rerun!r} now" in line
+
+
+def test_a_flag_an_older_run_did_not_record_is_named_as_such(tmp_path,
+                                                             no_training):
+  with pytest.raises(_TrainingStarted):
+    _run_until_training(classify, output_dir=str(tmp_path))
+  path = tmp_path / "run_config.json"
+  older = json.loads(path.read_text())
+  del older["normalize"]
+  path.write_text(json.dumps(older))
+  with pytest.raises(SystemExit, match="normalize: not recorded then, "
+                                       "'zscore' now"):
+    _run_until_training(classify, output_dir=str(tmp_path))
