@@ -31,7 +31,7 @@ def test_tensorboard_events_carry_keras_tags(tmp_path):
   validation = classification_data(examples=20, seed=1)
   keras_dir = str(tmp_path / "keras_callback")
   run_loop("keras_fit", validation_data=validation,
-       callbacks=[keras.callbacks.TensorBoard(keras_dir)])
+           callbacks=[keras.callbacks.TensorBoard(keras_dir)])
   keras_tags = {split: set(_scalars(os.path.join(keras_dir, split)))
                 for split in ("train", "validation")}
   for loop in ("graph", "keras_fit"):
@@ -88,8 +88,8 @@ def test_early_stopping_and_best_checkpoint_in_every_loop(tmp_path):
     # A learning rate of 0 never improves (no BatchNorm statistics move
     # either): stop after epoch 1 (0-based).
     history = run_loop(loop, epochs=6, validation_data=validation,
-                   optimizer_fn=sgd(0.0), callbacks=[stopper, best],
-                   model_fn=lambda: classifier(batch_norm=False))
+                       optimizer_fn=sgd(0.0), callbacks=[stopper, best],
+                       model_fn=lambda: classifier(batch_norm=False))
     assert history.epochs == [0, 1], loop
     assert stopper.stopped_epoch == 1 and best.best_epoch == 0
     restored = classifier(batch_norm=False)

@@ -116,7 +116,7 @@ def test_dense_against_numpy(rng):
                              + dense.bias.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_dense_in_sequential_and_functional_models(rng):
+def test_dense_in_sequential_and_functional_models(rng, tmp_path):
   x = rng.normal(size=(6, 4)).astype("float32")
   sequential = keras.Sequential([keras.Input((4,)), layers.Dense(5, "relu"),
                                  layers.Dense(2)])
@@ -124,7 +124,11 @@ def test_dense_in_sequential_and_functional_models(rng):
   functional = keras.Model(inputs, layers.Dense(2)(layers.Dense(5, "relu")(
       inputs)))
   functional.set_weights(sequential.get_weights())
-  np.testing.assert_allclose(functional(x), sequential(x), rtol=1e-6)
+  expected = sequential(x)
+  np.testing.assert_allclose(functional(x), expected, rtol=1e-6)
+  np.testing.assert_allclose(tf.function(sequential)(x), expected, rtol=1e-6)
+  np.testing.assert_allclose(saved_and_loaded(sequential, tmp_path)(x),
+                             expected, rtol=1e-6)
 
 
 # ---------------------------------------------------- BatchNormalization

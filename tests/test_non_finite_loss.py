@@ -47,7 +47,7 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(
   with pytest.raises(training_loops.NonFiniteLossError,
                      match=rf"nan at epoch 1 \(0-based\), {where}"):
     run_loop(loop, epochs=3, data=data, model_fn=model_fn,
-         checkpoint_dir=tmp_path, jit_compile=jit_compile)
+             checkpoint_dir=tmp_path, jit_compile=jit_compile)
   model, optimizer = model_fn(), keras.optimizers.SGD()
   optimizer.build(model.trainable_variables)
   position = RunCheckpoint(tmp_path, model, optimizer,

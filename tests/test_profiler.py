@@ -30,8 +30,8 @@ def test_profile_epoch_traces_one_epochs_training_only(
     loop, function, calls_per_epoch, tmp_path):
   data = classification_data()
   run_loop(loop, epochs=3, data=data,
-       validation_data=classification_data(examples=20, seed=1),
-       callbacks=[training_loops.ProfileEpoch(tmp_path, epoch=1)])
+           validation_data=classification_data(examples=20, seed=1),
+           callbacks=[training_loops.ProfileEpoch(tmp_path, epoch=1)])
   # Neither the other epochs' steps nor validation's.
   assert _executed_functions(tmp_path) == {
       function: calls_per_epoch(int(data.cardinality()))}
