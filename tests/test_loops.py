@@ -3,6 +3,7 @@ and a loop added the way BUILD.md's recipe says."""
 
 import contextlib
 import io
+import types
 
 import keras
 import numpy as np
@@ -13,7 +14,7 @@ import layers
 import losses
 import training_loops
 from training_loops import drivers, xla_chunks
-from training_loops.controller import Epoch
+from training_loops.controller import BatchHooks, Epoch
 from loop_models import (accuracy, assert_same_run, classification_data,
                          classifier, run_loop, sgd)
 
@@ -106,7 +107,7 @@ def test_partial_last_batch_does_not_retrace_every_epoch():
       _trainer(), training_loops.LoopOptions(steps_per_loop=3))
   for index in range(4):
     for driver in (function_driver, graph_driver):
-      epoch = Epoch(index, iter(data), 0, _NeverStops())
+      epoch = Epoch(index, iter(data), 0, _NO_HOOKS, _NeverStops())
       driver.train_epoch(epoch)
       assert epoch.steps == 4
   # The batch is fetched inside the function: one trace for all shapes.
@@ -117,9 +118,10 @@ def test_partial_last_batch_does_not_retrace_every_epoch():
 class _NeverStops:
   """The part of a `Controller` an `Epoch` talks to."""
   stop_requested = False
+  model = types.SimpleNamespace(stop_training=False)
 
-  def show_progress(self, steps):
-    del steps
+
+_NO_HOOKS = BatchHooks("train", [], keras.callbacks.CallbackList([]), dict)
 
 
 def test_evaluate_matches_model_evaluate(histories):
@@ -268,9 +270,14 @@ class _TwoStepsACall(training_loops.StepDriver):
       return int(steps), loss
     return run
 
-  def evaluate(self, iterator):
-    for batch in iterator:
-      self.eval_step(batch)
+  def eval_stepper(self, iterator):
+    def run():
+      batches = [batch for _, batch in zip(range(self.steps_per_call),
+                                           iterator)]
+      for batch in batches:
+        self.eval_step(batch)
+      return len(batches)
+    return run
 
 
 @pytest.fixture

@@ -31,19 +31,60 @@ class Epoch:
     iterator: its distributed batches, past those a resumed run trained.
     steps: steps done in it, counting those of a resumed run; the driver
       adds the ones it runs.
+    hooks: `BatchHooks` to run around each driver call.
   """
 
-  def __init__(self, index, iterator, steps, controller):
+  def __init__(self, index, iterator, steps, hooks, controller):
     self.index, self.iterator, self.steps = index, iterator, steps
+    self.hooks = hooks
     self._controller = controller
 
-  def stop_requested(self):
-    """Checked at each step boundary."""
-    return self._controller.stop_requested
+  def should_stop(self):
+    """Checked before each call: a stop request, or a callback that set
+    `model.stop_training` (fit checks it after every call too)."""
+    return self._controller.stop_requested or (
+        self._controller.model.stop_training)
 
-  def show_progress(self):
-    """After each call that ran steps."""
-    self._controller.show_progress(self.steps)
+
+class BatchHooks:
+  """Keras' batch-level callbacks around each driver call, as `model.fit`
+  calls them with `steps_per_execution`: `begin` with the index of the
+  call's first batch, `end` with its last and the running logs.
+
+  Keras' own `Callback` leaves these hooks empty, so when no callback
+  overrides one nothing is called and no logs are read: a run without
+  batch-level callbacks pays nothing per step.
+  """
+
+  _NAMES = {"train": ("on_train_batch_begin", "on_train_batch_end",
+                      "on_batch_begin", "on_batch_end"),
+            "test": ("on_test_batch_begin", "on_test_batch_end")}
+
+  def __init__(self, kind, callbacks, callback_list, logs, batches=None,
+               progress=None):
+    """`logs()`: the running results; `batches`: how many the data has, if
+    known (fit never begins a batch past the end); `progress(done, logs)`,
+    the progress bar's update, runs at every `end`."""
+    self.active = any(
+        getattr(type(callback), name) is not getattr(keras.callbacks.Callback,
+                                                     name)
+        for callback in callbacks for name in self._NAMES[kind])
+    self._begin = getattr(callback_list, f"on_{kind}_batch_begin")
+    self._end = getattr(callback_list, f"on_{kind}_batch_end")
+    self._logs, self._batches, self._progress = logs, batches, progress
+
+  def begin(self, done):
+    if self.active and (self._batches is None or done < self._batches):
+      self._begin(done)
+
+  def end(self, done):
+    if not (self.active or self._progress):
+      return
+    logs = as_floats(self._logs())
+    if self._progress:
+      self._progress(done, logs)
+    if self.active:
+      self._end(done - 1, logs)
 
 
 class Controller:
@@ -122,16 +163,28 @@ class Controller:
     validation_batches = (
         strategy.experimental_distribute_dataset(self.validation_data)
         if self.validation_data is not None else None)
-    callbacks = keras.callbacks.CallbackList(self.callbacks, model=self.model)
+    # The params fit gives its callbacks (SwapEMAWeights reads "epochs").
+    callbacks = keras.callbacks.CallbackList(
+        self.callbacks, model=self.model, verbose=self.verbose,
+        epochs=self.epochs_total, steps=known_length(self.train_data))
+    test_hooks = BatchHooks(
+        "test", self.callbacks, callbacks,
+        lambda: self.trainer.eval_logs(prefix=""),
+        known_length(self.validation_data))
     self.model.stop_training = False
     callbacks.on_train_begin()
+    if getattr(self.model, "_initial_epoch", None):
+      # Set by `keras.callbacks.BackupAndRestore` from its backup, which
+      # fit then starts from.
+      self.position = (self.model._initial_epoch, 0)
     first_epoch, first_step = self.position
+    logs = None
     for index in range(first_epoch, self.epochs_total):
       if self.verbose:
         print(f"Epoch {index + 1}/{self.epochs_total}")
       callbacks.on_epoch_begin(index)
       first = first_step if index == first_epoch else 0
-      epoch = self._begin_epoch(index, first, train_batches)
+      epoch = self._begin_epoch(index, first, train_batches, callbacks)
       yield epoch
       self.position = (index, epoch.steps)
       if self.stop_requested:
@@ -141,8 +194,9 @@ class Controller:
       logs = self.trainer.train_logs()
       if validation_batches is not None:
         callbacks.on_test_begin()
-        self.driver.evaluate(iter(validation_batches))
-        callbacks.on_test_end()
+        self.driver.evaluate(iter(validation_batches),
+                             test_hooks if test_hooks.active else None)
+        callbacks.on_test_end(as_floats(self.trainer.eval_logs(prefix="")))
         logs.update(self.trainer.eval_logs())
       logs = as_floats(logs)
       self._progress_bar.update(epoch.steps, logs.items(), finalize=True)
@@ -150,25 +204,28 @@ class Controller:
       self.epoch_done(index)
       if self.model.stop_training:
         break
-    callbacks.on_train_end()
+    # As fit: with `use_ema`, training ends on the moving averages.
+    self.trainer.optimizer.finalize_variable_values(
+        self.model.trainable_weights)
+    callbacks.on_train_end(logs)
 
-  def _begin_epoch(self, index, first_step, train_batches):
+  def _begin_epoch(self, index, first_step, train_batches, callbacks):
     if not first_step:
       self.trainer.reset()  # else: the running metrics were restored
-    cardinality = int(self.train_data.cardinality())
-    self._progress_bar = keras.utils.Progbar(
-        cardinality if cardinality > 0 else None, verbose=self.verbose,
+    batches = known_length(self.train_data)
+    progress_bar = keras.utils.Progbar(
+        batches, verbose=self.verbose,
         stateful_metrics=list(self.trainer.train_logs()) + ["val_loss"])
+    self._progress_bar = progress_bar
+    hooks = BatchHooks(
+        "train", self.callbacks, callbacks, self.trainer.train_logs, batches,
+        (lambda done, logs: progress_bar.update(done, logs.items()))
+        if self.verbose == 1 else None)
     iterator = iter(train_batches)
     for _ in range(first_step):  # batches trained before the stop
       next(iterator)
     self.position = (index, first_step)
-    return Epoch(index, iterator, first_step, self)
-
-  def show_progress(self, steps):
-    if self.verbose == 1:
-      self._progress_bar.update(steps,
-                                as_floats(self.trainer.train_logs()).items())
+    return Epoch(index, iterator, first_step, hooks, self)
 
   # -- for every loop ------------------------------------------------------
 
@@ -201,3 +258,9 @@ class Controller:
 
 def as_floats(logs):
   return {key: float(value) for key, value in logs.items()}
+
+
+def known_length(dataset):
+  """The number of batches of `dataset`, or None if unknown."""
+  cardinality = int(dataset.cardinality()) if dataset is not None else -1
+  return cardinality if cardinality > 0 else None

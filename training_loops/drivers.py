@@ -71,7 +71,8 @@ class Driver(abc.ABC):
 class StepDriver(Driver):
   """A loop that runs the `Trainer`'s steps itself, epoch by epoch.
 
-  Subclasses set `steps_per_call` and implement `stepper` and `evaluate`;
+  Subclasses set `steps_per_call` and implement `stepper` and
+  `eval_stepper`;
   one that sets `steps_per_call` from `options.steps_per_loop` says so with
   `takes_steps_per_loop`, and the others refuse it.
   """
@@ -91,14 +92,32 @@ class StepDriver(Driver):
 
   def train_epoch(self, epoch):
     """Trains on `epoch.iterator` until the data ends or a stop is
-    requested, counting steps in `epoch.steps`."""
+    requested, counting steps in `epoch.steps`; the epoch's hooks run
+    around each call."""
     run_steps = self.stepper(epoch.iterator)
-    while not epoch.stop_requested():
+    while not epoch.should_stop():
+      epoch.hooks.begin(epoch.steps)
       steps, loss = run_steps()
       if steps:
         epoch.steps += steps
         _check_finite(loss, epoch.index, epoch.steps)
-        epoch.show_progress()
+        epoch.hooks.end(epoch.steps)
+      if steps < self.steps_per_call:
+        return
+
+  def evaluate(self, iterator, hooks=None):
+    """Runs the eval step on every batch of `iterator`; `hooks` (test-batch
+    hooks) run around each call."""
+    run_steps = self.eval_stepper(iterator)
+    done = 0
+    while True:
+      if hooks:
+        hooks.begin(done)
+      steps = run_steps()
+      if steps:
+        done += steps
+        if hooks:
+          hooks.end(done)
       if steps < self.steps_per_call:
         return
 
@@ -109,8 +128,9 @@ class StepDriver(Driver):
     `steps_per_call` mean the data ended (or the loss is not finite)."""
 
   @abc.abstractmethod
-  def evaluate(self, iterator):
-    """Runs the eval step on every batch of `iterator`."""
+  def eval_stepper(self, iterator):
+    """Returns `run()`: evaluates up to `steps_per_call` batches of
+    `iterator` and returns how many; fewer mean the data ended."""
 
 
 @register("eager")
@@ -130,9 +150,14 @@ class EagerDriver(StepDriver):
       return (0, None) if batch is None else (1, self.train_step(batch))
     return run
 
-  def evaluate(self, iterator):
-    for batch in iterator:
+  def eval_stepper(self, iterator):
+    def run():
+      batch = next(iterator, None)
+      if batch is None:
+        return 0
       self.eval_step(batch)
+      return 1
+    return run
 
 
 @register("function")
@@ -172,13 +197,16 @@ class FunctionDriver(StepDriver):
         return 0, None
     return run
 
-  def evaluate(self, iterator):
+  def eval_stepper(self, iterator):
     eval_next = self.eval_next.get_concrete_function(iterator)
-    try:
-      while True:
+
+    def run():
+      try:
         eval_next(iterator)
-    except tf.errors.OutOfRangeError:
-      pass
+      except tf.errors.OutOfRangeError:
+        return 0
+      return 1
+    return run
 
 
 @register("graph")
@@ -221,12 +249,18 @@ class GraphDriver(StepDriver):
       return steps, loss
 
     @tf.function
-    def evaluate(iterator):
-      for batch in iterator:
-        eval_step(batch)
+    def eval_steps(iterator, max_steps):
+      steps = tf.constant(0)
+      for _ in tf.range(max_steps):
+        batch = iterator.get_next_as_optional()
+        if not batch.has_value():
+          break
+        eval_step(batch.get_value())
+        steps += 1
+      return steps
 
     self.train_steps = train_steps
-    self._evaluate = evaluate
+    self.eval_steps = eval_steps
 
   def stepper(self, iterator):
     max_steps = tf.constant(self.steps_per_call)
@@ -236,8 +270,9 @@ class GraphDriver(StepDriver):
       return int(steps), loss
     return run
 
-  def evaluate(self, iterator):
-    self._evaluate(iterator)
+  def eval_stepper(self, iterator):
+    max_steps = tf.constant(self.steps_per_call)
+    return lambda: int(self.eval_steps(iterator, max_steps))
 
 
 def _distributed_steps(trainer, jit_compile):

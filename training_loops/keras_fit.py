@@ -10,17 +10,14 @@ import math
 import keras
 
 from training_loops import drivers
+from training_loops.controller import known_length
 from training_loops.trainer import NonFiniteLossError
 
 
 @drivers.register("keras_fit")
 class KerasFitDriver(drivers.Driver):
-  """`model.compile` as the custom loops use the model, then `model.fit`.
-
-  `steps_per_loop` becomes `steps_per_execution`; `jit_compile` is passed
-  explicitly, since Keras' "auto" turns XLA off on CPU-only machines. The
-  metrics are the trainer's copies, compiled per output.
-  """
+  """`model.fit` on the model `train` compiled (`steps_per_loop` became
+  `steps_per_execution`), with `jit_compile` as asked."""
 
   def run(self, controller):
     first_epoch, first_step = controller.position
@@ -29,31 +26,19 @@ class KerasFitDriver(drivers.Driver):
                        "mid-epoch by a custom loop; resume it with that "
                        "loop.")
     trainer = self.trainer
+    # Explicitly: Keras' "auto" turns XLA off on CPU-only machines.
+    trainer.model.jit_compile = self.options.jit_compile
     # Fit resets its compiled metrics only once they are built, after the
     # first batch: a running state restored from the checkpoint would
     # otherwise leak into the first resumed epoch.
     trainer.reset()
-    metrics = trainer.train_metrics
-    if trainer.output_losses[0].key is None:
-      compiled_metrics = list(metrics.values())
-    else:
-      compiled_metrics = {}
-      for (key, _), metric in metrics.items():
-        compiled_metrics.setdefault(key, []).append(metric)
-    trainer.model.compile(
-        optimizer=trainer.optimizer, loss=trainer.loss,
-        loss_weights=trainer.loss_weights,
-        metrics=compiled_metrics or None,
-        steps_per_execution=self.options.steps_per_loop or 1,
-        jit_compile=self.options.jit_compile)
     # With steps_per_epoch given, fit opens one dataset iterator per epoch,
     # as the custom loops do (without it, two: one is opened and dropped at
     # each epoch's end), so `replay_data_order` resumes shuffled data alike.
-    cardinality = int(controller.train_data.cardinality())
     trainer.model.fit(
         controller.train_data, epochs=controller.epochs_total,
         initial_epoch=first_epoch,
-        steps_per_epoch=cardinality if cardinality > 0 else None,
+        steps_per_epoch=known_length(controller.train_data),
         validation_data=controller.validation_data,
         callbacks=[*controller.callbacks, _ControllerHooks(controller)],
         shuffle=False, verbose=controller.verbose)
@@ -71,8 +56,6 @@ class _ControllerHooks(keras.callbacks.Callback):
     self.controller.epoch_begun(epoch)
 
   def on_epoch_end(self, epoch, logs=None):
-    # Per epoch, not per batch: a batch hook would make fit return to
-    # Python every step and slow the baseline down.
     loss = (logs or {}).get("loss")
     if loss is not None and not math.isfinite(loss):
       raise NonFiniteLossError(epoch, None, loss)

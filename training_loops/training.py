@@ -52,21 +52,57 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     See `Controller.run`.
   """
   _check_arguments(loop, epochs, train_data, validation_data)
-  options = drivers.LoopOptions(steps_per_loop, jit_compile)
+  driver = _build(loop, drivers.LoopOptions(steps_per_loop, jit_compile),
+                  model_fn, optimizer_fn, loss, train_data, metrics=metrics,
+                  loss_weights=loss_weights, strategy=strategy, seed=seed)
+  return Controller(
+      driver, train_data, epochs=epochs, validation_data=validation_data,
+      checkpoint_dir=checkpoint_dir, log_dir=log_dir, callbacks=callbacks,
+      verbose=verbose).run()
+
+
+def _build(loop, options, model_fn, optimizer_fn, loss, data, *, metrics,
+           loss_weights, strategy, seed):
+  """The driver of `loop` around a new `Trainer`: model and optimizer built
+  under `strategy` (default: the current one) after seeding with `seed`
+  (unless None), so builds with one seed start from the same weights;
+  `data` is only checked against the model."""
   strategy = strategy or tf.distribute.get_strategy()
   if seed is not None:
     keras.utils.set_random_seed(seed)
   with strategy.scope():
     model, optimizer = model_fn(), optimizer_fn()
-    _check_model_fits_data(model, loss, train_data)
-    optimizer.build(model.trainable_variables)
+    _check_model_fits_data(model, loss, data)
     trainer = Trainer(model, optimizer, loss, loss_weights, metrics,
                       strategy)
-  driver = drivers.DRIVERS[loop](trainer, options)
-  return Controller(
-      driver, train_data, epochs=epochs, validation_data=validation_data,
-      checkpoint_dir=checkpoint_dir, log_dir=log_dir, callbacks=callbacks,
-      verbose=verbose).run()
+    _compile(trainer, options)
+  return drivers.DRIVERS[loop](trainer, options)
+
+
+def _compile(trainer, options):
+  """Compiles the model for every loop, as `model.fit` needs it and as
+  Keras' callbacks expect it (`model.optimizer`, `model.loss`, the metrics),
+  then builds the optimizer the model got: compiling may wrap it (in a
+  `LossScaleOptimizer` under a `mixed_float16` policy, fit's
+  `auto_scale_loss`), and every loop must step with the same one.
+
+  The metrics are the trainer's copies. XLA is the drivers' business
+  (`LoopOptions.jit_compile`), so the model is compiled without it; the
+  `keras_fit` driver sets it.
+  """
+  if trainer.output_losses[0].key is None:
+    metrics = list(trainer.train_metrics.values())
+  else:
+    metrics = {}
+    for (key, _), metric in trainer.train_metrics.items():
+      metrics.setdefault(key, []).append(metric)
+  model = trainer.model
+  model.compile(optimizer=trainer.optimizer, loss=trainer.loss,
+                loss_weights=trainer.loss_weights, metrics=metrics or None,
+                steps_per_execution=options.steps_per_loop or 1,
+                jit_compile=False)
+  trainer.optimizer = model.optimizer
+  trainer.optimizer.build(model.trainable_variables)
 
 
 def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
@@ -124,21 +160,27 @@ def _first_line(error):
 
 
 def _check_arguments(loop, epochs, train_data, validation_data):
+  _check_loop(loop)
+  if not isinstance(epochs, int) or epochs < 1:
+    raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
+  _check_data("train_data", train_data)
+  if validation_data is not None:
+    _check_data("validation_data", validation_data)
+
+
+def _check_loop(loop):
   if loop not in drivers.DRIVERS:
     raise ValueError(f"Unknown loop {loop!r}; expected one of "
                      f"{', '.join(drivers.DRIVERS)}.")
-  if not isinstance(epochs, int) or epochs < 1:
-    raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
-  for name, data in (("train_data", train_data),
-                     ("validation_data", validation_data)):
-    if data is None and name == "validation_data":
-      continue
-    if not isinstance(data, tf.data.Dataset):
-      raise ValueError(f"{name} must be a batched tf.data.Dataset of (x, y) "
-                       f"or (x, y, sample_weight), got {type(data).__name__}.")
-    if not isinstance(data.element_spec, tuple) or not (
-        2 <= len(data.element_spec) <= 3):
-      raise ValueError(f"{name} must yield (x, y) or (x, y, sample_weight) "
-                       f"batches, got elements {data.element_spec}.")
-    if int(data.cardinality()) == 0:
-      raise ValueError(f"{name} is empty: it yields no batches.")
+
+
+def _check_data(name, data):
+  if not isinstance(data, tf.data.Dataset):
+    raise ValueError(f"{name} must be a batched tf.data.Dataset of (x, y) "
+                     f"or (x, y, sample_weight), got {type(data).__name__}.")
+  if not isinstance(data.element_spec, tuple) or not (
+      2 <= len(data.element_spec) <= 3):
+    raise ValueError(f"{name} must yield (x, y) or (x, y, sample_weight) "
+                     f"batches, got elements {data.element_spec}.")
+  if int(data.cardinality()) == 0:
+    raise ValueError(f"{name} is empty: it yields no batches.")
