@@ -105,12 +105,29 @@ def _check_csv_logger(ours, fit, ours_dir, fit_dir):
                                  rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+def _monitoring_accuracy(directory):
+  """Mode "auto" on a metric: Keras looks the metric up in the compiled
+  model to know that larger is better."""
+  return [keras.callbacks.EarlyStopping("val_accuracy", patience=0),
+          keras.callbacks.ModelCheckpoint(
+              os.path.join(directory, "best.weights.h5"),
+              monitor="val_accuracy", save_best_only=True,
+              save_weights_only=True)]
+
+
+def _check_same_epochs(ours, fit, ours_dir, fit_dir):
+  assert ours.epochs == fit.epochs
+  assert os.listdir(ours_dir) == os.listdir(fit_dir) == ["best.weights.h5"]
+
+
 CASES = {
     "LearningRateScheduler": (_scheduler, _check_learning_rate),
     "ReduceLROnPlateau": (_plateau, _check_learning_rate),
     "TensorBoard": (_tensorboard, _check_tensorboard),
     "ModelCheckpoint": (_model_checkpoint, _check_model_checkpoint),
     "CSVLogger": (_csv_logger, _check_csv_logger),
+    "EarlyStopping+ModelCheckpoint(val_accuracy)": (_monitoring_accuracy,
+                                                    _check_same_epochs),
 }
 
 

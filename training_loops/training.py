@@ -72,21 +72,24 @@ def _build(loop, options, model_fn, optimizer_fn, loss, data, *, metrics,
     keras.utils.set_random_seed(seed)
   with strategy.scope():
     model, optimizer = model_fn(), optimizer_fn()
-    _check_model_fits_data(model, loss, data)
+    example = _check_model_fits_data(model, loss, data)
     trainer = Trainer(model, optimizer, loss, loss_weights, metrics,
                       strategy)
-    _compile(trainer, options)
+    _compile(trainer, options, example)
   return drivers.DRIVERS[loop](trainer, options)
 
 
-def _compile(trainer, options):
+def _compile(trainer, options, example):
   """Compiles the model for every loop, as `model.fit` needs it and as
   Keras' callbacks expect it (`model.optimizer`, `model.loss`, the metrics),
   then builds the optimizer the model got: compiling may wrap it (in a
   `LossScaleOptimizer` under a `mixed_float16` policy, fit's
   `auto_scale_loss`), and every loop must step with the same one.
 
-  The metrics are the trainer's copies. XLA is the drivers' business
+  The metrics are the trainer's copies, built on `example` (zero targets
+  and predictions): fit builds them at its first step, and Keras' monitoring
+  callbacks (`EarlyStopping(monitor="val_accuracy")` in mode "auto") read
+  them at the first epoch's end. XLA is the drivers' business
   (`LoopOptions.jit_compile`), so the model is compiled without it; the
   `keras_fit` driver sets it.
   """
@@ -101,6 +104,8 @@ def _compile(trainer, options):
                 loss_weights=trainer.loss_weights, metrics=metrics or None,
                 steps_per_execution=options.steps_per_loop or 1,
                 jit_compile=False)
+  if model._compile_metrics is not None:
+    model._compile_metrics.build(*example)
   trainer.optimizer = model.optimizer
   trainer.optimizer.build(model.trainable_variables)
 
@@ -123,7 +128,8 @@ def _check_model_fits_data(model, loss, data):
 
   Builds an unbuilt model, so every variable exists before a checkpoint is
   restored into it or a replica step runs; raises a `ValueError` naming the
-  data's and the model's shapes when they do not fit.
+  data's and the model's shapes when they do not fit. Returns the zero
+  example's `(targets, predictions)`.
   """
   x_spec, y_spec = data.element_spec[:2]
   x = _zero_example(x_spec)
@@ -133,15 +139,17 @@ def _check_model_fits_data(model, loss, data):
     raise ValueError(
         f"The model does not accept the data's inputs "
         f"{_shapes(x_spec)}: {_first_line(error)}") from None
+  targets = _zero_example(y_spec)
   if not isinstance(loss, keras.losses.Loss):
-    return  # multi-output: each output's loss is checked when it runs
+    return targets, predictions  # multi-output: checked when each runs
   try:
-    loss(_zero_example(y_spec), predictions)
+    loss(targets, predictions)
   except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
     raise ValueError(
         f"The model's outputs {_shapes(predictions)} do not fit the data's "
         f"targets {_shapes(y_spec)} under {type(loss).__name__}: "
         f"{_first_line(error)}") from None
+  return targets, predictions
 
 
 def _zero_example(spec):
