@@ -23,7 +23,8 @@ class BatchNormalization(keras.layers.Layer):
 
   Subclasses change how statistics are computed by overriding the hooks
   `_moments(inputs) -> (mean, variance)` and
-  `_update_moving_statistics(mean, variance)`.
+  `_update_moving_statistics(mean, variance)`; both see tensors of the
+  variables' dtype (float32 under the mixed precision policies).
   """
 
   def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True,
@@ -61,18 +62,25 @@ class BatchNormalization(keras.layers.Layer):
     self._broadcast_shape = [1] * rank
     self._broadcast_shape[self._axis] = features
     shape = (features,)
+    # Not autocast: `call` computes in the variables' dtype.
     self.gamma = (self.add_weight(name="gamma", shape=shape,
-                                  initializer="ones")
+                                  initializer="ones", autocast=False)
                   if self.scale else None)
-    self.beta = (self.add_weight(name="beta", shape=shape, initializer="zeros")
+    self.beta = (self.add_weight(name="beta", shape=shape, initializer="zeros",
+                                 autocast=False)
                  if self.center else None)
     self.moving_mean = self.add_weight(
-        name="moving_mean", shape=shape, initializer="zeros", trainable=False)
+        name="moving_mean", shape=shape, initializer="zeros", trainable=False,
+        autocast=False)
     self.moving_variance = self.add_weight(
         name="moving_variance", shape=shape, initializer="ones",
-        trainable=False)
+        trainable=False, autocast=False)
 
   def call(self, inputs, training=None):
+    # As Keras' layer: under a mixed policy, float16 and bfloat16 inputs are
+    # normalized in the variables' float32, since their squares overflow
+    # (float16) or their moments keep few digits; the output is cast back.
+    inputs = tf.cast(inputs, self.variable_dtype)
     if training and self.trainable:
       mean, variance = self._moments(inputs)
       self._update_moving_statistics(mean, variance)
@@ -84,8 +92,9 @@ class BatchNormalization(keras.layers.Layer):
     offset = -mean * multiplier
     if self.center:
       offset = offset + self.beta
-    return (inputs * tf.reshape(multiplier, self._broadcast_shape)
-            + tf.reshape(offset, self._broadcast_shape))
+    outputs = (inputs * tf.reshape(multiplier, self._broadcast_shape)
+               + tf.reshape(offset, self._broadcast_shape))
+    return tf.cast(outputs, self.compute_dtype)
 
   def _moments(self, inputs):
     """Returns the batch `(mean, variance)`, each `[input_shape[axis]]`."""

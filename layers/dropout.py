@@ -25,7 +25,10 @@ class RandomDrop(keras.layers.Layer):
 
   def keep_mask(self, inputs):
     """True where an input is kept (probability `1 - rate`)."""
-    return keras.random.uniform(tf.shape(inputs), dtype=inputs.dtype,
+    # Drawn in float32 whatever the inputs' dtype: bfloat16's uniforms are
+    # multiples of 1/128 (P(u >= 0.3) = 0.695, not 0.7), and the masks stay
+    # those of a float32 run with the same seed.
+    return keras.random.uniform(tf.shape(inputs), dtype="float32",
                                 seed=self.seed_generator) >= self.rate
 
   def compute_output_shape(self, input_shape):

@@ -5,6 +5,12 @@ Cross-entropies from logits go through a log-softmax / log-sum-exp that
 subtracts the maximum logit, so logits of any magnitude give finite losses
 and gradients. From probabilities they clip to `[eps, 1 - eps]` with Keras'
 epsilon, as Keras does, so the two agree to float32 rounding.
+
+float16 and bfloat16 predictions (a mixed precision model's outputs) are
+computed on in float32, as Keras' `Loss` classes do: in float16 `1 - eps`
+rounds to 1, so a clipped probability of 1 still gives `log(0)`, and the
+logs and sums keep three digits. The logits behind a float16 softmax or
+sigmoid, when found, are cast likewise.
 """
 
 import warnings
@@ -20,7 +26,7 @@ def mean_squared_error(y_true, y_pred):
   Args: `y_true`, `y_pred`: `[batch, ..., d]`; a trailing axis of size 1 on
   one side only is aligned as Keras does. Returns `[batch, ...]`.
   """
-  y_pred = tf.convert_to_tensor(y_pred)
+  y_pred = _at_least_float32(tf.convert_to_tensor(y_pred))
   y_true = tf.cast(y_true, y_pred.dtype)
   y_true, y_pred = align_ranks(y_true, y_pred)
   return tf.reduce_mean(tf.square(y_true - y_pred), axis=-1)
@@ -74,13 +80,13 @@ def categorical_crossentropy(y_true, y_pred, from_logits=False,
     label_smoothing: in [0, 1]; mixes `y_true` with the uniform distribution.
   Returns: `[batch, ...]`.
   """
-  y_pred = tf.convert_to_tensor(y_pred)
-  y_true = tf.cast(y_true, y_pred.dtype)
-  _check_same_shape("categorical_crossentropy", y_true, y_pred)
-  y_true = _smooth_labels(y_true, label_smoothing,
-                          tf.cast(tf.shape(y_true)[-1], y_pred.dtype))
-  logits, from_logits = _logits_behind(y_pred, from_logits, "Softmax",
+  logits, from_logits = _logits_behind(tf.convert_to_tensor(y_pred),
+                                       from_logits, "Softmax",
                                        "categorical_crossentropy")
+  y_true = tf.cast(y_true, logits.dtype)
+  _check_same_shape("categorical_crossentropy", y_true, logits)
+  y_true = _smooth_labels(y_true, label_smoothing,
+                          tf.cast(tf.shape(y_true)[-1], logits.dtype))
   if from_logits:
     return -tf.reduce_sum(y_true * log_softmax(logits), axis=-1)
   probs = logits / tf.reduce_sum(logits, axis=-1, keepdims=True)
@@ -100,12 +106,12 @@ def binary_crossentropy(y_true, y_pred, from_logits=False,
     label_smoothing: in [0, 1]; pulls targets towards 0.5.
   Returns: `[batch, ...]`.
   """
-  y_pred = tf.convert_to_tensor(y_pred)
-  y_true = tf.cast(y_true, y_pred.dtype)
-  _check_same_shape("binary_crossentropy", y_true, y_pred)
-  y_true = _smooth_labels(y_true, label_smoothing, 2.0)
-  logits, from_logits = _logits_behind(y_pred, from_logits, "Sigmoid",
+  logits, from_logits = _logits_behind(tf.convert_to_tensor(y_pred),
+                                       from_logits, "Sigmoid",
                                        "binary_crossentropy")
+  y_true = tf.cast(y_true, logits.dtype)
+  _check_same_shape("binary_crossentropy", y_true, logits)
+  y_true = _smooth_labels(y_true, label_smoothing, 2.0)
   if from_logits:
     # log(1 + exp(x)) - z x, rearranged so that exp never overflows. `where`
     # rather than relu/abs: their zero subgradient at x = 0 would make the
@@ -153,11 +159,13 @@ def align_ranks(y_true, y_pred):
 
 
 def _logits_behind(y_pred, from_logits, activation_op, loss_name):
-  """Returns `(tensor, from_logits)`, preferring the logits of an activation.
+  """Returns `(tensor, from_logits)`, preferring the logits of an activation,
+  the tensor in at least float32.
 
   Keras marks softmax/sigmoid outputs with the logits they came from (and in
   graphs the producing op shows them). Using those logits is what keeps the
-  loss and its gradient finite when a probability underflows to 0.
+  loss and its gradient finite when a probability underflows to 0. They are
+  looked for before the cast to float32, which would hide them.
   """
   logits = getattr(y_pred, "_keras_logits", None)
   if logits is None:
@@ -165,12 +173,18 @@ def _logits_behind(y_pred, from_logits, activation_op, loss_name):
     if op is not None and op.type == activation_op:
       logits = op.inputs[0]
   if logits is None:
-    return y_pred, from_logits
+    return _at_least_float32(y_pred), from_logits
   if from_logits:
     warnings.warn(f"{loss_name}: from_logits=True, but y_pred is the output "
                   f"of a {activation_op}; using the logits behind it.",
                   stacklevel=3)
-  return logits, True
+  return _at_least_float32(logits), True
+
+
+def _at_least_float32(tensor):
+  if tensor.dtype in (tf.float16, tf.bfloat16):
+    return tf.cast(tensor, tf.float32)
+  return tensor
 
 
 def _check_labels(labels, num_classes):

@@ -5,11 +5,13 @@ a `LayerSpec` says how to construct a layer, what to feed it and which
 Keras layer it must equal; `check_layer` runs every check on it.
 """
 
+import contextlib
 import dataclasses
 import inspect
 from typing import Any, Callable, Optional
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -73,6 +75,17 @@ class LayerSpec:
 
   def make(self, **overrides):
     return self.cls(**{**self.kwargs, **overrides})
+
+
+@contextlib.contextmanager
+def global_dtype_policy(name):
+  """Keras' global dtype policy `name`, float32 again afterwards: tests
+  share one process."""
+  keras.mixed_precision.set_dtype_policy(name)
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_dtype_policy("float32")
 
 
 def check_layer(spec, tmp_path, seed=0):
@@ -167,31 +180,55 @@ def _check_saved_and_traced(spec, rng, tmp_path):
   np.testing.assert_allclose(tf.function(model)(x), expected, rtol=1e-6)
 
 
-def _check_against_reference(spec, rng):
-  ours, theirs = spec.make(), spec.reference(**spec.kwargs)
+def check_mixed_precision(spec, policy, seed=0):
+  """Our layer and Keras', each given `dtype=policy` (a mixed precision
+  policy), against each other as in float32: outputs of the policy's compute
+  dtype, float32 weights. Outputs and gradients may differ by one unit in
+  the last place of the compute dtype; weights, BatchNormalization's moving
+  statistics included, by the float32 tolerance, as both compute them in
+  float32."""
+  _check_against_reference(spec, np.random.default_rng(seed), policy)
+
+
+def _check_against_reference(spec, rng, policy=None):
+  dtype = {} if policy is None else {"dtype": policy}
+  ours, theirs = spec.make(**dtype), spec.reference(**spec.kwargs, **dtype)
   ours.build(spec.input_shape)
   theirs.build(spec.input_shape)
+  output_tol, gradient_tol = spec.output_tol, spec.gradient_tol
+  if policy is not None:
+    assert {w.dtype for w in ours.weights} <= {"float32"}
+    ulp = float(ml_dtypes.finfo(ours.compute_dtype).eps)
+    output_tol, gradient_tol = (
+        tuple(max(tol, ulp) for tol in tols)
+        for tols in (output_tol, gradient_tol))
   weights = ours.get_weights()
   assert len(theirs.get_weights()) == len(weights)
   if spec.reference_weights is not None:
     weights = [spec.reference_weights(rng, w.shape) for w in weights]
   ours.set_weights(weights)
   theirs.set_weights(weights)
-  rtol, atol = spec.output_tol
   for step in range(spec.steps):
     x = _inputs(spec.input_shape, rng, step)
     for training in spec.training:
-      np.testing.assert_allclose(ours(x, training=training),
-                                 theirs(x, training=training), rtol=rtol,
-                                 atol=atol, err_msg=f"training={training}")
+      outputs = ours(x, training=training)
+      expected = theirs(x, training=training)
+      assert outputs.dtype == expected.dtype == ours.compute_dtype
+      _assert_close(outputs, expected, output_tol, f"training={training}")
       for w_ours, w_theirs in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(w_ours, w_theirs, rtol=spec.weight_tol[0],
                                    atol=spec.weight_tol[1])
-  rtol, atol = spec.gradient_tol
   for training in spec.training:
     ours_grads = _grads(ours, x, training)
     their_grads = _grads(theirs, x, training)
     assert len(ours_grads) == len(their_grads)
     for g_ours, g_theirs in zip(ours_grads, their_grads):
-      np.testing.assert_allclose(g_ours, g_theirs, rtol=rtol, atol=atol,
-                                 err_msg=f"training={training}")
+      _assert_close(g_ours, g_theirs, gradient_tol, f"training={training}")
+
+
+def _assert_close(actual, expected, tolerance, message):
+  """`assert_allclose` for any float dtype (NumPy has no bfloat16)."""
+  rtol, atol = tolerance
+  np.testing.assert_allclose(tf.cast(actual, tf.float32),
+                             tf.cast(expected, tf.float32), rtol=rtol,
+                             atol=atol, err_msg=message)

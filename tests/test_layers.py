@@ -7,6 +7,7 @@ tests after it check what is particular to one layer.
 """
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 import sklearn.preprocessing
@@ -14,7 +15,8 @@ import tensorflow as tf
 
 import layers
 from conftest import saved_and_loaded
-from layer_harness import LayerSpec, Misuse, check_layer
+from layer_harness import (LayerSpec, Misuse, check_layer,
+                           check_mixed_precision, global_dtype_policy)
 
 
 def _dense(shape, **kwargs):
@@ -102,6 +104,16 @@ SPECS = [
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_layer(spec, tmp_path):
   check_layer(spec, tmp_path)
+
+
+MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
+
+
+@pytest.mark.parametrize("policy", MIXED_POLICIES)
+@pytest.mark.parametrize("spec", [spec for spec in SPECS if spec.reference],
+                         ids=str)
+def test_layer_under_mixed_precision(spec, policy):
+  check_mixed_precision(spec, policy)
 
 
 # ---------------------------------------------------------------- Dense
@@ -193,6 +205,24 @@ def test_alpha_dropout_closed_form_and_moments(rng):
   assert abs(out.mean()) < 0.01 and abs(out.var() - 1.0) < 0.01
 
 
+@pytest.mark.parametrize("cls", [layers.Dropout, layers.AlphaDropout])
+@pytest.mark.parametrize("policy", MIXED_POLICIES)
+def test_dropout_under_mixed_precision_drops_the_float32_units(rng, cls,
+                                                               policy):
+  # Masks drawn in the compute dtype would differ from the float32 layer's,
+  # and bfloat16's (multiples of 1/128) would drop 30.5% for a rate of 0.3.
+  x = rng.normal(size=(1000, 1000)).astype("float32") + 3.0
+  mixed = cls(0.3, seed=5, dtype=policy)(x, training=True)
+  full = cls(0.3, seed=5)(x, training=True)
+  assert mixed.dtype == keras.DTypePolicy(policy).compute_dtype
+  # The input, AlphaDropout's product and its sum each round: 2 ulps.
+  ulps = 2 * float(ml_dtypes.finfo(mixed.dtype.name).eps)
+  np.testing.assert_allclose(tf.cast(mixed, tf.float32), full, rtol=ulps,
+                             atol=ulps)
+  if cls is layers.Dropout:
+    assert abs(np.mean(tf.cast(mixed, tf.float32) == 0) - 0.3) < 0.0015
+
+
 # --------------------------------------------------------- WideDeepMerge
 
 
@@ -245,6 +275,29 @@ def test_standardize_matches_keras_normalization(rng):
   np.testing.assert_allclose(ours(train), theirs(train), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("policy", MIXED_POLICIES)
+def test_scalers_under_mixed_precision_match_keras_normalization(rng, policy):
+  # Spreads below 255, so Keras' variance fits float16.
+  scales, shifts = np.array([1, 10, 30]), np.array([0, 5, -50])
+  train = (rng.normal(size=(200, 3)) * scales + shifts).astype("float32")
+  x = (rng.normal(size=(50, 3)) * scales + shifts).astype("float32")
+  spread = train.max(0) - train.min(0)
+  for ours, mean, variance in [
+      (layers.Standardize, train.mean(0), train.var(0)),
+      (layers.MinMaxScale, train.min(0), spread**2)]:
+    layer = ours(dtype=policy)
+    layer.adapt(train)
+    outputs = layer(x)
+    expected = keras.layers.Normalization(mean=mean, variance=variance,
+                                          dtype=policy)(x)
+    assert outputs.dtype == expected.dtype == layer.compute_dtype
+    assert [w.dtype for w in layer.weights] == ["float32", "float32"]
+    ulp = float(ml_dtypes.finfo(outputs.dtype.name).eps)
+    np.testing.assert_allclose(tf.cast(outputs, tf.float32),
+                               tf.cast(expected, tf.float32), rtol=ulp,
+                               atol=ulp, err_msg=ours.__name__)
+
+
 def test_scaler_adapt_errors():
   with pytest.raises(ValueError, match="empty"):
     layers.Standardize().adapt(np.zeros((0, 3), "float32"))
@@ -260,19 +313,29 @@ def test_scaler_adapt_errors():
 # ---------------------------------------------------- every layer saved
 
 
-def test_model_of_every_layer_survives_a_keras_file(rng, tmp_path):
-  wide_in, deep_in = keras.Input((3,), name="wide"), keras.Input((4,),
-                                                                 name="deep")
-  deep = layers.Dense(8, "selu")(layers.MinMaxScale()(deep_in))
-  deep = layers.AlphaDropout(0.1, seed=1)(deep)
-  deep = layers.BatchNormalization()(deep)
-  deep = layers.Dropout(0.2, seed=2)(deep)
-  merged = layers.WideDeepMerge()([layers.Standardize()(wide_in), deep])
-  model = keras.Model([wide_in, deep_in], layers.Dense(1)(merged))
+@pytest.mark.parametrize("policy", ("float32",) + MIXED_POLICIES)
+def test_model_of_every_layer_survives_a_keras_file(rng, tmp_path, policy):
+  """Under each global dtype policy: outputs in its compute dtype, float32
+  variables, and the policy saved with each layer."""
+  with global_dtype_policy(policy):
+    wide_in, deep_in = keras.Input((3,), name="wide"), keras.Input(
+        (4,), name="deep")
+    deep = layers.Dense(8, "selu")(layers.MinMaxScale()(deep_in))
+    deep = layers.AlphaDropout(0.1, seed=1)(deep)
+    deep = layers.BatchNormalization()(deep)
+    deep = layers.Dropout(0.2, seed=2)(deep)
+    merged = layers.WideDeepMerge()([layers.Standardize()(wide_in), deep])
+    model = keras.Model([wide_in, deep_in], layers.Dense(1)(merged))
   inputs = [rng.normal(size=(5, 3)).astype("float32"),
             rng.normal(size=(5, 4)).astype("float32")]
-  model(inputs, training=True)  # move the BN statistics off their defaults
+  # Moves the BN statistics off their defaults.
+  outputs = model(inputs, training=True)
+  assert outputs.dtype == keras.DTypePolicy(policy).compute_dtype
+  assert {v.dtype for v in model.weights} == {"float32"}
   loaded = saved_and_loaded(model, tmp_path)
-  np.testing.assert_allclose(loaded(inputs), model(inputs), rtol=1e-6)
+  np.testing.assert_allclose(tf.cast(loaded(inputs), tf.float32),
+                             tf.cast(model(inputs), tf.float32), rtol=1e-6)
   assert [type(l).__name__ for l in loaded.layers] == [
       type(l).__name__ for l in model.layers]
+  assert {l.dtype_policy.name for l in loaded.layers
+          if not isinstance(l, keras.layers.InputLayer)} == {policy}

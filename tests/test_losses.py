@@ -206,6 +206,49 @@ def test_classes_reduce_and_weight_like_keras(rng, ours, theirs, case):
       ours.get_config())
 
 
+HALF = (tf.float16, tf.bfloat16)
+
+
+@pytest.mark.parametrize("half", HALF, ids=lambda d: d.name)
+@pytest.mark.parametrize("case", ["mse", "sparse_probs", "sparse_logits",
+                                  "categorical_probs",
+                                  "categorical_logits_smoothed",
+                                  "binary_probs", "binary_logits"])
+def test_functions_compute_half_precision_predictions_in_float32(rng, case,
+                                                                 half):
+  ours, theirs, y_true, y_pred = _cases(rng)[case]
+  y_pred = tf.cast(y_pred, half)
+  value = ours(y_true, y_pred)
+  assert value.dtype == tf.float32
+  np.testing.assert_allclose(value, theirs(y_true, tf.cast(y_pred, "float32")),
+                             rtol=RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("half", HALF, ids=lambda d: d.name)
+@pytest.mark.parametrize("ours,theirs,case", CLASS_PAIRS)
+def test_classes_compute_half_precision_predictions_in_float32(
+    rng, ours, theirs, case, half):
+  _, _, y_true, y_pred = _cases(rng)[case]
+  y_pred = tf.cast(y_pred, half)
+  value = ours(y_true, y_pred)
+  assert value.dtype == tf.float32
+  np.testing.assert_allclose(value, theirs(y_true, y_pred), rtol=RTOL)
+
+
+def test_float16_softmax_output_uses_its_logits_in_float32():
+  # As test_softmax_output_uses_the_logits_behind_it, from a mixed precision
+  # layer: float16 holds the logits exactly, not the loss's digits.
+  model = keras.Sequential([keras.Input((2,)),
+                            layers.Dense(3, "softmax", dtype="mixed_float16")])
+  model.layers[0].kernel.assign([[200.0, 0.0, -200.0], [0.0, 0.0, 0.0]])
+  x, labels = np.array([[1.0, -1.0]], "float32"), tf.constant([2])
+  assert model(x).dtype == tf.float16
+  loss = lambda: losses.sparse_categorical_crossentropy(labels, model(x))
+  for value in (loss(), tf.function(loss)()):
+    assert value.dtype == tf.float32
+    np.testing.assert_allclose(value, [400.0], rtol=1e-6)
+
+
 def test_mse_aligns_a_trailing_unit_axis_like_keras(rng):
   y_true = rng.normal(size=(5,)).astype("float32")
   y_pred = rng.normal(size=(5, 1)).astype("float32")

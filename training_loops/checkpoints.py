@@ -14,10 +14,11 @@ class CheckpointMismatchError(ValueError):
 
 
 class RunCheckpoint:
-  """Model, optimizer (slots and step counter), the position in training
-  and the `History` so far, saved after every epoch and on a stop request
-  (the variables by a `tf.train.CheckpointManager`, numbered by optimizer
-  step; the history as `history.json`).
+  """Model, optimizer (slots and step counter; a `LossScaleOptimizer`'s
+  loss scale and count of good steps too), the position in training and the
+  `History` so far, saved after every epoch and on a stop request (the
+  variables by a `tf.train.CheckpointManager`, numbered by save; the history
+  as `history.json`).
 
   The position is the epochs done plus the steps done in the next one, with
   the running loss and metric variables of that partial epoch
@@ -44,7 +45,6 @@ class RunCheckpoint:
         model_variables=list(model.variables), optimizer=optimizer,
         epochs_done=self.epochs_done, steps_in_epoch=self.steps_in_epoch,
         progress_variables=list(progress_variables))
-    self._optimizer = optimizer
     self.directory = os.fspath(directory)
     self._model = model
     self._manifest_path = os.path.join(self.directory, "variables.json")
@@ -88,8 +88,10 @@ class RunCheckpoint:
       self._history.save(self._history_path)
     self.epochs_done.assign(epochs_done)
     self.steps_in_epoch.assign(steps_in_epoch)
-    self._manager.save(
-        checkpoint_number=int(self._optimizer.iterations.numpy()))
+    # Not numbered by optimizer step: that stands still over the steps a
+    # `LossScaleOptimizer` skips, and a save under an existing number
+    # overwrites the last good checkpoint in place.
+    self._manager.save()
     if self._scratch:
       shutil.rmtree(self._scratch, ignore_errors=True)
 

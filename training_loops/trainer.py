@@ -107,12 +107,16 @@ class Trainer:
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
     with tf.GradientTape() as tape:
       predictions = self.model(x, training=True)
-      scaled_loss, global_loss = self._loss(y, predictions, sample_weight,
-                                            self.train_trackers)
+      replica_loss, global_loss = self._loss(y, predictions, sample_weight,
+                                             self.train_trackers)
+      # As fit's train step: a `LossScaleOptimizer` (or `loss_scale_factor`)
+      # multiplies the loss so float16 gradients do not underflow, and its
+      # `apply_gradients` divides them back, skipping overflowing steps.
+      replica_loss = self.optimizer.scale_loss(replica_loss)
     variables = self.model.trainable_variables
     # Keras' optimizer sums gradients over replicas: each replica's loss is
     # already divided by the global example count.
-    gradients = tape.gradient(scaled_loss, variables)
+    gradients = tape.gradient(replica_loss, variables)
     self.optimizer.apply_gradients(zip(gradients, variables))
     self._update_metrics(self.train_metrics, y, predictions)
     return global_loss
@@ -162,15 +166,15 @@ class Trainer:
   # -- internals -----------------------------------------------------------
 
   def _loss(self, y, predictions, sample_weight, trackers):
-    """Returns `(scaled_loss, global_loss)` and updates the loss trackers.
+    """Returns `(replica_loss, global_loss)` and updates the loss trackers.
 
-    `scaled_loss` is this replica's share of the global batch loss: its
+    `replica_loss` is this replica's share of the global batch loss: its
     weighted per-example sum over the global example count, so the replicas'
     gradients sum to the gradient of the global mean, also for a partial last
     batch split unevenly. `global_loss` is that mean, as Keras reports it.
     """
     context = tf.distribute.get_replica_context()
-    scaled_loss = local_loss = 0.0
+    replica_loss = local_loss = 0.0
     local_examples = None
     for output in self.output_losses:
       y_true, y_pred = _pick(y, output.key), _pick(predictions, output.key)
@@ -179,8 +183,8 @@ class Trainer:
       local_count = tf.cast(tf.size(values), local_sum.dtype)
       global_count = context.all_reduce(tf.distribute.ReduceOp.SUM,
                                         local_count)
-      scaled_loss += output.weight * tf.math.divide_no_nan(local_sum,
-                                                           global_count)
+      replica_loss += output.weight * tf.math.divide_no_nan(local_sum,
+                                                            global_count)
       local_mean = tf.math.divide_no_nan(local_sum, local_count)
       local_loss += output.weight * local_mean
       local_examples = tf.shape(values)[0]
@@ -189,11 +193,11 @@ class Trainer:
                                                   local_examples)
     if self.model.losses:  # regularization, counted once across replicas
       regularization = tf.add_n(self.model.losses)
-      scaled_loss += regularization / self.strategy.num_replicas_in_sync
+      replica_loss += regularization / self.strategy.num_replicas_in_sync
       local_loss += regularization
     trackers["loss"].update_state(local_loss, local_examples)
-    global_loss = context.all_reduce(tf.distribute.ReduceOp.SUM, scaled_loss)
-    return scaled_loss, global_loss
+    global_loss = context.all_reduce(tf.distribute.ReduceOp.SUM, replica_loss)
+    return replica_loss, global_loss
 
   def _update_metrics(self, metrics, y, predictions):
     # Unweighted, as Keras treats `metrics` (sample weights weigh the loss).
