@@ -117,9 +117,34 @@ class Trainer:
     # Keras' optimizer sums gradients over replicas: each replica's loss is
     # already divided by the global example count.
     gradients = tape.gradient(replica_loss, variables)
+    # Decided while tracing: with one replica or no clipping, no extra op.
+    if (self.strategy.num_replicas_in_sync > 1
+        and _clips_gradients(self.optimizer)):
+      gradients = self._first_replica_holds_the_sum(gradients)
     self.optimizer.apply_gradients(zip(gradients, variables))
     self._update_metrics(self.train_metrics, y, predictions)
     return global_loss
+
+  def _first_replica_holds_the_sum(self, gradients):
+    """The replicas' summed gradients on replica 0, zeros on the others.
+
+    Keras' optimizer clips each replica's gradient before it sums them
+    (tensorflow/tensorflow#33929), so `clipnorm`, `global_clipnorm` and
+    `clipvalue` would act on shares and change with the replica count.
+    Handed these, it clips the whole gradient on replica 0 by its own rules
+    and in its own order (after a `LossScaleOptimizer` divides the scale
+    out; the accumulated gradient with `gradient_accumulation_steps`),
+    clips zeros on the others, and its sum adds them: one replica's step.
+    The zeros are the sum times 0, so a non-finite sum is NaN on every
+    replica, and a `LossScaleOptimizer` that checks each replica's
+    gradients (strategies without `merge_call`) skips the step on all.
+    """
+    context = tf.distribute.get_replica_context()
+    first = tf.equal(context.replica_id_in_sync_group, 0)
+    sums = iter(context.all_reduce(
+        tf.distribute.ReduceOp.SUM, [g for g in gradients if g is not None]))
+    return [None if g is None else next(sums) * tf.cast(first, g.dtype)
+            for g in gradients]
 
   def eval_replica_step(self, batch):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
@@ -203,6 +228,12 @@ class Trainer:
     # Unweighted, as Keras treats `metrics` (sample weights weigh the loss).
     for (output, _), metric in metrics.items():
       metric.update_state(_pick(y, output), _pick(predictions, output))
+
+
+def _clips_gradients(optimizer):
+  clipping = getattr(optimizer, "inner_optimizer", optimizer)  # loss scaling
+  return any((clipping.clipnorm, clipping.global_clipnorm,
+              clipping.clipvalue))
 
 
 def _pick(structure, key):
