@@ -41,3 +41,9 @@ def test_labels_outside_the_classes_are_a_clear_error(loop):
   bad = classification_data().map(lambda x, y: (x, y + 2))  # labels 2..4
   with pytest.raises(ValueError, match=r"\[0, 3\)"):
     _train(data=bad, loop=loop)
+
+
+def test_a_loss_reduction_the_loops_would_replace_is_refused():
+  with pytest.raises(ValueError, match=r"reduction='sum'\) is not "
+                                       "supported.*'sum_over_batch_size'"):
+    _train(loss=losses.SparseCategoricalCrossentropy(reduction="sum"))

@@ -281,6 +281,12 @@ def _unreduced(loss):
   if not isinstance(loss, keras.losses.Loss):
     raise ValueError(f"Each loss must be a keras.losses.Loss (e.g. from "
                      f"`losses`), got {loss!r}.")
+  # The step reduces as Keras' default does (the weighted sum over the
+  # global batch's examples); another reduction would be silently replaced.
+  if loss.reduction != "sum_over_batch_size":
+    raise ValueError(f"{type(loss).__name__}(reduction={loss.reduction!r}) "
+                     "is not supported: the loops reduce every loss as "
+                     "Keras' default, 'sum_over_batch_size'.")
   return type(loss).from_config({**loss.get_config(), "reduction": "none"})
 
 
