@@ -12,7 +12,7 @@ tf.config.experimental.enable_op_determinism()
 
 # Two logical CPUs, so mirrored training runs on this machine. Logical devices
 # must be configured before TensorFlow runs its first op, hence here.
-from training_loops.strategies import split_cpu  # noqa: E402
+from training_loops.strategies import make_strategy, split_cpu  # noqa: E402
 
 split_cpu(2)
 
@@ -35,3 +35,13 @@ def saved_and_loaded(model, tmp_path):
   path = tmp_path / "model.keras"
   model.save(path)
   return keras.models.load_model(path)
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+  """The one two-replica MirroredStrategy of the session: two over the same
+  devices in one process number their collectives alike and abort each
+  other's all-reduces."""
+  strategy = make_strategy("mirrored", cpu_replicas=2)
+  assert strategy.num_replicas_in_sync == 2
+  return strategy

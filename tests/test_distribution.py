@@ -13,13 +13,6 @@ from loop_models import (assert_same_run, classification_data, classifier,
 SYNCHRONIZED_LOOPS = ("graph", "function")
 
 
-@pytest.fixture(scope="module")
-def mirrored():
-  strategy = training_loops.make_strategy("mirrored", cpu_replicas=2)
-  assert strategy.num_replicas_in_sync == 2
-  return strategy
-
-
 def _batch_norm_classifier(synchronized):
   return keras.Sequential([
       keras.Input((4,)), layers.Dense(8, "relu"),

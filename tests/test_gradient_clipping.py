@@ -12,7 +12,6 @@ import pytest
 import tensorflow as tf
 
 import losses
-import training_loops
 from loop_models import classification_data, classifier, run_loop
 
 CUSTOM_LOOPS = ("eager", "function", "graph")
@@ -28,22 +27,6 @@ OPTIMIZERS = {
         keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(
             0.1, global_clipnorm=CLIP_NORM))),
 }
-
-
-@pytest.fixture(scope="module")
-def mirrored():
-  # Every MirroredStrategy numbers its collectives from the same keys, so
-  # two over the same devices in one process (test_distribution makes its
-  # own) abort each other's all-reduces. TensorFlow's tests move one aside
-  # with this class attribute, meant for tests.
-  key_base = tf.distribute.MirroredStrategy._collective_key_base
-  tf.distribute.MirroredStrategy._collective_key_base = 1000
-  try:
-    strategy = training_loops.make_strategy("mirrored", cpu_replicas=2)
-  finally:
-    tf.distribute.MirroredStrategy._collective_key_base = key_base
-  assert strategy.num_replicas_in_sync == 2
-  return strategy
 
 
 def _run(loop, optimizer, strategy=None):
