@@ -4,17 +4,24 @@ seed, side by side with model.fit.
     python -m research.compare                          # classify on digits
     python -m research.compare --experiment=regress --dataset=california_housing \
         --data_dir=../shared/data/california-housing
+    python -m research.compare --trace --loop=graph --trace_steps=20
 
 Prints per loop the final train loss, validation and test metrics, steps/s,
 the speed ratio to keras_fit and whether the final loss matches keras_fit.
+With --trace, it instead trains the loops in lockstep on the same training
+batches and prints the first step and variable where one parts from the
+first (`training_loops.compare`); that writes nothing.
 """
 
 import dataclasses
+import sys
 
 from absl import app, flags
+import keras
 
-from research import (callbacks, classify, deep_net, experiment, regress,
-                      wide_deep)
+import training_loops
+from research import (callbacks, classify, common_flags, datasets, deep_net,
+                      experiment, regress, wide_deep)
 
 EXPERIMENTS = {"classify": classify, "callbacks": callbacks,
                "regress": regress, "deep_net": deep_net,
@@ -23,13 +30,60 @@ EXPERIMENTS = {"classify": classify, "callbacks": callbacks,
 flags.DEFINE_enum("experiment", "classify", tuple(EXPERIMENTS),
                   "Which experiment to compare the loops on.")
 
+# A trace trains nothing a rerun resumes and writes nothing, so these flags
+# stay out of run_config.json, which records the flags this module defines:
+# they are defined under a module name of their own, and declared key flags
+# so that --help still lists them.
+_TRACE_MODULE = f"{__name__}.trace"
+flags.DEFINE_boolean(
+    "trace", False, "Instead of the table: train the loops in lockstep on "
+    "the same training batches and print the first step and variable where "
+    "one parts from the first. --loop=all: every loop; one loop: it and "
+    "keras_fit.",
+    module_name=_TRACE_MODULE)
+flags.DEFINE_integer("trace_steps", None, "Steps --trace compares; default: "
+                     "one epoch.", lower_bound=1, module_name=_TRACE_MODULE)
+flags.declare_key_flag("trace")
+flags.declare_key_flag("trace_steps")
+
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   script = EXPERIMENTS[FLAGS.experiment]
   defaults = dataclasses.replace(script.DEFAULTS, loop="all")
-  experiment.main_for(script.build, defaults, flags_of=[__name__])(argv)
+  if FLAGS.trace:
+    trace(script, defaults, argv, FLAGS.trace_steps)
+  else:
+    experiment.main_for(script.build, defaults, flags_of=[__name__])(argv)
+
+
+def trace(script, defaults, argv, steps):
+  """Prints `training_loops.compare` of the loops `--loop` selects on
+  `steps` batches of the experiment's training split, built as
+  `experiment.run` builds it; exits with one line for bad flags or data."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  config = common_flags.resolved(defaults, script.__name__, __name__)
+  strategy = experiment.strategy_for(config)
+  if config["loop"] == "keras_fit":
+    sys.exit("error: --trace compares --loop with keras_fit; choose another "
+             "loop, or all.")
+  loops = [loop for loop in training_loops.LOOPS
+           if config["loop"] in ("all", loop) or loop == "keras_fit"]
+  seed = config["seed"]
+  try:
+    built = script.build(config)
+    keras.utils.set_random_seed(seed)  # before the data: it seeds the shuffle
+    report = training_loops.compare(
+        built.model_fn,
+        lambda: keras.optimizers.SGD(config["learning_rate"]), built.loss,
+        experiment.make_dataset(built, "train", config["batch_size"], seed),
+        loops=loops, steps=steps, metrics=built.metrics,
+        loss_weights=built.loss_weights, strategy=strategy, seed=seed)
+  except (datasets.DataError, training_loops.TrainingDataError) as error:
+    sys.exit(f"error: {error}")
+  print(report)
 
 
 if __name__ == "__main__":

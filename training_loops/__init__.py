@@ -12,15 +12,17 @@ from training_loops.controller import Controller
 from training_loops.drivers import Driver, LoopOptions, StepDriver
 from training_loops.history import History
 from training_loops.interrupts import TrainingInterrupted
+from training_loops.lockstep import Divergence, LockstepReport, compare
 from training_loops.strategies import (STRATEGIES, WorkerLostError,
                                        make_strategy)
 from training_loops.trainer import (NonFiniteLossError, Trainer,
                                     TrainingDataError)
 from training_loops.training import LOOPS, evaluate, train
 
-__all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "Controller",
-           "Driver", "EarlyStopping", "evaluate", "History", "LoopOptions",
-           "LOOPS", "make_strategy", "NonFiniteLossError", "ProfileEpoch",
+__all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "compare",
+           "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
+           "History", "LockstepReport", "LoopOptions", "LOOPS",
+           "make_strategy", "NonFiniteLossError", "ProfileEpoch",
            "replaced_atomically", "StepDriver", "STRATEGIES", "train",
            "Trainer", "TrainingDataError", "TrainingInterrupted",
            "WorkerLostError", "write_json_atomically"]
