@@ -6,7 +6,6 @@ from absl.testing import flagsaver
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import layers
 import losses
@@ -153,10 +152,9 @@ def test_a_misreported_loss_is_named_in_its_epoch(register):
                   rtol=2 * NUDGE).agreed
 
 
-def test_loops_agree_under_a_mirrored_strategy():
+def test_loops_agree_under_a_mirrored_strategy(mirrored):
   """Each replica gets its half of every replayed batch."""
-  report = _compare(steps=3, strategy=tf.distribute.MirroredStrategy(
-      ["/cpu:0", "/cpu:1"]))
+  report = _compare(steps=3, strategy=mirrored)
   assert report.agreed, str(report)
 
 
