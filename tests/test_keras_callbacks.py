@@ -195,7 +195,10 @@ def test_ema_ends_on_the_averages_and_validates_on_them(loop, fit_with_ema):
 
 
 @pytest.mark.parametrize("loop", CUSTOM_LOOPS)
-def test_terminate_on_nan_stops_in_the_same_epoch_as_fit(loop):
+def test_with_terminate_on_nan_a_nan_ends_the_run_in_fits_epoch(loop):
+  """The loops raise `NonFiniteLossError` at the NaN's step, before any
+  batch hook (so before `TerminateOnNaN` could stop training); fit stops at
+  that batch and raises at the epoch's end. Both name the same epoch."""
   from test_non_finite_loss import _NaNAfter
 
   def model_fn():  # 4 steps an epoch: the 7th call is in epoch 1
@@ -274,4 +277,44 @@ def test_stop_training_from_a_batch_hook_ends_the_epoch_as_in_fit(loop):
                          steps_per_loop=per_call)
                for run in (loop, "keras_fit")}
   assert histories[loop].epochs == histories["keras_fit"].epochs == [0]
+  _same_weights(histories[loop], histories["keras_fit"])
+
+
+def test_a_partial_last_call_ends_with_the_batch_it_ran():
+  """4 batches in calls of 3: fit numbers the second call's end 5, as if it
+  were whole; the graph loop names the last batch it ran, 3."""
+  recorders = {run: _BatchRecorder() for run in ("graph", "keras_fit")}
+  for run, recorder in recorders.items():
+    _run(run, [recorder], epochs=1, steps_per_loop=3, validation_data=None)
+  ends = {run: [call[1] for call in recorder.calls if call[0] == "train_end"]
+          for run, recorder in recorders.items()}
+  assert ends == {"graph": [2, 3], "keras_fit": [2, 5]}
+
+
+@pytest.mark.parametrize("loop", CUSTOM_LOOPS)
+def test_a_lambda_callbacks_batch_hooks_run(loop):
+  """`LambdaCallback` sets its hooks on the instance, not the class."""
+  seen = {run: [] for run in (loop, "keras_fit")}
+  for run, batches in seen.items():
+    _run(run, [keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs, b=batches: b.append(batch))],
+         epochs=1, steps_per_loop=1 if loop == "graph" else None)
+  assert seen[loop] == seen["keras_fit"] == [0, 1, 2, 3]
+
+
+class _StopAtEpochBegin(keras.callbacks.Callback):
+
+  def on_epoch_begin(self, epoch, logs=None):
+    if epoch == 1:
+      self.model.stop_training = True
+
+
+@pytest.mark.parametrize("loop", CUSTOM_LOOPS)
+def test_stop_training_from_epoch_begin_runs_one_call_as_in_fit(loop):
+  """Fit checks `stop_training` after each execution, never before."""
+  per_call = 1 if loop == "graph" else None
+  histories = {run: _run(run, [_StopAtEpochBegin()], epochs=3,
+                         steps_per_loop=per_call)
+               for run in (loop, "keras_fit")}
+  assert histories[loop].epochs == histories["keras_fit"].epochs == [0, 1]
   _same_weights(histories[loop], histories["keras_fit"])

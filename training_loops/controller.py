@@ -39,11 +39,14 @@ class Epoch:
     self.hooks = hooks
     self._controller = controller
 
-  def should_stop(self):
-    """Checked before each call: a stop request, or a callback that set
-    `model.stop_training` (fit checks it after every call too)."""
-    return self._controller.stop_requested or (
-        self._controller.model.stop_training)
+  def stop_requested(self):
+    """Checked before each call: SIGINT or SIGTERM."""
+    return self._controller.stop_requested
+
+  def stop_training(self):
+    """Checked after each call, as fit checks it after each execution: a
+    callback set `model.stop_training`."""
+    return self._controller.model.stop_training
 
 
 class BatchHooks:
@@ -51,9 +54,11 @@ class BatchHooks:
   calls them with `steps_per_execution`: `begin` with the index of the
   call's first batch, `end` with its last and the running logs.
 
-  Keras' own `Callback` leaves these hooks empty, so when no callback
-  overrides one nothing is called and no logs are read: a run without
-  batch-level callbacks pays nothing per step.
+  Keras marks the empty hooks of its `Callback` as defaults; when no
+  callback has any other (a subclass's method, or `LambdaCallback`'s), nothing
+  is called and no logs are read: a run without batch-level callbacks pays
+  nothing per step. (Fit calls them, and reads the logs, at every
+  execution; `ModelCheckpoint` and `BackupAndRestore` always have one.)
   """
 
   _NAMES = {"train": ("on_train_batch_begin", "on_train_batch_end",
@@ -66,8 +71,7 @@ class BatchHooks:
     known (fit never begins a batch past the end); `progress(done, logs)`,
     the progress bar's update, runs at every `end`."""
     self.active = any(
-        getattr(type(callback), name) is not getattr(keras.callbacks.Callback,
-                                                     name)
+        not getattr(getattr(callback, name), "_is_default", False)
         for callback in callbacks for name in self._NAMES[kind])
     self._begin = getattr(callback_list, f"on_{kind}_batch_begin")
     self._end = getattr(callback_list, f"on_{kind}_batch_end")
@@ -154,9 +158,12 @@ class Controller:
   # -- for the custom loops ------------------------------------------------
 
   def epochs(self):
-    """Yields an `Epoch` for each epoch to train; before each, Keras'
-    epoch-begin hooks; after each, validation (the driver's `evaluate`), the
-    epoch-end hooks and the checkpoint. Ends early when a callback sets
+    """Yields an `Epoch` for each epoch to train, in fit's callback order:
+    `on_train_begin` (then the epoch `BackupAndRestore` restored, if any);
+    per epoch the metrics' reset, `on_epoch_begin`, the driver's calls with
+    their batch hooks, validation (the driver's `evaluate`, with test-batch
+    hooks), `on_epoch_end` and the checkpoint; at the end the optimizer's
+    EMA finalization and `on_train_end`. Ends early when a callback sets
     `model.stop_training` or a stop is requested (at a step boundary)."""
     strategy = self.trainer.strategy
     train_batches = strategy.experimental_distribute_dataset(self.train_data)
@@ -173,18 +180,22 @@ class Controller:
         known_length(self.validation_data))
     self.model.stop_training = False
     callbacks.on_train_begin()
-    if getattr(self.model, "_initial_epoch", None):
-      # Set by `keras.callbacks.BackupAndRestore` from its backup, which
-      # fit then starts from.
-      self.position = (self.model._initial_epoch, 0)
+    restored = getattr(self.model, "_initial_epoch", None)
+    if restored:  # by `keras.callbacks.BackupAndRestore`; fit starts there
+      if self.checkpoint and self.position != (restored, 0):
+        raise ValueError(
+            f"BackupAndRestore restored epoch {restored}, but "
+            f"{self.checkpoint.directory} holds epoch {self.position[0]}, "
+            f"step {self.position[1]}: resume from one of them.")
+      self.position = (restored, 0)
     first_epoch, first_step = self.position
     logs = None
     for index in range(first_epoch, self.epochs_total):
       if self.verbose:
         print(f"Epoch {index + 1}/{self.epochs_total}")
-      callbacks.on_epoch_begin(index)
       first = first_step if index == first_epoch else 0
       epoch = self._begin_epoch(index, first, train_batches, callbacks)
+      callbacks.on_epoch_begin(index)  # after the metrics' reset, as fit
       yield epoch
       self.position = (index, epoch.steps)
       if self.stop_requested:
@@ -194,10 +205,11 @@ class Controller:
       logs = self.trainer.train_logs()
       if validation_batches is not None:
         callbacks.on_test_begin()
-        self.driver.evaluate(iter(validation_batches),
-                             test_hooks if test_hooks.active else None)
-        callbacks.on_test_end(as_floats(self.trainer.eval_logs(prefix="")))
-        logs.update(self.trainer.eval_logs())
+        self.driver.evaluate(iter(validation_batches), test_hooks)
+        validation_logs = as_floats(self.trainer.eval_logs(prefix=""))
+        callbacks.on_test_end(validation_logs)
+        logs.update({f"val_{key}": value
+                     for key, value in validation_logs.items()})
       logs = as_floats(logs)
       self._progress_bar.update(epoch.steps, logs.items(), finalize=True)
       callbacks.on_epoch_end(index, logs)

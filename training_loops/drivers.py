@@ -4,8 +4,9 @@ and the three custom loops.
 A `Controller` owns everything around the epochs (callbacks, validation,
 checkpoints, stop requests, history, progress, errors); a driver only runs
 steps. The custom loops share `StepDriver`, which owns an epoch's
-bookkeeping (stop checks, step counting, the finite-loss check, progress);
-each supplies only how many steps one Python call runs and how.
+bookkeeping (stop checks, step counting, the finite-loss check, the
+batch-level hooks around each call); each supplies only how many steps one
+Python call runs and how.
 """
 
 import abc
@@ -95,29 +96,28 @@ class StepDriver(Driver):
     requested, counting steps in `epoch.steps`; the epoch's hooks run
     around each call."""
     run_steps = self.stepper(epoch.iterator)
-    while not epoch.should_stop():
+    while not epoch.stop_requested():
       epoch.hooks.begin(epoch.steps)
       steps, loss = run_steps()
       if steps:
         epoch.steps += steps
         _check_finite(loss, epoch.index, epoch.steps)
         epoch.hooks.end(epoch.steps)
-      if steps < self.steps_per_call:
+      if steps < self.steps_per_call or epoch.stop_training():
         return
 
   def evaluate(self, iterator, hooks=None):
-    """Runs the eval step on every batch of `iterator`; `hooks` (test-batch
-    hooks) run around each call."""
+    """Runs the eval step on every batch of `iterator`; `hooks` (the
+    controller's test-batch `BatchHooks`) run around each call."""
     run_steps = self.eval_stepper(iterator)
     done = 0
     while True:
       if hooks:
         hooks.begin(done)
       steps = run_steps()
-      if steps:
-        done += steps
-        if hooks:
-          hooks.end(done)
+      done += steps
+      if steps and hooks:
+        hooks.end(done)
       if steps < self.steps_per_call:
         return
 
