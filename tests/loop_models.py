@@ -11,6 +11,10 @@ import layers
 import losses
 import training_loops
 
+# The loops `model.fit` is the reference for.
+CUSTOM_LOOPS = tuple(loop for loop in training_loops.LOOPS
+                     if loop != "keras_fit")
+
 
 def classification_data(examples=50, batch_size=16, features=4, classes=3,
                         seed=0, shuffle=False, sample_weights=False,
@@ -72,6 +76,12 @@ def assert_same_run(history, reference, rtol, atol=0.0):
   for key, values in reference.history.items():
     np.testing.assert_allclose(history.history[key], values, rtol=rtol,
                                err_msg=key)
+
+
+def max_weight_difference(history, reference):
+  """The largest absolute difference between two runs' final weights."""
+  return max(np.max(np.abs(weight - expected)) for weight, expected in zip(
+      history.model.get_weights(), reference.model.get_weights()))
 
 
 def wait_for_epochs(checkpoint_dir, epochs, process, timeout=120):

@@ -7,14 +7,13 @@ fit's mirrored run differs from its one-replica run: a known difference.
 """
 
 import keras
-import numpy as np
 import pytest
 import tensorflow as tf
 
 import losses
-from loop_models import classification_data, classifier, run_loop
+from loop_models import (CUSTOM_LOOPS, classification_data, classifier,
+                         max_weight_difference, run_loop)
 
-CUSTOM_LOOPS = ("eager", "function", "graph")
 
 CLIP_NORM, CLIP_VALUE = 0.05, 0.01
 OPTIMIZERS = {
@@ -37,11 +36,6 @@ def _run(loop, optimizer, strategy=None):
                   optimizer_fn=OPTIMIZERS[optimizer], strategy=strategy)
 
 
-def _max_difference(history, reference):
-  return max(np.max(np.abs(weight - expected)) for weight, expected in zip(
-      history.model.get_weights(), reference.model.get_weights()))
-
-
 def test_every_clip_is_active_from_the_first_step():
   keras.utils.set_random_seed(3)  # run_loop's seed: the initial weights
   model = classifier(batch_norm=False)
@@ -61,7 +55,7 @@ def test_custom_loops_clip_the_sum_so_two_replicas_equal_one(loop, optimizer,
                                                              mirrored):
   single = _run(loop, optimizer)
   replicated = _run(loop, optimizer, mirrored)
-  assert _max_difference(replicated, single) < 1e-5
+  assert max_weight_difference(replicated, single) < 1e-5
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
@@ -69,4 +63,4 @@ def test_keras_fit_clips_each_replicas_share_so_two_replicas_differ(
     optimizer, mirrored):
   single = _run("keras_fit", optimizer)
   replicated = _run("keras_fit", optimizer, mirrored)
-  assert _max_difference(replicated, single) > 1e-3
+  assert max_weight_difference(replicated, single) > 1e-3

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import training_loops
-from loop_models import classification_data, classifier, run_loop, sgd
-
-CUSTOM_LOOPS = ("eager", "function", "graph")
+from loop_models import (CUSTOM_LOOPS, classification_data, classifier,
+                         run_loop, sgd)
 
 
 def _run(loop, callbacks, **kwargs):

@@ -15,10 +15,8 @@ import losses
 import training_loops
 from training_loops import drivers, xla_chunks
 from training_loops.controller import BatchHooks, Epoch
-from loop_models import (accuracy, assert_same_run, classification_data,
-                         classifier, run_loop, sgd)
-
-CUSTOM_LOOPS = ("eager", "function", "graph")
+from loop_models import (CUSTOM_LOOPS, accuracy, assert_same_run,
+                         classification_data, classifier, run_loop, sgd)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ import pytest
 import tensorflow as tf
 
 from layer_harness import global_dtype_policy
-from loop_models import assert_same_run, classifier, run_loop
-
-CUSTOM_LOOPS = ("eager", "function", "graph")
+from loop_models import (CUSTOM_LOOPS, assert_same_run, classifier,
+                         max_weight_difference, run_loop)
 
 
 def _loss_scaled_sgd(made, **kwargs):
@@ -37,11 +36,6 @@ def _run(loop, policy, optimizer_fn, epochs, **kwargs):
                     optimizer_fn=optimizer_fn, **kwargs)
 
 
-def _max_difference(history, reference):
-  return max(np.max(np.abs(weight - expected)) for weight, expected in zip(
-      history.model.get_weights(), reference.model.get_weights()))
-
-
 @pytest.fixture(scope="module")
 def float16_fit():
   made = []
@@ -58,7 +52,7 @@ def test_mixed_float16_with_loss_scaling_trains_as_fit(loop, float16_fit):
   assert {v.dtype for v in model.weights} == {"float32"}
   losses = history.history["loss"]
   assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
-  assert _max_difference(history, fit) < 2e-2
+  assert max_weight_difference(history, fit) < 2e-2
   # Loss scaling ran: the default 2**15 overflowed at least once, as in fit.
   scale = made[-1].dynamic_scale.numpy()
   assert scale == fit_optimizers[-1].dynamic_scale.numpy() < 2.0**15
@@ -70,7 +64,7 @@ def test_mixed_bfloat16_trains_as_fit(loop):
   fit = _run("keras_fit", "mixed_bfloat16", sgd, 2)
   history = _run(loop, "mixed_bfloat16", sgd, 2)
   assert history.model.layers[0].compute_dtype == "bfloat16"
-  assert _max_difference(history, fit) < 2e-2
+  assert max_weight_difference(history, fit) < 2e-2
 
 
 def test_overflowing_steps_are_skipped_and_lower_the_scale_as_in_fit(
