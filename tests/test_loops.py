@@ -119,7 +119,7 @@ class _NeverStops:
   model = types.SimpleNamespace(stop_training=False)
 
 
-_NO_HOOKS = BatchHooks("train", [], keras.callbacks.CallbackList([]), dict)
+_NO_HOOKS = BatchHooks("train", keras.callbacks.CallbackList([]), dict)
 
 
 def test_evaluate_matches_model_evaluate(histories):

@@ -32,11 +32,13 @@ class Epoch:
     steps: steps done in it, counting those of a resumed run; the driver
       adds the ones it runs.
     hooks: `BatchHooks` to run around each driver call.
+    progress_bar: the epoch's `keras.utils.Progbar`, finalized at its end.
   """
 
-  def __init__(self, index, iterator, steps, hooks, controller):
+  def __init__(self, index, iterator, steps, hooks, controller,
+               progress_bar=None):
     self.index, self.iterator, self.steps = index, iterator, steps
-    self.hooks = hooks
+    self.hooks, self.progress_bar = hooks, progress_bar
     self._controller = controller
 
   def stop_requested(self):
@@ -65,14 +67,15 @@ class BatchHooks:
                       "on_batch_begin", "on_batch_end"),
             "test": ("on_test_batch_begin", "on_test_batch_end")}
 
-  def __init__(self, kind, callbacks, callback_list, logs, batches=None,
+  def __init__(self, kind, callback_list, logs, batches=None,
                progress=None):
     """`logs()`: the running results; `batches`: how many the data has, if
     known (fit never begins a batch past the end); `progress(done, logs)`,
     the progress bar's update, runs at every `end`."""
     self.active = any(
         not getattr(getattr(callback, name), "_is_default", False)
-        for callback in callbacks for name in self._NAMES[kind])
+        for callback in callback_list.callbacks
+        for name in self._NAMES[kind])
     self._begin = getattr(callback_list, f"on_{kind}_batch_begin")
     self._end = getattr(callback_list, f"on_{kind}_batch_end")
     self._logs, self._batches, self._progress = logs, batches, progress
@@ -170,13 +173,13 @@ class Controller:
     validation_batches = (
         strategy.experimental_distribute_dataset(self.validation_data)
         if self.validation_data is not None else None)
+    train_length = known_length(self.train_data)
     # The params fit gives its callbacks (SwapEMAWeights reads "epochs").
     callbacks = keras.callbacks.CallbackList(
         self.callbacks, model=self.model, verbose=self.verbose,
-        epochs=self.epochs_total, steps=known_length(self.train_data))
+        epochs=self.epochs_total, steps=train_length)
     test_hooks = BatchHooks(
-        "test", self.callbacks, callbacks,
-        lambda: self.trainer.eval_logs(prefix=""),
+        "test", callbacks, lambda: self.trainer.eval_logs(prefix=""),
         known_length(self.validation_data))
     self.model.stop_training = False
     callbacks.on_train_begin()
@@ -194,7 +197,8 @@ class Controller:
       if self.verbose:
         print(f"Epoch {index + 1}/{self.epochs_total}")
       first = first_step if index == first_epoch else 0
-      epoch = self._begin_epoch(index, first, train_batches, callbacks)
+      epoch = self._begin_epoch(index, first, train_batches, train_length,
+                                callbacks)
       callbacks.on_epoch_begin(index)  # after the metrics' reset, as fit
       yield epoch
       self.position = (index, epoch.steps)
@@ -211,7 +215,7 @@ class Controller:
         logs.update({f"val_{key}": value
                      for key, value in validation_logs.items()})
       logs = as_floats(logs)
-      self._progress_bar.update(epoch.steps, logs.items(), finalize=True)
+      epoch.progress_bar.update(epoch.steps, logs.items(), finalize=True)
       callbacks.on_epoch_end(index, logs)
       self.epoch_done(index)
       if self.model.stop_training:
@@ -221,23 +225,22 @@ class Controller:
         self.model.trainable_weights)
     callbacks.on_train_end(logs)
 
-  def _begin_epoch(self, index, first_step, train_batches, callbacks):
+  def _begin_epoch(self, index, first_step, train_batches, batches,
+                   callbacks):
     if not first_step:
       self.trainer.reset()  # else: the running metrics were restored
-    batches = known_length(self.train_data)
     progress_bar = keras.utils.Progbar(
         batches, verbose=self.verbose,
         stateful_metrics=list(self.trainer.train_logs()) + ["val_loss"])
-    self._progress_bar = progress_bar
     hooks = BatchHooks(
-        "train", self.callbacks, callbacks, self.trainer.train_logs, batches,
+        "train", callbacks, self.trainer.train_logs, batches,
         (lambda done, logs: progress_bar.update(done, logs.items()))
         if self.verbose == 1 else None)
     iterator = iter(train_batches)
     for _ in range(first_step):  # batches trained before the stop
       next(iterator)
     self.position = (index, first_step)
-    return Epoch(index, iterator, first_step, hooks, self)
+    return Epoch(index, iterator, first_step, hooks, self, progress_bar)
 
   # -- for every loop ------------------------------------------------------
 
