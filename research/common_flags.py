@@ -23,7 +23,8 @@ flags.DEFINE_integer("epochs", None, "Epochs; default: the experiment's.",
                      lower_bound=1)
 flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
 flags.DEFINE_float("learning_rate", None,
-                   "SGD learning rate; default: the experiment's.")
+                   "Peak learning rate (after any warm-up); default: the "
+                   "experiment's.")
 flags.DEFINE_integer("seed", 42, "Seeds the split, weights, dropout and "
                      "data order.", lower_bound=0)
 flags.DEFINE_enum("strategy", "default", training_loops.STRATEGIES,
@@ -44,6 +45,72 @@ flags.DEFINE_integer("verbose", 2, "0 silent, 1 progress bars, 2 a line "
 flags.register_validator("learning_rate", lambda v: v is None or v > 0,
                          message="--learning_rate must be positive.")
 
+# -- the optimizer (research.optimizers builds it) ---------------------------
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop",
+              "adagrad")
+LR_SCHEDULES = ("constant", "exponential", "piecewise", "cosine")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+flags.DEFINE_enum("optimizer", None, OPTIMIZERS,
+                  "Optimizer: sgd, momentum (SGD with momentum), nesterov, "
+                  "adam, adamw, rmsprop or adagrad; default: the "
+                  "experiment's.")
+flags.DEFINE_float("momentum", None, "Momentum of --optimizer=momentum or "
+                   "nesterov, in [0, 1); default 0.9.")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (Keras' "
+                   "`weight_decay`: each step subtracts learning_rate * "
+                   "weight_decay * weight), >= 0.")
+flags.DEFINE_enum("lr_schedule", "constant", LR_SCHEDULES,
+                  "Learning-rate schedule after the warm-up: constant, "
+                  "exponential (x decay_rate every decay_steps), piecewise "
+                  "(lr_values between lr_boundaries) or cosine (to 0 over "
+                  "decay_steps).")
+flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up from 0 to "
+                     "--learning_rate over this many steps, then the "
+                     "schedule.", lower_bound=0)
+flags.DEFINE_integer("decay_steps", None, "exponential: steps per "
+                     "decay_rate factor (default: one epoch); cosine: steps "
+                     "from peak to 0 (default: the rest of the run).",
+                     lower_bound=1)
+flags.DEFINE_float("decay_rate", 0.9, "exponential: the factor per "
+                   "decay_steps, in (0, 1].")
+flags.DEFINE_list("lr_boundaries", None, "piecewise: the steps (after the "
+                  "warm-up) where the learning rate changes, increasing.")
+flags.DEFINE_list("lr_values", None, "piecewise: the learning rates, one "
+                  "more than --lr_boundaries; the first replaces "
+                  "--learning_rate.")
+flags.DEFINE_enum("precision", "float32", PRECISIONS,
+                  "Keras dtype policy; mixed_float16 also wraps the optimizer "
+                  "in a LossScaleOptimizer, as model.fit does.")
+flags.DEFINE_float("clipnorm", None, "Clip the gradient, summed over "
+                   "replicas, to this global norm (> 0).")
+flags.DEFINE_float("ema_momentum", 0.0, "Keep an exponential moving average "
+                   "of the weights with this momentum, in [0, 1), and end "
+                   "training on it; 0: off.")
+flags.DEFINE_integer("gradient_accumulation_steps", 1, "Apply the optimizer "
+                     "once per this many batches, with their mean gradient.",
+                     lower_bound=1)
+
+# -- step cadence, dev runs, determinism -------------------------------------
+flags.DEFINE_integer("eval_every_steps", None, "Also validate every this "
+                     "many training steps (counted over the run), logged by "
+                     "step.", lower_bound=1)
+flags.DEFINE_integer("checkpoint_every_steps", None, "Also checkpoint every "
+                     "this many training steps, so a crash loses at most "
+                     "that many (custom loops).", lower_bound=1)
+flags.DEFINE_boolean("fast_dev_run", False, "One batch of training, "
+                     "validation and test per loop, in a temporary "
+                     "directory removed at the end: a check that every code "
+                     "path runs, in seconds.")
+flags.DEFINE_integer("limit_batches", None, "Use at most this many batches "
+                     "of each split per epoch.", lower_bound=1)
+flags.DEFINE_integer("overfit_batches", None, "Train on the same first N "
+                     "batches every epoch, unshuffled: the loss should fall "
+                     "to about zero.", lower_bound=1)
+flags.DEFINE_boolean("deterministic", False, "TensorFlow op determinism: "
+                     "two runs with the same flags give bitwise-identical "
+                     "histories (slower).")
+
 
 @dataclasses.dataclass(frozen=True)
 class Defaults:
@@ -52,6 +119,12 @@ class Defaults:
   loop: str = "all"
   epochs: int = 20
   learning_rate: float = 0.01
+  optimizer: str = "sgd"
+
+
+class SettingsError(ValueError):
+  """The flags conflict: with each other, with the data, or with the run
+  already in the output directory. The message is one line."""
 
 
 def resolved(defaults, *modules):

@@ -98,7 +98,7 @@ def main_for(build, defaults, flags_of=()):
       print(f"{interruption} Partial results are in results.json.",
             file=sys.stderr)
       sys.exit(128 + interruption.signal_number)
-    except (datasets.DataError, SettingsError,
+    except (datasets.DataError, common_flags.SettingsError,
             training_loops.CheckpointMismatchError,
             training_loops.NonFiniteLossError,
             training_loops.TrainingDataError,
@@ -130,7 +130,7 @@ def run(experiment, config, strategy):
   if config["batch_size"] % replicas:
     # Uneven shards would give each replica's BatchNormalization and dropout
     # a different batch size from run to run of the same global batch.
-    raise SettingsError(
+    raise common_flags.SettingsError(
         f"--batch_size={config['batch_size']} is not divisible by the "
         f"{replicas} replicas of --strategy={config['strategy']}.")
   loops = (training_loops.LOOPS if config["loop"] == "all"
@@ -160,11 +160,6 @@ def run(experiment, config, strategy):
   return results
 
 
-class SettingsError(ValueError):
-  """The flags conflict: with each other, or with the run already in the
-  output directory."""
-
-
 # A rerun may change these: more epochs continue training; the rest only
 # change what is shown or where it goes.
 _RESUMABLE_CHANGES = ("epochs", "verbose", "output_dir", "export_dir")
@@ -189,7 +184,7 @@ def claim_output_dir(output_dir, name, config):
         for key in {**recorded, **identity}
         if recorded.get(key) != identity.get(key)]
     if differences:
-      raise SettingsError(
+      raise common_flags.SettingsError(
           f"{output_dir} holds a run with other settings "
           f"({'; '.join(differences)}); its checkpoints would be resumed. "
           "Use another --output_dir, or delete that one.")

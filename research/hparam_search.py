@@ -152,7 +152,7 @@ def main(argv):
   output_dir = config["output_dir"] or os.path.join("runs", "hparam_search")
   try:
     experiment.claim_output_dir(output_dir, "hparam_search", config)
-  except experiment.SettingsError as error:
+  except common_flags.SettingsError as error:
     sys.exit(f"error: {error}")
   sweep = learning_rate_sweep(config, output_dir, strategy)
   search = randomized_search(config, output_dir)
