@@ -46,7 +46,14 @@ def _run_until_training(script, **flag_values):
 # What run_config.json records besides a script's own flags: the shared
 # flags a rerun may not change.
 _SHARED = {"experiment", "dataset", "loop", "batch_size", "learning_rate",
-           "seed", "strategy", "cpu_replicas", "data_dir"}
+           "seed", "strategy", "cpu_replicas", "data_dir",
+           # issue 14's research-run controls, with the names it asks for
+           "optimizer", "momentum", "weight_decay", "lr_schedule",
+           "warmup_steps", "decay_steps", "decay_rate", "lr_boundaries",
+           "lr_values", "precision", "clipnorm", "ema_momentum",
+           "gradient_accumulation_steps", "eval_every_steps",
+           "checkpoint_every_steps", "fast_dev_run", "limit_batches",
+           "overfit_batches", "deterministic"}
 
 
 @pytest.mark.parametrize("script,own", [
