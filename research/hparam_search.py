@@ -21,11 +21,11 @@ import numpy as np
 from scipy import stats
 from sklearn import base, model_selection
 import tensorflow as tf
-from tensorboard.plugins.hparams import api as hparams_api
 
 import losses
 import training_loops
-from research import common_flags, datasets, experiment, models, regress
+from research import (common_flags, datasets, experiment, models, regress,
+                      reports)
 
 flags.DEFINE_integer("sweep_points", 5, "Learning rates in the sweep "
                      "(log-spaced over [1e-4, 3e-2]).", lower_bound=2)
@@ -76,14 +76,6 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
     ).ravel()
 
 
-def log_trial(log_dir, trial_hparams, metrics):
-  """One TensorBoard HParams run: the hyperparameters and final metrics."""
-  with tf.summary.create_file_writer(log_dir).as_default():
-    hparams_api.hparams(trial_hparams)
-    for name, value in metrics.items():
-      tf.summary.scalar(name, value, step=0)
-
-
 def learning_rate_sweep(config, output_dir, strategy):
   """Trains the regressor under `strategy` at `config["sweep_points"]`
   learning rates; returns a row per rate."""
@@ -104,9 +96,9 @@ def learning_rate_sweep(config, output_dir, strategy):
              "val_loss": report["history"]["val_loss"][-1],
              "test_loss": report["test"]["loss"]}
     rows.append(row)
-    log_trial(os.path.join(output_dir, "hparams", f"sweep_{index}"),
-              {"learning_rate": row["learning_rate"]},
-              {"val_loss": row["val_loss"]})
+    reports.log_hparams(
+        os.path.join(output_dir, "hparams", f"sweep_{index}"),
+        {"learning_rate": row["learning_rate"]}, {"val_loss": row["val_loss"]})
   return rows
 
 
@@ -127,8 +119,9 @@ def randomized_search(config, output_dir):
   for index, params in enumerate(search.cv_results_["params"]):
     cv_mse = -float(search.cv_results_["mean_test_score"][index])
     trials.append({"params": _plain(params), "cv_mse": cv_mse})
-    log_trial(os.path.join(output_dir, "hparams", f"search_{index}"),
-              _plain(params), {"cv_mse": cv_mse})
+    reports.log_hparams(
+        os.path.join(output_dir, "hparams", f"search_{index}"),
+        _plain(params), {"cv_mse": cv_mse})
   test_mse = float(np.mean(np.square(
       search.best_estimator_.predict(splits.x_test) - splits.y_test)))
   return {"best_params": _plain(search.best_params_),
