@@ -53,8 +53,8 @@ def _perturbed(base, at_step, perturb):
     def stepper(self, iterator):
       run = super().stepper(iterator)
 
-      def perturbed_run():
-        steps, loss = run()
+      def perturbed_run(limit):
+        steps, loss = run(limit)
         self.steps_run += steps
         if steps and self.steps_run == at_step:
           loss = perturb(self.trainer, loss)

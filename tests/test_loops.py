@@ -14,7 +14,7 @@ import layers
 import losses
 import training_loops
 from training_loops import drivers, xla_chunks
-from training_loops.controller import BatchHooks, Epoch
+from training_loops.controller import BatchHooks, Cadence, Epoch
 from loop_models import (CUSTOM_LOOPS, accuracy, assert_same_run,
                          classification_data, classifier, run_loop, sgd)
 
@@ -28,8 +28,8 @@ def histories():
 
 def test_every_loop_reports_the_same_keys(histories):
   for history in histories.values():
-    assert sorted(history.history) == ["accuracy", "loss", "val_accuracy",
-                                       "val_loss"]
+    assert sorted(history.history) == ["accuracy", "learning_rate", "loss",
+                                       "val_accuracy", "val_loss"]
     assert history.epochs == [0, 1]
     assert len(history.steps_per_second) == len(history.wall_seconds) == 2
     assert all(rate > 0 for rate in history.steps_per_second)
@@ -114,9 +114,13 @@ def test_partial_last_batch_does_not_retrace_every_epoch():
 
 
 class _NeverStops:
-  """The part of a `Controller` an `Epoch` talks to."""
+  """The part of a `Controller` an `Epoch` talks to, without a cadence."""
   stop_requested = False
   model = types.SimpleNamespace(stop_training=False)
+  cadence = Cadence()
+
+  def steps_ran(self, steps, epoch, steps_in_epoch):
+    del steps, epoch, steps_in_epoch
 
 
 _NO_HOOKS = BatchHooks("train", keras.callbacks.CallbackList([]), dict)
@@ -219,7 +223,8 @@ def test_multi_input_multi_output_agree_with_model_fit():
   results = {loop: run_loop(loop, **kwargs).history
              for loop in training_loops.LOOPS}
   assert sorted(results["graph"]) == sorted(results["keras_fit"]) == [
-      "aux_loss", "loss", "main_loss", "main_mae", "val_aux_loss",
+      "aux_loss", "learning_rate", "loss", "main_loss", "main_mae",
+      "val_aux_loss",
       "val_loss", "val_main_loss", "val_main_mae"]
   for loop, history in results.items():
     for key, values in history.items():
@@ -250,9 +255,9 @@ class _TwoStepsACall(training_loops.StepDriver):
     self.eval_step = trainer.distribute(trainer.eval_replica_step)
 
     @tf.function
-    def train_two(iterator):
+    def train_two(iterator, limit):
       steps, loss = tf.constant(0), tf.constant(0.0)
-      for _ in tf.range(self.steps_per_call):
+      for _ in tf.range(limit):
         batch = iterator.get_next_as_optional()
         if not batch.has_value():
           break
@@ -263,8 +268,8 @@ class _TwoStepsACall(training_loops.StepDriver):
     self.train_two = train_two
 
   def stepper(self, iterator):
-    def run():
-      steps, loss = self.train_two(iterator)
+    def run(limit):
+      steps, loss = self.train_two(iterator, tf.constant(limit))
       return int(steps), loss
     return run
 

@@ -53,5 +53,6 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(
   position = RunCheckpoint(tmp_path, model, optimizer,
                            tf.distribute.get_strategy(),
                            training_loops.History()).restore()
-  assert position == (1, 0)  # after epoch 0, not the poisoned epoch 1
+  # After epoch 0 (4 steps), not the poisoned epoch 1.
+  assert position == (1, 0, 4)
   assert all(np.all(np.isfinite(w)) for w in model.get_weights())

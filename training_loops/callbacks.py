@@ -121,9 +121,12 @@ class EpochRecorder(keras.callbacks.Callback):
   """Fills a `History` and writes TensorBoard summaries, for every loop.
 
   Steps are counted by the optimizer's `iterations`, so `model.fit` and the
-  custom loops are timed the same way. Summaries use the tags of Keras'
-  TensorBoard callback (`epoch_loss`, `epoch_<metric>` in `train/` and
-  `validation/`) plus `epoch_learning_rate` and `epoch_steps_per_second`.
+  custom loops are timed the same way. The history also gets the learning
+  rate at each epoch's end (`learning_rate`). Summaries use the tags of
+  Keras' TensorBoard callback (`epoch_loss`, `epoch_<metric>` in `train/`
+  and `validation/`; `evaluation_<metric>_vs_iterations` in `validation/`
+  for validations by step) plus `epoch_learning_rate` and
+  `epoch_steps_per_second`.
   """
 
   def __init__(self, history, optimizer, log_dir=None):
@@ -144,6 +147,18 @@ class EpochRecorder(keras.callbacks.Callback):
     self._start = self._train_end = time.perf_counter()
     self._start_step = _current_step(self.optimizer)
     self._validating = False
+    self._step_validation_seconds = 0.0
+
+  def step_validated(self, step, epoch, logs, seconds=0.0):
+    """Records a validation at training step `step` (of the run), which
+    took `seconds` of the epoch's training time."""
+    self.history.append_step(step, epoch, logs)
+    self._step_validation_seconds += seconds
+    if self._writers:
+      with self._writers["validation"].as_default(step=step):
+        for key, value in logs.items():
+          tf.summary.scalar(
+              f"evaluation_{key[len('val_'):]}_vs_iterations", value)
 
   def on_test_begin(self, logs=None):
     self._train_end, self._validating = time.perf_counter(), True
@@ -151,10 +166,11 @@ class EpochRecorder(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     end = time.perf_counter()
     train_seconds = (self._train_end if self._validating else end) - (
-        self._start)
+        self._start) - self._step_validation_seconds
     steps = _current_step(self.optimizer) - self._start_step
     steps_per_second = steps / train_seconds if train_seconds > 0 else 0.0
     logs = {key: float(value) for key, value in (logs or {}).items()}
+    logs["learning_rate"] = float(np.asarray(self.optimizer.learning_rate))
     self.history.append(epoch, logs, steps_per_second, end - self._start)
     if self._writers:
       self._write_summaries(epoch, logs, steps_per_second)
@@ -166,8 +182,6 @@ class EpochRecorder(keras.callbacks.Callback):
   def _write_summaries(self, epoch, logs, steps_per_second):
     train = {key: value for key, value in logs.items()
              if not key.startswith("val_")}
-    train["learning_rate"] = float(np.asarray(
-        self.optimizer.learning_rate))
     train["steps_per_second"] = steps_per_second
     validation = {key[len("val_"):]: value for key, value in logs.items()
                   if key.startswith("val_")}

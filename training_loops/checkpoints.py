@@ -1,4 +1,4 @@
-"""Per-epoch checkpoints that let `train` resume exactly where it stopped."""
+"""Per-epoch (and step-cadence) checkpoints that let `train` resume exactly where it stopped."""
 
 import json
 import os
@@ -39,12 +39,14 @@ class RunCheckpoint:
                                      name="epochs_done")
       self.steps_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
                                         name="steps_in_epoch")
+      self.steps_done = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                    name="steps_done")
     # `model.variables`, not `model`: Keras' object graph does not reach the
     # dropout layers' seed-generator state, which a resume needs.
     self._checkpoint = tf.train.Checkpoint(
         model_variables=list(model.variables), optimizer=optimizer,
         epochs_done=self.epochs_done, steps_in_epoch=self.steps_in_epoch,
-        progress_variables=list(progress_variables))
+        steps_done=self.steps_done, progress_variables=list(progress_variables))
     self.directory = os.fspath(directory)
     self._model = model
     self._manifest_path = os.path.join(self.directory, "variables.json")
@@ -66,20 +68,22 @@ class RunCheckpoint:
     """Restores the latest checkpoint and its history, if any.
 
     Returns:
-      `(epochs_done, steps_in_epoch)`: `(0, 0)` without a checkpoint.
+      `(epochs_done, steps_in_epoch, steps_done)`, the last the training
+      steps of the whole run: `(0, 0, 0)` without a checkpoint.
     """
     latest = self._reader.latest_checkpoint
     if latest is None:
-      return 0, 0
+      return 0, 0, 0
     self._check_same_model()
     self._checkpoint.restore(latest).assert_existing_objects_matched()
     epochs_done = int(self.epochs_done.numpy())
-    self._history.load(self._history_path, epochs_done)
-    return epochs_done, int(self.steps_in_epoch.numpy())
+    steps_done = int(self.steps_done.numpy())
+    self._history.load(self._history_path, epochs_done, steps_done)
+    return epochs_done, int(self.steps_in_epoch.numpy()), steps_done
 
-  def save(self, epochs_done, steps_in_epoch=0):
+  def save(self, epochs_done, steps_in_epoch=0, steps_done=0):
     """Saves the state after `epochs_done` epochs and `steps_in_epoch`
-    steps of the next."""
+    steps of the next, `steps_done` in all."""
     # History first: a crash between the two leaves it one epoch ahead,
     # which `History.load` trims, never behind.
     if self.is_writer:
@@ -88,6 +92,7 @@ class RunCheckpoint:
       self._history.save(self._history_path)
     self.epochs_done.assign(epochs_done)
     self.steps_in_epoch.assign(steps_in_epoch)
+    self.steps_done.assign(steps_done)
     # Not numbered by optimizer step: that stands still over the steps a
     # `LossScaleOptimizer` skips, and a save under an existing number
     # overwrites the last good checkpoint in place.

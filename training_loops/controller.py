@@ -9,6 +9,8 @@ validation, and the translation of TensorFlow's errors into ours. A driver
 same hooks through its callbacks.
 """
 
+import time
+
 import keras
 import tensorflow as tf
 
@@ -30,7 +32,7 @@ class Epoch:
     index: the epoch, 0-based.
     iterator: its distributed batches, past those a resumed run trained.
     steps: steps done in it, counting those of a resumed run; the driver
-      adds the ones it runs.
+      reports the ones it runs with `advance`.
     hooks: `BatchHooks` to run around each driver call.
     progress_bar: the epoch's `keras.utils.Progbar`, finalized at its end.
   """
@@ -49,6 +51,59 @@ class Epoch:
     """Checked after each call, as fit checks it after each execution: a
     callback set `model.stop_training`."""
     return self._controller.model.stop_training
+
+  def steps_before_event(self, steps_per_call):
+    """How many steps the next call may run: `steps_per_call`, or fewer so
+    that the call ends where a step-cadence validation or checkpoint is
+    due."""
+    return self._controller.cadence.steps_before_event(steps_per_call)
+
+  def advance(self, steps):
+    """Reports `steps` more steps trained (their loss checked): the batch
+    hooks' end, then any validation or checkpoint that falls due."""
+    self.steps += steps
+    self.hooks.end(self.steps)
+    self._controller.steps_ran(steps, self.index, self.steps)
+
+
+class Cadence:
+  """Validation and checkpoints every so many training steps, counted over
+  the run (`steps_done`, saved in checkpoints).
+
+  An event due at an epoch's last step is left to the epoch's end, which
+  validates and checkpoints anyway.
+  """
+
+  def __init__(self, eval_every_steps=None, checkpoint_every_steps=None):
+    for name, value in (("eval_every_steps", eval_every_steps),
+                        ("checkpoint_every_steps", checkpoint_every_steps)):
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got "
+                         f"{value!r}.")
+    self.eval_every_steps = eval_every_steps
+    self.checkpoint_every_steps = checkpoint_every_steps
+    self.steps_done = 0
+
+  @property
+  def active(self):
+    return bool(self.eval_every_steps or self.checkpoint_every_steps)
+
+  def steps_before_event(self, steps_per_call):
+    return min([steps_per_call] + [
+        every - self.steps_done % every
+        for every in (self.eval_every_steps, self.checkpoint_every_steps)
+        if every])
+
+  def eval_due(self, steps):
+    """Whether the last `steps` steps crossed a validation step."""
+    return _crossed(self.eval_every_steps, self.steps_done, steps)
+
+  def checkpoint_due(self, steps):
+    return _crossed(self.checkpoint_every_steps, self.steps_done, steps)
+
+
+def _crossed(every, steps_done, steps):
+  return bool(every) and steps_done // every > (steps_done - steps) // every
 
 
 class BatchHooks:
@@ -108,17 +163,21 @@ class Controller:
       `log_dir/validation`.
     callbacks: `keras.callbacks.Callback`s.
     verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
+    cadence: a `Cadence` of step-counted validation and checkpoints.
   """
 
   def __init__(self, driver, train_data, *, epochs, validation_data=None,
-               checkpoint_dir=None, log_dir=None, callbacks=(), verbose=1):
+               checkpoint_dir=None, log_dir=None, callbacks=(), verbose=1,
+               cadence=None):
     trainer = driver.trainer
     self.driver, self.trainer, self.model = driver, trainer, trainer.model
     self.train_data, self.validation_data = train_data, validation_data
+    self.train_length = known_length(train_data)
     self.epochs_total, self.verbose = epochs, verbose
+    self.cadence = cadence or Cadence()
     self.history = History(model=self.model)
-    self.callbacks = [EpochRecorder(self.history, trainer.optimizer,
-                                    log_dir), *callbacks]
+    self.recorder = EpochRecorder(self.history, trainer.optimizer, log_dir)
+    self.callbacks = [self.recorder, *callbacks]
     self.checkpoint = (
         RunCheckpoint(checkpoint_dir, self.model, trainer.optimizer,
                       trainer.strategy, self.history,
@@ -127,6 +186,7 @@ class Controller:
     # (epoch, steps done in it): where the run is, and where a stop saves.
     self.position = (0, 0)
     self._saved_position = None  # what the checkpoint holds
+    self._distributed_validation = None
     self._stops = None
 
   def run(self):
@@ -141,7 +201,9 @@ class Controller:
         a `checkpoint_dir`.
     """
     if self.checkpoint:
-      self.position = self._saved_position = self.checkpoint.restore()
+      epochs_done, steps_in_epoch, self.cadence.steps_done = (
+          self.checkpoint.restore())
+      self.position = self._saved_position = (epochs_done, steps_in_epoch)
     replay_data_order(self.train_data, self.position[0])
     with StopRequests() as self._stops:
       try:
@@ -170,10 +232,7 @@ class Controller:
     `model.stop_training` or a stop is requested (at a step boundary)."""
     strategy = self.trainer.strategy
     train_batches = strategy.experimental_distribute_dataset(self.train_data)
-    validation_batches = (
-        strategy.experimental_distribute_dataset(self.validation_data)
-        if self.validation_data is not None else None)
-    train_length = known_length(self.train_data)
+    train_length = self.train_length
     # The params fit gives its callbacks (SwapEMAWeights reads "epochs").
     callbacks = keras.callbacks.CallbackList(
         self.callbacks, model=self.model, verbose=self.verbose,
@@ -207,9 +266,9 @@ class Controller:
       if epoch.steps == 0:  # a dataset of unknown length that was empty
         raise ValueError("train_data yielded no batches.")
       logs = self.trainer.train_logs()
-      if validation_batches is not None:
+      if self.validation_data is not None:
         callbacks.on_test_begin()
-        self.driver.evaluate(iter(validation_batches), test_hooks)
+        self.driver.evaluate(iter(self._validation_batches()), test_hooks)
         validation_logs = as_floats(self.trainer.eval_logs(prefix=""))
         callbacks.on_test_end(validation_logs)
         logs.update({f"val_{key}": value
@@ -217,7 +276,7 @@ class Controller:
       logs = as_floats(logs)
       epoch.progress_bar.update(epoch.steps, logs.items(), finalize=True)
       callbacks.on_epoch_end(index, logs)
-      self.epoch_done(index)
+      self.epoch_done(index, logs)
       if self.model.stop_training:
         break
     # As fit: with `use_ema`, training ends on the moving averages.
@@ -249,9 +308,47 @@ class Controller:
     epochs), so errors and stops name it."""
     self.position = (index, 0)
 
-  def epoch_done(self, index):
-    """After epoch `index` and its callbacks: saves the checkpoint and, on
-    a stop request, asks the loop to stop."""
+  def steps_ran(self, steps, epoch, steps_in_epoch):
+    """Counts `steps` more training steps, `steps_in_epoch` done in epoch
+    `epoch`, and validates or checkpoints if the cadence says so (unless
+    the epoch just ended: its end does both)."""
+    cadence = self.cadence
+    cadence.steps_done += steps
+    self.position = (epoch, steps_in_epoch)
+    if steps_in_epoch == self.train_length:
+      return
+    if cadence.eval_due(steps) and self.validation_data is not None:
+      self._validate_between_epochs(epoch)
+    if cadence.checkpoint_due(steps) and self.checkpoint:
+      self._save(epoch, steps_in_epoch)
+
+  def _validate_between_epochs(self, epoch):
+    """Validation at a step, logged by step; Keras has no callback event
+    for it, so none is called."""
+    started = time.perf_counter()
+    self.driver.evaluate(iter(self._validation_batches()))
+    self.recorder.step_validated(
+        self.cadence.steps_done, epoch,
+        as_floats(self.trainer.eval_logs()),
+        seconds=time.perf_counter() - started)
+
+  def _validation_batches(self):
+    if self._distributed_validation is None:
+      self._distributed_validation = (
+          self.trainer.strategy.experimental_distribute_dataset(
+              self.validation_data))
+    return self._distributed_validation
+
+  def epoch_done(self, index, logs):
+    """After epoch `index` and its callbacks, with its `logs`: records the
+    epoch's validation as the step's when one is due there, saves the
+    checkpoint and, on a stop request, asks the loop to stop."""
+    every = self.cadence.eval_every_steps
+    validation = {key: value for key, value in logs.items()
+                  if key.startswith("val_")}
+    if every and validation and self.cadence.steps_done % every == 0:
+      self.recorder.step_validated(self.cadence.steps_done, index,
+                                   validation)
     if self.checkpoint:
       self._save(index + 1, 0)
     self.position = (index + 1, 0)
@@ -259,7 +356,7 @@ class Controller:
       self.model.stop_training = True
 
   def _save(self, epoch, step):
-    self.checkpoint.save(epoch, step)
+    self.checkpoint.save(epoch, step, self.cadence.steps_done)
     self._saved_position = (epoch, step)
 
   def _interrupt(self):

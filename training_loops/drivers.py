@@ -62,11 +62,20 @@ class Driver(abc.ABC):
     self.trainer = trainer
     self.options = options
 
+  # Whether a checkpoint saved inside an epoch can be resumed (model.fit
+  # starts only at an epoch's beginning).
+  resumes_mid_epoch = True
+
   @abc.abstractmethod
   def run(self, controller):
     """Trains the epochs `controller` asks for, letting it do what happens
     around them (`Controller.epochs`, or its callback hooks for a loop that
     runs its own epochs)."""
+
+  @abc.abstractmethod
+  def evaluate(self, iterator, hooks=None):
+    """Evaluates every batch of `iterator` into the trainer's eval metrics,
+    reset first; `hooks` (test-batch `BatchHooks`) run around each call."""
 
 
 class StepDriver(Driver):
@@ -93,22 +102,25 @@ class StepDriver(Driver):
 
   def train_epoch(self, epoch):
     """Trains on `epoch.iterator` until the data ends or a stop is
-    requested, counting steps in `epoch.steps`; the epoch's hooks run
-    around each call."""
+    requested; each call runs up to `steps_per_call` steps, fewer where the
+    controller has a step-cadence event due (`Epoch.steps_before_event`),
+    and reports them with `Epoch.advance`."""
     run_steps = self.stepper(epoch.iterator)
     while not epoch.stop_requested():
+      limit = epoch.steps_before_event(self.steps_per_call)
       epoch.hooks.begin(epoch.steps)
-      steps, loss = run_steps()
+      steps, loss = run_steps(limit)
       if steps:
-        epoch.steps += steps
-        _check_finite(loss, epoch.index, epoch.steps)
-        epoch.hooks.end(epoch.steps)
-      if steps < self.steps_per_call or epoch.stop_training():
+        _check_finite(loss, epoch.index, epoch.steps + steps)
+        epoch.advance(steps)
+      if steps < limit or epoch.stop_training():
         return
 
   def evaluate(self, iterator, hooks=None):
-    """Runs the eval step on every batch of `iterator`; `hooks` (the
-    controller's test-batch `BatchHooks`) run around each call."""
+    """Runs the eval step on every batch of `iterator`, from reset eval
+    metrics; `hooks` (the controller's test-batch `BatchHooks`) run around
+    each call."""
+    self.trainer.reset_eval()
     run_steps = self.eval_stepper(iterator)
     done = 0
     while True:
@@ -123,9 +135,10 @@ class StepDriver(Driver):
 
   @abc.abstractmethod
   def stepper(self, iterator):
-    """Returns `run()`: trains up to `steps_per_call` steps on `iterator`'s
-    next batches and returns `(steps run, last loss)`; fewer steps than
-    `steps_per_call` mean the data ended (or the loss is not finite)."""
+    """Returns `run(limit)`: trains up to `limit` (<= `steps_per_call`)
+    steps on `iterator`'s next batches and returns `(steps run, last
+    loss)`; fewer steps than `limit` mean the data ended (or the loss is
+    not finite)."""
 
   @abc.abstractmethod
   def eval_stepper(self, iterator):
@@ -145,7 +158,8 @@ class EagerDriver(StepDriver):
     self.train_step, self.eval_step = _distributed_steps(trainer, False)
 
   def stepper(self, iterator):
-    def run():
+    def run(limit):
+      del limit  # always 1
       batch = next(iterator, None)
       return (0, None) if batch is None else (1, self.train_step(batch))
     return run
@@ -190,7 +204,8 @@ class FunctionDriver(StepDriver):
   def stepper(self, iterator):
     train_next = self.train_next.get_concrete_function(iterator)
 
-    def run():
+    def run(limit):
+      del limit  # always 1
       try:
         return 1, train_next(iterator)
       except tf.errors.OutOfRangeError:
@@ -263,9 +278,12 @@ class GraphDriver(StepDriver):
     self.eval_steps = eval_steps
 
   def stepper(self, iterator):
-    max_steps = tf.constant(self.steps_per_call)
+    full_call = tf.constant(self.steps_per_call)
 
-    def run():
+    def run(limit):
+      # A tensor argument: a shorter call does not retrace.
+      max_steps = full_call if limit == self.steps_per_call else (
+          tf.constant(limit))
       steps, loss = self.train_steps(iterator, max_steps)
       return int(steps), loss
     return run

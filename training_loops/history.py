@@ -19,12 +19,16 @@ class History:
     steps_per_second: training steps per second of each epoch, validation
       excluded.
     wall_seconds: wall time of each epoch, validation included.
+    step_history: with `eval_every_steps`, the validations by training
+      step counted over the run: `step`, `epoch` and Keras' `val_*` keys ->
+      one value per validation.
     model: the trained model.
   """
   history: dict = dataclasses.field(default_factory=dict)
   epochs: list = dataclasses.field(default_factory=list)
   steps_per_second: list = dataclasses.field(default_factory=list)
   wall_seconds: list = dataclasses.field(default_factory=list)
+  step_history: dict = dataclasses.field(default_factory=dict)
   model: object = None
 
   def append(self, epoch, logs, steps_per_second, wall_seconds):
@@ -34,20 +38,26 @@ class History:
     self.steps_per_second.append(steps_per_second)
     self.wall_seconds.append(wall_seconds)
 
+  def append_step(self, step, epoch, logs):
+    for key, value in {"step": step, "epoch": epoch, **logs}.items():
+      self.step_history.setdefault(key, []).append(value)
+
   def to_json(self):
     return {"history": self.history, "epochs": self.epochs,
             "steps_per_second": self.steps_per_second,
-            "wall_seconds": self.wall_seconds}
+            "wall_seconds": self.wall_seconds,
+            "step_history": self.step_history}
 
   def save(self, path):
     """Writes the epochs so far to `path` atomically."""
     write_json_atomically(path, self.to_json())
 
-  def load(self, path, epochs_done):
-    """Restores the first `epochs_done` epochs saved at `path`, if any.
+  def load(self, path, epochs_done, steps_done):
+    """Restores the first `epochs_done` epochs and the step validations up
+    to step `steps_done` saved at `path`, if any.
 
     The history is saved before the checkpoint, so after a crash between
-    the two it may hold one epoch more than the checkpoint: dropped here.
+    the two it may hold more than the checkpoint: dropped here.
     """
     if not os.path.isfile(path):
       return
@@ -59,3 +69,8 @@ class History:
                     for key, values in saved["history"].items()}
     self.steps_per_second = [saved["steps_per_second"][i] for i in keep]
     self.wall_seconds = [saved["wall_seconds"][i] for i in keep]
+    by_step = saved.get("step_history", {})
+    keep = [i for i, step in enumerate(by_step.get("step", []))
+            if step <= steps_done]
+    self.step_history = {key: [values[i] for i in keep]
+                         for key, values in by_step.items()}

@@ -17,7 +17,23 @@ from training_loops.trainer import NonFiniteLossError
 @drivers.register("keras_fit")
 class KerasFitDriver(drivers.Driver):
   """`model.fit` on the model `train` compiled (`steps_per_loop` became
-  `steps_per_execution`), with `jit_compile` as asked."""
+  `steps_per_execution`), with `jit_compile` as asked.
+
+  Fit validates at epoch ends itself; the controller's validations by step
+  run the graph loop's eval step on the same model (`evaluate`), into the
+  trainer's eval metrics, which fit's compiled metrics never see.
+  """
+
+  resumes_mid_epoch = False
+
+  def __init__(self, trainer, options=drivers.LoopOptions()):
+    super().__init__(trainer, options)
+    self._evaluator = None
+
+  def evaluate(self, iterator, hooks=None):
+    if self._evaluator is None:
+      self._evaluator = drivers.GraphDriver(self.trainer)
+    self._evaluator.evaluate(iterator, hooks)
 
   def run(self, controller):
     first_epoch, first_step = controller.position
@@ -40,7 +56,11 @@ class KerasFitDriver(drivers.Driver):
         initial_epoch=first_epoch,
         steps_per_epoch=known_length(controller.train_data),
         validation_data=controller.validation_data,
-        callbacks=[*controller.callbacks, _ControllerHooks(controller)],
+        callbacks=[*controller.callbacks,
+                   (_ControllerHooksByStep
+                    if controller.cadence.active or
+                    controller.train_length is None
+                    else _ControllerHooks)(controller)],
         shuffle=False, verbose=controller.verbose)
 
 
@@ -54,9 +74,27 @@ class _ControllerHooks(keras.callbacks.Callback):
 
   def on_epoch_begin(self, epoch, logs=None):
     self.controller.epoch_begun(epoch)
+    self._epoch, self._steps_in_epoch = epoch, 0
 
   def on_epoch_end(self, epoch, logs=None):
     loss = (logs or {}).get("loss")
     if loss is not None and not math.isfinite(loss):
       raise NonFiniteLossError(epoch, None, loss)
-    self.controller.epoch_done(epoch)
+    if not self._steps_in_epoch:  # not counted batch by batch
+      self._count(self.controller.train_length)
+    self.controller.epoch_done(epoch, logs or {})
+
+  def _count(self, steps_in_epoch):
+    self.controller.steps_ran(steps_in_epoch - self._steps_in_epoch,
+                              self._epoch, steps_in_epoch)
+    self._steps_in_epoch = steps_in_epoch
+
+
+class _ControllerHooksByStep(_ControllerHooks):
+  """Counts each of fit's executions: with a step cadence, so validation
+  falls due at its step, and for data of unknown length. (Otherwise fit's
+  batch hooks stay unused: fit then skips them, and reading their logs
+  every execution.)"""
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._count(batch + 1)

@@ -256,7 +256,7 @@ class _Lockstep:
     for name, driver in self.stepped:
       iterator = iter(driver.trainer.strategy.experimental_distribute_dataset(
           next_batch))
-      _, losses[name] = driver.stepper(iterator)()
+      _, losses[name] = driver.stepper(iterator)(1)
     self.steps_done += 1
     self.divergence = self._first_difference(losses)
     return not self.finished

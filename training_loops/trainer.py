@@ -170,6 +170,12 @@ class Trainer:
     for metric in self._all_metrics():
       metric.reset_state()
 
+  def reset_eval(self):
+    """Before an evaluation: it reports only its own batches, as Keras'
+    `evaluate` does (a run may validate several times an epoch)."""
+    for metric in (*self.eval_trackers.values(), *self.eval_metrics.values()):
+      metric.reset_state()
+
   def train_logs(self):
     """This epoch's running results under Keras' keys."""
     return _results(self.train_trackers, self.train_metrics)

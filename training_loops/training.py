@@ -5,7 +5,7 @@ import tensorflow as tf
 
 # keras_fit registers the "keras_fit" loop, after the custom loops.
 from training_loops import drivers, keras_fit  # noqa: F401
-from training_loops.controller import Controller, as_floats
+from training_loops.controller import Cadence, Controller, as_floats
 from training_loops.trainer import Trainer
 
 # The loops that ship, in the registry's order; `drivers.register` adds more.
@@ -16,7 +16,7 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
           epochs=1, validation_data=None, metrics=(), loss_weights=None,
           strategy=None, steps_per_loop=None, jit_compile=False,
           checkpoint_dir=None, log_dir=None, callbacks=(), seed=None,
-          verbose=1):
+          verbose=1, eval_every_steps=None, checkpoint_every_steps=None):
   """Trains `model_fn()` with `optimizer_fn()` on `train_data`.
 
   Checks the arguments, builds the model, optimizer and `Trainer` under
@@ -44,6 +44,16 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     callbacks: `keras.callbacks.Callback`s (ours or Keras').
     seed: seeds Python, NumPy and TensorFlow before the model is built.
     verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
+    eval_every_steps: also validate every this many training steps,
+      counted over the run (`History.step_history`, and TensorBoard's
+      `evaluation_<metric>_vs_iterations`); an epoch's end validates as
+      before. Needs `validation_data`. Calls of `steps_per_loop` steps end
+      at these steps; `keras_fit` validates at the end of the execution
+      that reaches one.
+    checkpoint_every_steps: also checkpoint every this many training steps
+      (with the data position and running metrics), so a crash loses at
+      most that many. Needs `checkpoint_dir` and a loop that resumes inside
+      an epoch: not `keras_fit`.
 
   Returns:
     A `History`.
@@ -52,13 +62,15 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     See `Controller.run`.
   """
   _check_arguments(loop, epochs, train_data, validation_data)
+  cadence = Cadence(eval_every_steps, checkpoint_every_steps)
+  _check_cadence(cadence, loop, validation_data, checkpoint_dir)
   driver = _build(loop, drivers.LoopOptions(steps_per_loop, jit_compile),
                   model_fn, optimizer_fn, loss, train_data, metrics=metrics,
                   loss_weights=loss_weights, strategy=strategy, seed=seed)
   return Controller(
       driver, train_data, epochs=epochs, validation_data=validation_data,
       checkpoint_dir=checkpoint_dir, log_dir=log_dir, callbacks=callbacks,
-      verbose=verbose).run()
+      verbose=verbose, cadence=cadence).run()
 
 
 def _build(loop, options, model_fn, optimizer_fn, loss, data, *, metrics,
@@ -174,6 +186,21 @@ def _check_arguments(loop, epochs, train_data, validation_data):
   _check_data("train_data", train_data)
   if validation_data is not None:
     _check_data("validation_data", validation_data)
+
+
+def _check_cadence(cadence, loop, validation_data, checkpoint_dir):
+  if cadence.eval_every_steps and validation_data is None:
+    raise ValueError("eval_every_steps needs validation_data.")
+  if cadence.checkpoint_every_steps:
+    if checkpoint_dir is None:
+      raise ValueError("checkpoint_every_steps needs a checkpoint_dir.")
+    if not drivers.DRIVERS[loop].resumes_mid_epoch:
+      resuming = [name for name, driver in drivers.DRIVERS.items()
+                  if driver.resumes_mid_epoch]
+      raise ValueError(
+          f"checkpoint_every_steps needs a loop that resumes inside an "
+          f"epoch ({', '.join(resuming)}); {loop} starts only at an "
+          "epoch's beginning.")
 
 
 def _check_loop(loop):
