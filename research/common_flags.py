@@ -72,8 +72,8 @@ flags.DEFINE_integer("decay_steps", None, "exponential: steps per "
                      "decay_rate factor (default: one epoch); cosine: steps "
                      "from peak to 0 (default: the rest of the run).",
                      lower_bound=1)
-flags.DEFINE_float("decay_rate", 0.9, "exponential: the factor per "
-                   "decay_steps, in (0, 1].")
+flags.DEFINE_float("decay_rate", None, "exponential: the factor per "
+                   "decay_steps, in (0, 1]; default 0.9.")
 flags.DEFINE_list("lr_boundaries", None, "piecewise: the steps (after the "
                   "warm-up) where the learning rate changes, increasing.")
 flags.DEFINE_list("lr_values", None, "piecewise: the learning rates, one "

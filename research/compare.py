@@ -65,6 +65,7 @@ def trace(script, defaults, argv, steps):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   config = common_flags.resolved(defaults, script.__name__, __name__)
+  experiment.configure_process(config)
   strategy = experiment.strategy_for(config)
   if config["loop"] == "keras_fit":
     sys.exit("error: --trace compares --loop with keras_fit; choose another "
@@ -74,14 +75,16 @@ def trace(script, defaults, argv, steps):
   seed = config["seed"]
   try:
     built = script.build(config)
+    plan = experiment.RunPlan.checked(built, config, strategy, loops)
     keras.utils.set_random_seed(seed)  # before the data: it seeds the shuffle
-    report = training_loops.compare(
-        built.model_fn,
-        lambda: keras.optimizers.SGD(config["learning_rate"]), built.loss,
-        experiment.make_dataset(built, "train", config["batch_size"], seed),
-        loops=loops, steps=steps, metrics=built.metrics,
-        loss_weights=built.loss_weights, strategy=strategy, seed=seed)
-  except (datasets.DataError, training_loops.TrainingDataError) as error:
+    with experiment.dtype_policy(config["precision"]):
+      report = training_loops.compare(
+          built.model_fn, plan.optimizer_fn, built.loss,
+          plan.dataset(built, "train"), loops=loops, steps=steps,
+          metrics=built.metrics, loss_weights=built.loss_weights,
+          strategy=strategy, seed=seed)
+  except (datasets.DataError, common_flags.SettingsError,
+          training_loops.TrainingDataError) as error:
     sys.exit(f"error: {error}")
   print(report)
 

@@ -15,7 +15,9 @@ from absl import app, flags
 import keras
 import numpy as np
 
-from research import common_flags, datasets
+# `optimizers` registers the learning-rate schedules a saved model's
+# optimizer may hold.
+from research import common_flags, datasets, optimizers  # noqa: F401
 
 flags.DEFINE_string("model_path", None, "A .keras file to evaluate.")
 flags.DEFINE_boolean("unsafe_deserialization", False,

@@ -6,6 +6,7 @@ test split, and writes `results.json`, TensorBoard logs, checkpoints,
 learning-curve plots and (optionally) SavedModels under the output dir.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -13,6 +14,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 from typing import Callable
 
 import absl
@@ -21,9 +23,11 @@ import keras
 import numpy as np
 import sklearn
 import tensorflow as tf
+# The public API can turn op determinism on, but not say whether it is.
+from tensorflow.python.framework import config as tf_config
 
 import training_loops
-from research import common_flags, datasets
+from research import common_flags, datasets, optimizers, reports
 
 # A loop "matches" model.fit when its final training loss is this close
 # (relative): float32 reassociation across graph rewrites, not more.
@@ -91,6 +95,7 @@ def main_for(build, defaults, flags_of=()):
     if not flags.FLAGS["verbosity"].present:  # checkpoint saves log INFO
       logging.set_verbosity(logging.WARNING)
     config = common_flags.resolved(defaults, build.__module__, *flags_of)
+    configure_process(config)
     strategy = strategy_for(config)
     try:
       run(build(config), config, strategy)
@@ -107,6 +112,13 @@ def main_for(build, defaults, flags_of=()):
   return main
 
 
+def configure_process(config):
+  """Process-wide settings: op determinism (it cannot be turned off again,
+  so only a script's `main` turns it on)."""
+  if config["deterministic"]:
+    tf.config.experimental.enable_op_determinism()
+
+
 def strategy_for(config):
   """The `tf.distribute` strategy the flags name; exits with a one-line
   error for bad ones. Call it before anything runs a TensorFlow op: the CPU
@@ -121,43 +133,135 @@ def strategy_for(config):
 def run(experiment, config, strategy):
   """Trains `experiment` with each loop `config` selects; returns results.
 
+  Every check of the flags against each other and the data comes first:
+  a refused run writes nothing. With `--fast_dev_run` everything is
+  written to a temporary directory, removed at the end.
+
   Args:
     config: the resolved config (`common_flags.resolved`).
     strategy: the `tf.distribute` strategy the flags name (`strategy_for`).
   """
   output_dir = config["output_dir"] or os.path.join("runs", experiment.name)
-  replicas = strategy.num_replicas_in_sync
-  if config["batch_size"] % replicas:
-    # Uneven shards would give each replica's BatchNormalization and dropout
-    # a different batch size from run to run of the same global batch.
-    raise common_flags.SettingsError(
-        f"--batch_size={config['batch_size']} is not divisible by the "
-        f"{replicas} replicas of --strategy={config['strategy']}.")
   loops = (training_loops.LOOPS if config["loop"] == "all"
            else (config["loop"],))
+  plan = RunPlan.checked(experiment, config, strategy, loops)
+  if config["fast_dev_run"]:
+    with tempfile.TemporaryDirectory(prefix="fast_dev_run_") as scratch:
+      results = _run_loops(experiment, plan, scratch, loops)
+    print("fast_dev_run: every selected loop trained, validated and tested "
+          "on one batch; nothing was kept.")
+    return results
+  return _run_loops(experiment, plan, output_dir, loops)
+
+
+def _run_loops(experiment, plan, output_dir, loops):
+  config = plan.config
   claim_output_dir(output_dir, experiment.name, config)
   results = {"experiment": experiment.name, "flags": config,
              "seed": config["seed"], "versions": versions(),
-             "data": experiment.splits.sizes, **experiment.extra,
+             "op_determinism": tf_config.is_op_determinism_enabled(),
+             "data": experiment.splits.sizes,
+             "steps_per_epoch": plan.steps_per_epoch, **experiment.extra,
              "loops": {}}
   results_path = os.path.join(output_dir, "results.json")
   for loop in loops:
     try:
-      results["loops"][loop] = _run_loop(experiment, loop, config, strategy,
-                                         output_dir)
+      results["loops"][loop] = _run_loop(experiment, loop, plan, output_dir)
     except training_loops.TrainingInterrupted as interruption:
       history = interruption.history
       results["loops"][loop] = {"history": history.history,
-                                "epochs": history.epochs}
+                                "epochs": history.epochs,
+                                "step_history": history.step_history}
       results["interrupted"] = {"loop": loop, "signal":
                                 interruption.signal_name,
                                 "epoch": interruption.epoch,
                                 "step": interruption.step}
       training_loops.write_json_atomically(results_path, results, indent=2)
       raise
+    # One architecture for every loop: its summary once.
+    results["model"] = results["loops"][loop].pop("model")
   training_loops.write_json_atomically(results_path, results, indent=2)
   print(format_table(results))
   return results
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """What every loop of one run trains with, derived from the config once
+  its flags are checked against each other and the data.
+
+  Attributes:
+    config: the resolved config.
+    strategy: the `tf.distribute` strategy.
+    epochs: `--epochs`, or 1 for `--fast_dev_run`.
+    batches: how many batches of each split an epoch uses (None: all).
+    overfit: whether training repeats the first `batches["train"]`
+      batches, unshuffled.
+    steps_per_epoch: training steps an epoch.
+    optimizer_fn: builds the optimizer `--optimizer` and its flags name.
+  """
+  config: dict
+  strategy: object
+  epochs: int
+  batches: dict
+  overfit: bool
+  steps_per_epoch: int
+  optimizer_fn: Callable
+
+  @classmethod
+  def checked(cls, experiment, config, strategy, loops):
+    """The plan, or a `common_flags.SettingsError` naming the flag."""
+    replicas = strategy.num_replicas_in_sync
+    if config["batch_size"] % replicas:
+      # Uneven shards would give each replica's BatchNormalization and
+      # dropout a different batch size from run to run of the same global
+      # batch.
+      raise common_flags.SettingsError(
+          f"--batch_size={config['batch_size']} is not divisible by the "
+          f"{replicas} replicas of --strategy={config['strategy']}.")
+    chosen = [name for name in ("fast_dev_run", "limit_batches",
+                                "overfit_batches") if config[name]]
+    if len(chosen) > 1:
+      raise common_flags.SettingsError(
+          f"--{' and --'.join(chosen)} each choose the batches a run uses: "
+          "pass one of them.")
+    full = math.ceil(len(experiment.splits.y_train) / config["batch_size"])
+    limit = (1 if config["fast_dev_run"] else config["limit_batches"]
+             or config["overfit_batches"])
+    if config["overfit_batches"] and config["overfit_batches"] > full:
+      raise common_flags.SettingsError(
+          f"--overfit_batches={config['overfit_batches']} is more than the "
+          f"{full} training batches of {config['batch_size']}; accepted: 1 "
+          f"to {full}.")
+    if config["checkpoint_every_steps"] and loops == ("keras_fit",):
+      raise common_flags.SettingsError(
+          "--checkpoint_every_steps needs a custom loop (eager, function, "
+          "graph): model.fit resumes only at an epoch's start.")
+    steps_per_epoch = min(full, limit) if limit else full
+    # A dev run's optimizer and schedule are the full run's: it checks
+    # that run's code paths, cut short.
+    schedule_steps = full if config["fast_dev_run"] else steps_per_epoch
+    optimizers.check(config, schedule_steps, config["epochs"], replicas)
+    return cls(config=config, strategy=strategy,
+               epochs=1 if config["fast_dev_run"] else config["epochs"],
+               batches={split: (limit if split == "train" or not
+                                config["overfit_batches"] else None)
+                        for split in ("train", "val", "test")},
+               overfit=bool(config["overfit_batches"]),
+               steps_per_epoch=steps_per_epoch,
+               optimizer_fn=optimizers.optimizer_fn(
+                   config, schedule_steps, config["epochs"]))
+
+  def dataset(self, experiment, split):
+    """The batched split this run uses: the training split reshuffled
+    every epoch from the seed (unless overfitting), each cut to its
+    `batches`."""
+    shuffled = split == "train" and not self.overfit
+    dataset = make_dataset(experiment, split, self.config["batch_size"],
+                           self.config["seed"] if shuffled else None)
+    if self.batches[split]:
+      dataset = dataset.take(self.batches[split])
+    return dataset
 
 
 # A rerun may change these: more epochs continue training; the rest only
@@ -198,36 +302,74 @@ def _recorded_value(recorded, key):
   return repr(recorded[key]) if key in recorded else "not recorded"
 
 
-def _run_loop(experiment, loop, config, strategy, output_dir):
+def _run_loop(experiment, loop, plan, output_dir):
+  config, strategy = plan.config, plan.strategy
   seed = config["seed"]
   keras.utils.set_random_seed(seed)  # before the data: it seeds the shuffle
-  train_data = make_dataset(experiment, "train", config["batch_size"], seed)
-  validation_data = make_dataset(experiment, "val", config["batch_size"])
-  test_data = make_dataset(experiment, "test", config["batch_size"])
+  train_data, validation_data, test_data = (
+      plan.dataset(experiment, split) for split in ("train", "val", "test"))
   callbacks = experiment.callbacks(loop, output_dir)
-  learning_rate = config["learning_rate"]
-  history = training_loops.train(
-      experiment.model_fn,
-      lambda: keras.optimizers.SGD(learning_rate), experiment.loss,
-      train_data, loop=loop, epochs=config["epochs"],
-      validation_data=validation_data, metrics=experiment.metrics,
-      loss_weights=experiment.loss_weights, strategy=strategy,
-      checkpoint_dir=os.path.join(output_dir, "checkpoints", loop),
-      log_dir=os.path.join(output_dir, "logs", loop), callbacks=callbacks,
-      seed=seed, verbose=config["verbose"])
+  checkpoint_every_steps = config["checkpoint_every_steps"]
+  if checkpoint_every_steps and loop == "keras_fit":
+    print("--checkpoint_every_steps: keras_fit checkpoints at epoch ends "
+          "only (model.fit resumes only at an epoch's start).",
+          file=sys.stderr)
+    checkpoint_every_steps = None
+  with dtype_policy(config["precision"]):
+    history = training_loops.train(
+        experiment.model_fn, plan.optimizer_fn, experiment.loss,
+        train_data, loop=loop, epochs=plan.epochs,
+        validation_data=validation_data, metrics=experiment.metrics,
+        loss_weights=experiment.loss_weights, strategy=strategy,
+        checkpoint_dir=os.path.join(output_dir, "checkpoints", loop),
+        log_dir=os.path.join(output_dir, "logs", loop), callbacks=callbacks,
+        seed=seed, verbose=config["verbose"],
+        eval_every_steps=config["eval_every_steps"],
+        checkpoint_every_steps=checkpoint_every_steps)
+  model = history.model
   test = training_loops.evaluate(
-      history.model, experiment.loss, test_data, metrics=experiment.metrics,
+      model, experiment.loss, test_data, metrics=experiment.metrics,
       loss_weights=experiment.loss_weights, strategy=strategy)
   plot_learning_curves(history, os.path.join(
       output_dir, f"learning_curves_{loop}.png"), f"{experiment.name}: {loop}")
-  if config["export_dir"]:
-    export(history.model, os.path.join(config["export_dir"], loop))
-    save_keras_file(history.model,
-                    os.path.join(config["export_dir"], f"{loop}.keras"))
-  return {"history": history.history, "epochs": history.epochs,
-          "test": test, "steps_per_second": typical_rate(history),
-          "wall_seconds": sum(history.wall_seconds),
-          **experiment.loop_report(history, callbacks)}
+  report = {"history": history.history, "epochs": history.epochs,
+            "step_history": history.step_history, "test": test,
+            "steps_per_second": typical_rate(history),
+            "wall_seconds": sum(history.wall_seconds),
+            "model": reports.model_summary(model),
+            **experiment.loop_report(history, callbacks)}
+  if experiment.splits.num_classes:
+    matrix = reports.confusion_matrix(model, test_data,
+                                      experiment.splits.num_classes)
+    report["confusion_matrix"] = matrix
+    reports.plot_confusion_matrix(
+        matrix, os.path.join(output_dir, f"confusion_matrix_{loop}.png"),
+        f"{experiment.name}: {loop}, test split")
+  reports.log_hparams(
+      os.path.join(output_dir, "hparams", loop),
+      {"experiment": experiment.name, **config, "loop": loop},
+      {**{key: values[-1] for key, values in history.history.items()
+          if key.startswith("val_")},
+       **{f"test_{key}": value for key, value in test.items()}})
+  if config["export_dir"] or config["fast_dev_run"]:
+    export_dir = (os.path.join(output_dir, "export")
+                  if config["fast_dev_run"] else config["export_dir"])
+    export(model, os.path.join(export_dir, loop))
+    save_keras_file(model, os.path.join(export_dir, f"{loop}.keras"))
+  return report
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+  """Keras' global dtype policy `name` while models are built and trained
+  (under `mixed_float16`, compiling wraps the optimizer in a
+  `LossScaleOptimizer`, as fit's `auto_scale_loss` does)."""
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy(name)
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
 
 
 def make_dataset(experiment, split, batch_size, shuffle_seed=None):

@@ -12,8 +12,10 @@ TensorBoard's HParams tab:
     tensorboard --logdir runs/hparam_search/hparams
 """
 
+import math
 import os
 import sys
+import tempfile
 
 from absl import app, flags
 import keras
@@ -24,8 +26,8 @@ import tensorflow as tf
 
 import losses
 import training_loops
-from research import (common_flags, datasets, experiment, models, regress,
-                      reports)
+from research import (common_flags, datasets, experiment, models,
+                      optimizers, regress, reports)
 
 flags.DEFINE_integer("sweep_points", 5, "Learning rates in the sweep "
                      "(log-spaced over [1e-4, 3e-2]).", lower_bound=2)
@@ -43,11 +45,14 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
   `training_loops.train` with any loop.
 
   keras.wrappers.SKLearnRegressor would only ever call `model.fit`; this
-  wrapper lets the search run the loop under study.
+  wrapper lets the search run the loop under study, with the optimizer the
+  run's flags name (`optimizer_flags`: a config with the optimizer flags of
+  `common_flags`; None: plain SGD) at the candidate's learning rate.
   """
 
   def __init__(self, hidden_layers=1, units=30, learning_rate=3e-3,
-               epochs=10, batch_size=32, loop="graph", seed=42):
+               epochs=10, batch_size=32, loop="graph", seed=42,
+               optimizer_flags=None):
     self.hidden_layers = hidden_layers
     self.units = units
     self.learning_rate = learning_rate
@@ -55,6 +60,7 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
     self.batch_size = batch_size
     self.loop = loop
     self.seed = seed
+    self.optimizer_flags = optimizer_flags
 
   def fit(self, x, y):
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
@@ -62,9 +68,15 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
     data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
         len(y), seed=self.seed).batch(self.batch_size).with_options(
             experiment.IN_MEMORY_DATA_OPTIONS)
+    if self.optimizer_flags is None:
+      optimizer_fn = lambda: keras.optimizers.SGD(self.learning_rate)
+    else:
+      optimizer_fn = optimizers.optimizer_fn(
+          {**self.optimizer_flags, "learning_rate": self.learning_rate},
+          math.ceil(len(y) / self.batch_size), self.epochs)
     self.history_ = training_loops.train(
         lambda: models.regressor(x, self.hidden_layers, self.units),
-        lambda: keras.optimizers.SGD(self.learning_rate),
+        optimizer_fn,
         losses.MeanSquaredError(), data, loop=self.loop, epochs=self.epochs,
         seed=self.seed, verbose=0)
     self.model_ = self.history_.model
@@ -108,7 +120,7 @@ def randomized_search(config, output_dir):
   search = model_selection.RandomizedSearchCV(
       ToolkitRegressor(epochs=config["epochs"],
                        batch_size=config["batch_size"], loop=config["loop"],
-                       seed=config["seed"]),
+                       seed=config["seed"], optimizer_flags=config),
       {"hidden_layers": [0, 1, 2, 3], "units": list(range(1, 101)),
        "learning_rate": stats.loguniform(3e-4, 3e-2)},
       n_iter=config["search_iterations"], cv=config["cv_folds"],
@@ -141,26 +153,43 @@ def main(argv):
   if config["loop"] == "all":
     raise app.UsageError("hparam_search trains one loop per trial; pick "
                          "--loop=eager|function|graph|keras_fit.")
+  experiment.configure_process(config)
   strategy = experiment.strategy_for(config)
-  output_dir = config["output_dir"] or os.path.join("runs", "hparam_search")
+  if config["fast_dev_run"]:  # the smallest sweep and search, then gone
+    config = {**config, "epochs": 1, "sweep_points": 2,
+              "search_iterations": 1, "cv_folds": 2}
+    with tempfile.TemporaryDirectory(prefix="fast_dev_run_") as scratch:
+      sweep_and_search(config, strategy, scratch)
+    print("fast_dev_run: the sweep and the search ran; nothing was kept.")
+  else:
+    sweep_and_search(config, strategy, config["output_dir"] or
+           os.path.join("runs", "hparam_search"))
+
+
+def sweep_and_search(config, strategy, output_dir):
+  """The sweep and the randomized search, their results in
+  `output_dir/results.json`; bad flags end it with one line, before
+  anything is written."""
   try:
+    experiment.RunPlan.checked(regress.build(config), config, strategy,
+                               (config["loop"],))
     experiment.claim_output_dir(output_dir, "hparam_search", config)
-  except common_flags.SettingsError as error:
+  except (datasets.DataError, common_flags.SettingsError) as error:
     sys.exit(f"error: {error}")
   sweep = learning_rate_sweep(config, output_dir, strategy)
-  search = randomized_search(config, output_dir)
+  found = randomized_search(config, output_dir)
   best = min(sweep, key=lambda row: row["val_loss"])
   results = {"experiment": "hparam_search", "flags": config,
              "seed": config["seed"], "versions": experiment.versions(),
              "learning_rate_sweep": sweep, "best_learning_rate": best,
-             "random_search": search}
+             "random_search": found}
   training_loops.write_json_atomically(
       os.path.join(output_dir, "results.json"), results, indent=2)
   print("learning-rate sweep (final val MSE):")
   for row in sweep:
     print(f"  {row['learning_rate']:.1e}  {row['val_loss']:.4f}")
-  print(f"random search: best {search['best_params']}, CV MSE "
-        f"{search['best_cv_mse']:.4f}, test MSE {search['test_mse']:.4f}")
+  print(f"random search: best {found['best_params']}, CV MSE "
+        f"{found['best_cv_mse']:.4f}, test MSE {found['test_mse']:.4f}")
 
 
 if __name__ == "__main__":

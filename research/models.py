@@ -10,6 +10,11 @@ import layers
 
 NORMALIZATIONS = ("none", "zscore", "minmax")
 
+# Under a mixed dtype policy (--precision), the output layers still compute
+# in float32, as Keras' mixed-precision guide has it: a float16 softmax
+# rounds small probabilities to 0 and large logits overflow.
+OUTPUT_DTYPE = "float32"
+
 
 def fitted_scaler(normalize, x_train):
   """A `Standardize` ("zscore") or `MinMaxScale` ("minmax") adapted on
@@ -36,8 +41,8 @@ def mlp_classifier(x_train, num_classes, normalize="zscore",
     x = scaler(x)
   for units in hidden:
     x = layers.Dense(units, "relu")(x)
-  return keras.Model(inputs, layers.Dense(num_classes, "softmax")(x),
-                     name="mlp_classifier")
+  outputs = layers.Dense(num_classes, "softmax", dtype=OUTPUT_DTYPE)(x)
+  return keras.Model(inputs, outputs, name="mlp_classifier")
 
 
 def deep_classifier(x_train, num_classes, activation="relu", batchnorm=False,
@@ -63,8 +68,8 @@ def deep_classifier(x_train, num_classes, activation="relu", batchnorm=False,
     x = layers.Dropout(dropout_rate, seed=seed)(x)
   elif dropout == "alpha":
     x = layers.AlphaDropout(dropout_rate, seed=seed)(x)
-  return keras.Model(inputs, layers.Dense(num_classes, "softmax")(x),
-                     name="deep_classifier")
+  outputs = layers.Dense(num_classes, "softmax", dtype=OUTPUT_DTYPE)(x)
+  return keras.Model(inputs, outputs, name="deep_classifier")
 
 
 def regressor(x_train, hidden_layers=1, units=30):
@@ -73,7 +78,8 @@ def regressor(x_train, hidden_layers=1, units=30):
   x = fitted_scaler("zscore", x_train)(inputs)
   for _ in range(hidden_layers):
     x = layers.Dense(units, "relu")(x)
-  return keras.Model(inputs, layers.Dense(1)(x), name="regressor")
+  return keras.Model(inputs, layers.Dense(1, dtype=OUTPUT_DTYPE)(x),
+                     name="regressor")
 
 
 def wide_deep_functional(x_train, units=30):
@@ -83,7 +89,8 @@ def wide_deep_functional(x_train, units=30):
   scaled = fitted_scaler("zscore", x_train)(inputs)
   deep = layers.Dense(units, "relu")(layers.Dense(units, "relu")(scaled))
   merged = layers.WideDeepMerge()([scaled, deep])
-  return keras.Model(inputs, layers.Dense(1)(merged), name="wide_deep")
+  return keras.Model(inputs, layers.Dense(1, dtype=OUTPUT_DTYPE)(merged),
+                     name="wide_deep")
 
 
 @keras.saving.register_keras_serializable(package="research")
@@ -97,7 +104,7 @@ class WideDeepModel(keras.Model):
     self.hidden1 = layers.Dense(units, "relu")
     self.hidden2 = layers.Dense(units, "relu")
     self.merge = layers.WideDeepMerge()
-    self.main_output = layers.Dense(1)
+    self.main_output = layers.Dense(1, dtype=OUTPUT_DTYPE)
 
   def call(self, inputs):
     scaled = self.scaler(inputs)
@@ -136,8 +143,8 @@ def wide_deep_multi_input(x_train, units=30, aux_output=False):
             for name in inputs}
   deep = layers.Dense(units, "relu")(layers.Dense(units, "relu")(
       scaled["deep"]))
-  main = layers.Dense(1, name="main")(
+  main = layers.Dense(1, name="main", dtype=OUTPUT_DTYPE)(
       layers.WideDeepMerge()([scaled["wide"], deep]))
-  outputs = ({"main": main, "aux": layers.Dense(1, name="aux")(deep)}
-             if aux_output else main)
+  aux = layers.Dense(1, name="aux", dtype=OUTPUT_DTYPE)
+  outputs = {"main": main, "aux": aux(deep)} if aux_output else main
   return keras.Model(inputs, outputs, name="wide_deep_multi_input")

@@ -18,7 +18,7 @@
 | `--lr_schedule=cosine` | `CosineDecay(lr, decay_steps)`, to 0 |
 | `--warmup_steps` (cosine) | `CosineDecay(0.0, ..., warmup_target=lr, w)` |
 | `--warmup_steps` (others) | `Warmup(w, the schedule or lr)` |
-| `--decay_steps`, `--decay_rate` | `decay_steps`, `rate` above |
+| `--decay_steps`, `--decay_rate` | `decay_steps`, `rate` above; 0.9 |
 | `--lr_boundaries`, `--lr_values` | `boundaries`, `values` above |
 | `--weight_decay` | `weight_decay` (None when 0, except `AdamW`'s) |
 | `--clipnorm` | `global_clipnorm` (the norm of all gradients together) |
@@ -43,6 +43,7 @@ from keras import ops
 from research import common_flags
 
 _MOMENTUM_DEFAULT = 0.9
+_DECAY_RATE_DEFAULT = 0.9
 _CLASSES = {"sgd": keras.optimizers.SGD, "momentum": keras.optimizers.SGD,
             "nesterov": keras.optimizers.SGD, "adam": keras.optimizers.Adam,
             "adamw": keras.optimizers.AdamW,
@@ -155,8 +156,10 @@ def learning_rate(config, steps_per_epoch, epochs):
         decay_steps or steps_per_epoch * epochs - warmup,
         warmup_target=peak if warmup else None, warmup_steps=warmup)
   if schedule == "exponential":
+    rate = config["decay_rate"]
     after = keras.optimizers.schedules.ExponentialDecay(
-        peak, decay_steps or steps_per_epoch, float(config["decay_rate"]))
+        peak, decay_steps or steps_per_epoch,
+        _DECAY_RATE_DEFAULT if rate is None else float(rate))
   elif schedule == "piecewise":
     after = keras.optimizers.schedules.PiecewiseConstantDecay(
         *_piecewise(config))
@@ -207,7 +210,7 @@ def _check_ranges(config):
   if weight_decay < 0:
     raise common_flags.SettingsError(
         f"--weight_decay={weight_decay} is negative; accepted: >= 0.")
-  if not 0 < config["decay_rate"] <= 1:
+  if config["decay_rate"] is not None and not 0 < config["decay_rate"] <= 1:
     raise common_flags.SettingsError(
         f"--decay_rate={config['decay_rate']} is outside (0, 1]; accepted: "
         "0 < decay_rate <= 1.")
@@ -250,10 +253,7 @@ def _check_schedule(config, run_steps):
     raise common_flags.SettingsError(
         f"--decay_steps is for --lr_schedule=exponential or cosine, not "
         f"{schedule}; accepted: one of those, or no --decay_steps.")
-  # A value in a dict cannot tell whether it was passed: one other than the
-  # flag's default was.
-  if (config["decay_rate"] != common_flags.FLAGS["decay_rate"].default
-      and schedule != "exponential"):
+  if config["decay_rate"] is not None and schedule != "exponential":
     raise common_flags.SettingsError(
         f"--decay_rate is for --lr_schedule=exponential, not {schedule}; "
         "accepted: --lr_schedule=exponential, or no --decay_rate.")

@@ -15,8 +15,7 @@ import tensorflow as tf
 
 import training_loops
 from conftest import REPO
-from loop_models import (assert_same_run, classification_data, classifier,
-                         run_loop)
+from loop_models import assert_same_run, classification_data, run_loop
 
 # 50 examples in batches of 16: 4 steps an epoch (16, 16, 16, 2).
 STEPS_PER_EPOCH = 4

@@ -1,0 +1,313 @@
+"""Issue 14's research-run controls through the scripts: each flag reaches
+the run (against a run built by hand with Keras' own optimizer, or a closed
+form), the dev-run modes, determinism, the reports every run writes, and a
+one-line refusal for every bad value, with nothing written."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from absl import flags
+from absl.testing import flagsaver
+import keras
+import numpy as np
+import pytest
+import sklearn.metrics
+import tensorflow as tf
+
+import training_loops
+from conftest import REPO
+from research import (classify, common_flags, compare, datasets, experiment,
+                      hparam_search, regress)
+
+flags.FLAGS.mark_as_parsed()
+
+# digits: 1437 training examples, so 45 batches of 32 an epoch.
+STEPS_PER_EPOCH = 45
+
+
+def _run_classify(output_dir, **flag_values):
+  flag_values = {"loop": "graph", "epochs": 1, "verbose": 0,
+                 "output_dir": str(output_dir), **flag_values}
+  with flagsaver.flagsaver(**flag_values):
+    classify.main(["classify"])
+  with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _by_hand(optimizer_fn, epochs=1, precision="float32"):
+  """The graph loop on classify's experiment with its default flags, the
+  optimizer built by hand: the reference a flag's run must equal."""
+  with flagsaver.flagsaver(loop="graph", epochs=epochs, verbose=0):
+    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
+  built = classify.build(config)
+  keras.utils.set_random_seed(config["seed"])
+  data = experiment.make_dataset(built, "train", 32, config["seed"])
+  with experiment.dtype_policy(precision):
+    return training_loops.train(
+        built.model_fn, optimizer_fn, built.loss, data, loop="graph",
+        epochs=epochs, metrics=built.metrics, seed=config["seed"],
+        verbose=0)
+
+
+@pytest.mark.parametrize("flag_values,optimizer_fn", [
+    (dict(optimizer="adam", learning_rate=1e-3),
+     lambda: keras.optimizers.Adam(1e-3)),
+    (dict(optimizer="nesterov", momentum=0.8, weight_decay=1e-3),
+     lambda: keras.optimizers.SGD(0.01, momentum=0.8, nesterov=True,
+                                  weight_decay=1e-3)),
+    (dict(optimizer="rmsprop", learning_rate=1e-3, clipnorm=0.5),
+     lambda: keras.optimizers.RMSprop(1e-3, global_clipnorm=0.5)),
+    (dict(optimizer="adamw", learning_rate=1e-3, weight_decay=0.01,
+          ema_momentum=0.9),
+     lambda: keras.optimizers.AdamW(1e-3, weight_decay=0.01, use_ema=True,
+                                    ema_momentum=0.9)),
+    (dict(optimizer="momentum", gradient_accumulation_steps=3),
+     lambda: keras.optimizers.SGD(0.01, momentum=0.9,
+                                  gradient_accumulation_steps=3)),
+    (dict(optimizer="adagrad", lr_schedule="exponential", decay_steps=10,
+          decay_rate=0.5),
+     lambda: keras.optimizers.Adagrad(
+         keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.5))),
+])
+def test_optimizer_flags_train_as_keras_own_optimizer(tmp_path, flag_values,
+                                                      optimizer_fn):
+  results = _run_classify(tmp_path, **flag_values)
+  for key, value in flag_values.items():
+    assert results["flags"][key] == value
+  reference = _by_hand(optimizer_fn)
+  history = results["loops"]["graph"]["history"]
+  np.testing.assert_allclose(history["loss"], reference.history["loss"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(history["learning_rate"],
+                             reference.history["learning_rate"], rtol=1e-6)
+
+
+def test_cosine_schedule_with_warm_up_logs_its_closed_form(tmp_path):
+  """Linear warm-up from 0 over 30 steps, then cosine to 0 over
+  decay_steps=100: the learning rate at each epoch's end (steps 45, 90,
+  135)."""
+  results = _run_classify(tmp_path, epochs=3, lr_schedule="cosine",
+                          warmup_steps=30, decay_steps=100,
+                          learning_rate=0.05)
+  expected = [0.05 * 0.5 * (1 + math.cos(math.pi * min(step - 30, 100)
+                                         / 100))
+              for step in (45, 90, 135)]
+  np.testing.assert_allclose(
+      results["loops"]["graph"]["history"]["learning_rate"], expected,
+      rtol=1e-5, atol=1e-9)
+
+
+def test_mixed_float16_trains_as_fit_does_with_loss_scaling(tmp_path):
+  results = _run_classify(tmp_path, precision="mixed_float16")
+  variables = [name for name, _ in tf.train.list_variables(
+      str(tmp_path / "checkpoints" / "graph"))]
+  assert any("dynamic_scale" in name for name in variables)
+  reference = _by_hand(lambda: keras.optimizers.SGD(0.01),
+                       precision="mixed_float16")
+  np.testing.assert_allclose(results["loops"]["graph"]["history"]["loss"],
+                             reference.history["loss"], rtol=1e-5)
+  assert keras.mixed_precision.global_policy().name == "float32"  # restored
+
+
+def test_eval_every_steps_logs_validation_by_step(tmp_path):
+  results = _run_classify(tmp_path, epochs=2, eval_every_steps=20)
+  steps = results["loops"]["graph"]["step_history"]
+  assert steps["step"] == [20, 40, 60, 80]
+  assert steps["epoch"] == [0, 0, 1, 1]
+  assert all(np.isfinite(steps["val_loss"]))
+
+
+def test_checkpoint_every_steps_saves_inside_epochs(tmp_path):
+  """45 steps: saves at steps 20, 40 and the epoch's end; checkpoints are
+  numbered by save."""
+  _run_classify(tmp_path, checkpoint_every_steps=20)
+  checkpoints = tmp_path / "checkpoints" / "graph"
+  assert tf.train.latest_checkpoint(str(checkpoints)).endswith("ckpt-3")
+
+
+def test_checkpoint_every_steps_with_model_fit_alone_is_refused(tmp_path):
+  with pytest.raises(SystemExit, match="--checkpoint_every_steps needs a "
+                                       "custom loop"):
+    _run_classify(tmp_path / "run", loop="keras_fit",
+                  checkpoint_every_steps=5)
+  assert not (tmp_path / "run").exists()
+
+
+def test_fast_dev_run_runs_every_loop_on_one_batch_and_keeps_nothing(
+    tmp_path, capsys):
+  output_dir = tmp_path / "run"
+  with flagsaver.flagsaver(loop="all", epochs=20, verbose=0,
+                           fast_dev_run=True, output_dir=str(output_dir),
+                           eval_every_steps=1, checkpoint_every_steps=1):
+    classify.main(["classify"])
+  printed = capsys.readouterr().out
+  assert not output_dir.exists()
+  assert "nothing was kept" in printed
+  for loop in training_loops.LOOPS:
+    assert loop in printed
+
+
+def test_fast_dev_run_results_cover_every_loop(tmp_path):
+  with flagsaver.flagsaver(loop="all", epochs=20, verbose=0,
+                           fast_dev_run=True, output_dir=str(tmp_path)):
+    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
+  results = experiment.run(classify.build(config), config,
+                           tf.distribute.get_strategy())
+  assert list(results["loops"]) == list(training_loops.LOOPS)
+  assert results["steps_per_epoch"] == 1
+  for report in results["loops"].values():
+    assert report["epochs"] == [0]
+    assert sum(map(sum, report["confusion_matrix"])) == 32  # one batch
+  assert not os.listdir(tmp_path)
+
+
+def test_limit_batches_cuts_every_split(tmp_path):
+  results = _run_classify(tmp_path, limit_batches=3)
+  assert results["steps_per_epoch"] == 3
+  matrix = results["loops"]["graph"]["confusion_matrix"]
+  assert sum(map(sum, matrix)) == 3 * 32
+
+
+def test_overfit_batches_drives_the_training_loss_to_about_zero(tmp_path):
+  results = _run_classify(tmp_path, overfit_batches=2, epochs=40,
+                          optimizer="adam", learning_rate=3e-3)
+  losses = results["loops"]["graph"]["history"]["loss"]
+  assert results["steps_per_epoch"] == 2
+  assert losses[-1] < 0.01 < losses[0]
+
+
+def test_deterministic_runs_are_bitwise_identical(tmp_path):
+  """Fresh processes: op determinism is process-wide (and the test session
+  turns it on for itself)."""
+  histories = []
+  for name in ("first", "second", "plain"):
+    arguments = [sys.executable, "-m", "research.classify", "--loop=graph",
+                 "--epochs=2", "--verbose=0",
+                 f"--output_dir={tmp_path / name}"]
+    if name != "plain":
+      arguments.append("--deterministic")
+    subprocess.run(arguments, cwd=REPO, check=True, timeout=300,
+                   capture_output=True)
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    assert results["op_determinism"] == (name != "plain")
+    assert results["flags"]["deterministic"] == (name != "plain")
+    histories.append(results["loops"]["graph"]["history"])
+  first, second, _ = histories
+  assert first == second  # bitwise: the JSON floats round-trip exactly
+
+
+def test_every_run_reports_its_model_confusion_matrix_and_hparams(tmp_path):
+  export_dir = tmp_path / "export"
+  results = _run_classify(tmp_path / "run", export_dir=str(export_dir))
+  model = keras.models.load_model(export_dir / "graph.keras")
+  summary = results["model"]
+  assert summary["trainable_parameters"] + summary[
+      "non_trainable_parameters"] == model.count_params()
+  assert [row["type"] for row in summary["layers"]][-1] == "Dense"
+  assert summary["layers"][-1]["output_shape"] == [None, 10]
+  # The confusion matrix against scikit-learn on the exported model.
+  with flagsaver.flagsaver():
+    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
+  splits = datasets.load_for("classification", config)
+  predicted = model.predict(splits.x_test, verbose=0).argmax(axis=-1)
+  np.testing.assert_array_equal(
+      results["loops"]["graph"]["confusion_matrix"],
+      sklearn.metrics.confusion_matrix(splits.y_test, predicted,
+                                       labels=range(10)))
+  assert (tmp_path / "run" / "confusion_matrix_graph.png").stat().st_size
+  hparams_dir = tmp_path / "run" / "hparams" / "graph"
+  tags = {value.tag for name in os.listdir(hparams_dir)
+          for event in tf.compat.v1.train.summary_iterator(
+              str(hparams_dir / name))
+          for value in event.summary.value}
+  assert {"_hparams_/session_start_info", "val_loss",
+          "test_accuracy"} <= tags
+
+
+def test_regression_runs_have_no_confusion_matrix(tmp_path):
+  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0,
+                           output_dir=str(tmp_path), optimizer="adam"):
+    regress.main(["regress"])
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert "confusion_matrix" not in results["loops"]["graph"]
+  assert results["model"]["trainable_parameters"] > 0
+  assert not list(tmp_path.glob("confusion_matrix_*.png"))
+
+
+def test_compare_trace_uses_the_flags_optimizer(capsys):
+  with flagsaver.flagsaver(trace=True, trace_steps=3, loop="graph",
+                           optimizer="adam", learning_rate=1e-3):
+    compare.main(["compare"])
+  assert "agree" in capsys.readouterr().out
+
+
+def test_hparam_search_fast_dev_run_keeps_nothing(tmp_path, capsys):
+  with flagsaver.flagsaver(loop="graph", verbose=0, fast_dev_run=True,
+                           output_dir=str(tmp_path / "run"),
+                           optimizer="adam"):
+    hparam_search.main(["hparam_search"])
+  assert not (tmp_path / "run").exists()
+  assert "nothing was kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag_values,message", [
+    (dict(warmup_steps=100), "--warmup_steps=100 does not end before the "
+                             "run's 45 steps"),
+    (dict(overfit_batches=46), "--overfit_batches=46 is more than the 45 "
+                               "training batches"),
+    (dict(momentum=0.5), "--momentum"),
+    (dict(optimizer="momentum", momentum=1.5), "--momentum"),
+    (dict(lr_schedule="piecewise"), "--lr_boundaries"),
+    (dict(lr_schedule="piecewise", lr_boundaries=["10"],
+          lr_values=["0.1"]), "--lr_values"),
+    (dict(lr_boundaries=["10"]), "--lr_boundaries"),
+    (dict(weight_decay=-1.0), "--weight_decay"),
+    (dict(clipnorm=0.0), "--clipnorm"),
+    (dict(ema_momentum=1.0), "--ema_momentum"),
+    (dict(decay_rate=0.0, lr_schedule="exponential"), "--decay_rate"),
+    (dict(limit_batches=2, overfit_batches=2),
+     "--limit_batches and --overfit_batches"),
+])
+def test_bad_values_are_refused_with_one_line_and_nothing_written(
+    tmp_path, flag_values, message):
+  output_dir = tmp_path / "run"
+  with pytest.raises(SystemExit) as exited:
+    _run_classify(output_dir, **flag_values)
+  error = str(exited.value.code)
+  assert error.startswith("error: ") and message in error
+  assert "\n" not in error
+  assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--optimizer=lion"], "--optimizer"),
+    (["--lr_schedule=linear"], "--lr_schedule"),
+    (["--precision=float16"], "--precision"),
+    (["--checkpoint_every_steps=-1"], "--checkpoint_every_steps"),
+])
+def test_unknown_and_non_positive_values_fail_at_parsing(tmp_path, arguments,
+                                                         message):
+  process = subprocess.run(
+      [sys.executable, "-m", "research.classify", *arguments,
+       f"--output_dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True,
+      text=True, timeout=120)
+  assert process.returncode == 1
+  assert message in process.stderr and "Traceback" not in process.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_helpfull_describes_every_control():
+  process = subprocess.run(
+      [sys.executable, "-m", "research.classify", "--helpfull"], cwd=REPO,
+      capture_output=True, text=True, timeout=120)
+  for name in ("optimizer", "momentum", "weight_decay", "lr_schedule",
+               "warmup_steps", "decay_steps", "decay_rate", "lr_boundaries",
+               "lr_values", "precision", "clipnorm", "ema_momentum",
+               "gradient_accumulation_steps", "eval_every_steps",
+               "checkpoint_every_steps", "fast_dev_run", "limit_batches",
+               "overfit_batches", "deterministic"):
+    assert (f"--{name}:" in process.stdout
+            or f"--[no]{name}:" in process.stdout), name
