@@ -27,6 +27,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
 import training_loops
+from training_loops import drivers
 from research import common_flags, datasets, optimizers, reports
 
 # A loop "matches" model.fit when its final training loss is this close
@@ -113,8 +114,8 @@ def main_for(build, defaults, flags_of=()):
 
 
 def configure_process(config):
-  """Process-wide settings: op determinism (it cannot be turned off again,
-  so only a script's `main` turns it on)."""
+  """Process-wide settings: op determinism (TensorFlow has no public way
+  to turn it off again, so only a script's `main` turns it on)."""
   if config["deterministic"]:
     tf.config.experimental.enable_op_determinism()
 
@@ -233,10 +234,12 @@ class RunPlan:
           f"--overfit_batches={config['overfit_batches']} is more than the "
           f"{full} training batches of {config['batch_size']}; accepted: 1 "
           f"to {full}.")
-    if config["checkpoint_every_steps"] and loops == ("keras_fit",):
+    if config["checkpoint_every_steps"] and not any(
+        map(_resumes_mid_epoch, loops)):
+      resuming = filter(_resumes_mid_epoch, training_loops.LOOPS)
       raise common_flags.SettingsError(
-          "--checkpoint_every_steps needs a custom loop (eager, function, "
-          "graph): model.fit resumes only at an epoch's start.")
+          f"--checkpoint_every_steps needs a loop that resumes inside an "
+          f"epoch ({', '.join(resuming)}), not --loop={config['loop']}.")
     steps_per_epoch = min(full, limit) if limit else full
     # A dev run's optimizer and schedule are the full run's: it checks
     # that run's code paths, cut short.
@@ -264,18 +267,27 @@ class RunPlan:
     return dataset
 
 
-# A rerun may change these: more epochs continue training; the rest only
-# change what is shown or where it goes.
+# A rerun may change these: more epochs continue training (unless the
+# schedule spans the run: `_identity`); the rest only change what is shown
+# or where it goes.
 _RESUMABLE_CHANGES = ("epochs", "verbose", "output_dir", "export_dir")
+
+
+def _identity(name, config):
+  """The experiment and the flags a rerun into the same directory must
+  keep."""
+  resumable = set(_RESUMABLE_CHANGES)
+  if config["lr_schedule"] == "cosine" and config["decay_steps"] is None:
+    resumable.discard("epochs")  # the cosine spans the run's epochs
+  return {"experiment": name, **{key: value for key, value in config.items()
+                                  if key not in resumable}}
 
 
 def claim_output_dir(output_dir, name, config):
   """Records the run's config in `output_dir/run_config.json`, or checks
   it against the recorded one: a rerun resumes from the checkpoints there,
   which is only right for the same experiment and flags."""
-  identity = {"experiment": name, **{key: value for key, value in
-                                      config.items()
-                                      if key not in _RESUMABLE_CHANGES}}
+  identity = _identity(name, config)
   path = os.path.join(output_dir, "run_config.json")
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as stream:
@@ -310,10 +322,9 @@ def _run_loop(experiment, loop, plan, output_dir):
       plan.dataset(experiment, split) for split in ("train", "val", "test"))
   callbacks = experiment.callbacks(loop, output_dir)
   checkpoint_every_steps = config["checkpoint_every_steps"]
-  if checkpoint_every_steps and loop == "keras_fit":
-    print("--checkpoint_every_steps: keras_fit checkpoints at epoch ends "
-          "only (model.fit resumes only at an epoch's start).",
-          file=sys.stderr)
+  if checkpoint_every_steps and not _resumes_mid_epoch(loop):
+    print(f"--checkpoint_every_steps: {loop} checkpoints at epoch ends "
+          "only (it resumes only at an epoch's start).", file=sys.stderr)
     checkpoint_every_steps = None
   with dtype_policy(config["precision"]):
     history = training_loops.train(
@@ -357,6 +368,10 @@ def _run_loop(experiment, loop, plan, output_dir):
     export(model, os.path.join(export_dir, loop))
     save_keras_file(model, os.path.join(export_dir, f"{loop}.keras"))
   return report
+
+
+def _resumes_mid_epoch(loop):
+  return drivers.DRIVERS[loop].resumes_mid_epoch
 
 
 @contextlib.contextmanager
@@ -422,7 +437,11 @@ def plot_learning_curves(history, path, title):
   except ImportError:
     return
   figure, axes = pyplot.subplots(figsize=(8, 5))
+  # The learning rate has its own scale: TensorBoard and results.json show
+  # it.
   for key, values in sorted(history.history.items()):
+    if key == "learning_rate":
+      continue
     axes.plot(history.epochs, values, label=key,
               linestyle="--" if key.startswith("val_") else "-")
   axes.set(xlabel="epoch", title=title)

@@ -45,14 +45,16 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
   `training_loops.train` with any loop.
 
   keras.wrappers.SKLearnRegressor would only ever call `model.fit`; this
-  wrapper lets the search run the loop under study, with the optimizer the
-  run's flags name (`optimizer_flags`: a config with the optimizer flags of
-  `common_flags`; None: plain SGD) at the candidate's learning rate.
+  wrapper lets the search run the loop under study, with the optimizer and
+  precision the run's flags name (`run_config`: a resolved config; None:
+  plain SGD in float32) at the candidate's learning rate, its schedule
+  spanning the run's `--epochs`. The batch limits and the step cadence are
+  the sweep's; cross-validation trains on every batch.
   """
 
   def __init__(self, hidden_layers=1, units=30, learning_rate=3e-3,
                epochs=10, batch_size=32, loop="graph", seed=42,
-               optimizer_flags=None):
+               run_config=None):
     self.hidden_layers = hidden_layers
     self.units = units
     self.learning_rate = learning_rate
@@ -60,7 +62,7 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
     self.batch_size = batch_size
     self.loop = loop
     self.seed = seed
-    self.optimizer_flags = optimizer_flags
+    self.run_config = run_config
 
   def fit(self, x, y):
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
@@ -68,17 +70,19 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
     data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
         len(y), seed=self.seed).batch(self.batch_size).with_options(
             experiment.IN_MEMORY_DATA_OPTIONS)
-    if self.optimizer_flags is None:
+    if self.run_config is None:
       optimizer_fn = lambda: keras.optimizers.SGD(self.learning_rate)
+      precision = "float32"
     else:
       optimizer_fn = optimizers.optimizer_fn(
-          {**self.optimizer_flags, "learning_rate": self.learning_rate},
-          math.ceil(len(y) / self.batch_size), self.epochs)
-    self.history_ = training_loops.train(
-        lambda: models.regressor(x, self.hidden_layers, self.units),
-        optimizer_fn,
-        losses.MeanSquaredError(), data, loop=self.loop, epochs=self.epochs,
-        seed=self.seed, verbose=0)
+          {**self.run_config, "learning_rate": self.learning_rate},
+          math.ceil(len(y) / self.batch_size), self.run_config["epochs"])
+      precision = self.run_config["precision"]
+    with experiment.dtype_policy(precision):
+      self.history_ = training_loops.train(
+          lambda: models.regressor(x, self.hidden_layers, self.units),
+          optimizer_fn, losses.MeanSquaredError(), data, loop=self.loop,
+          epochs=self.epochs, seed=self.seed, verbose=0)
     self.model_ = self.history_.model
     return self
 
@@ -118,9 +122,10 @@ def randomized_search(config, output_dir):
   """RandomizedSearchCV on the training split; the best model's test MSE."""
   splits = datasets.load_for("regression", config)
   search = model_selection.RandomizedSearchCV(
-      ToolkitRegressor(epochs=config["epochs"],
-                       batch_size=config["batch_size"], loop=config["loop"],
-                       seed=config["seed"], optimizer_flags=config),
+      ToolkitRegressor(epochs=1 if config["fast_dev_run"] else
+                       config["epochs"], batch_size=config["batch_size"],
+                       loop=config["loop"], seed=config["seed"],
+                       run_config=config),
       {"hidden_layers": [0, 1, 2, 3], "units": list(range(1, 101)),
        "learning_rate": stats.loguniform(3e-4, 3e-2)},
       n_iter=config["search_iterations"], cv=config["cv_folds"],
@@ -156,14 +161,14 @@ def main(argv):
   experiment.configure_process(config)
   strategy = experiment.strategy_for(config)
   if config["fast_dev_run"]:  # the smallest sweep and search, then gone
-    config = {**config, "epochs": 1, "sweep_points": 2,
-              "search_iterations": 1, "cv_folds": 2}
+    config = {**config, "sweep_points": 2, "search_iterations": 1,
+              "cv_folds": 2}
     with tempfile.TemporaryDirectory(prefix="fast_dev_run_") as scratch:
       sweep_and_search(config, strategy, scratch)
     print("fast_dev_run: the sweep and the search ran; nothing was kept.")
   else:
-    sweep_and_search(config, strategy, config["output_dir"] or
-           os.path.join("runs", "hparam_search"))
+    sweep_and_search(config, strategy, config["output_dir"]
+                     or os.path.join("runs", "hparam_search"))
 
 
 def sweep_and_search(config, strategy, output_dir):
@@ -171,6 +176,11 @@ def sweep_and_search(config, strategy, output_dir):
   `output_dir/results.json`; bad flags end it with one line, before
   anything is written."""
   try:
+    if config["lr_schedule"] == "piecewise":
+      raise common_flags.SettingsError(
+          "--lr_schedule=piecewise sets the learning rates itself "
+          "(--lr_values), which hparam_search tunes; accepted here: "
+          "constant, exponential, cosine.")
     experiment.RunPlan.checked(regress.build(config), config, strategy,
                                (config["loop"],))
     experiment.claim_output_dir(output_dir, "hparam_search", config)

@@ -45,3 +45,13 @@ def mirrored():
   strategy = make_strategy("mirrored", cpu_replicas=2)
   assert strategy.num_replicas_in_sync == 2
   return strategy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_keras_state():
+  """Each module starts from a clear Keras session: the global state every
+  model leaves behind (name counters, the default graph, kernel caches)
+  otherwise grows over the suite and slows later modules down."""
+  import keras
+  keras.utils.clear_session()
+  yield

@@ -2,7 +2,6 @@
 stopping at a step boundary with the position saved."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,8 +15,8 @@ import tensorflow as tf
 import layers
 import training_loops
 from conftest import REPO
-from loop_models import (assert_same_run, classification_data, run_loop,
-                         wait_for_epochs)
+from loop_models import (SignalAt, Switch, assert_same_run,
+                         classification_data, run_loop, wait_for_epochs)
 
 
 def _script(output_dir, epochs=4):
@@ -82,46 +81,17 @@ def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
                                atol=1e-7)
 
 
-class _Switch:
-  """A plain object: Keras would store a dict attribute as a tracked copy."""
-  on = False
-
-
-class _SignalAt(keras.layers.Layer):
-  """The identity; on its `call_number`-th training call (counted at run
-  time, also inside graphs) it sends `signal_number` to this process, once
-  while `armed.on`."""
-
-  def __init__(self, call_number, signal_number, armed, **kwargs):
-    super().__init__(**kwargs)
-    self.call_number, self.signal_number = call_number, signal_number
-    self.armed, self.calls = armed, 0
-
-  def _count(self):
-    self.calls += 1
-    if self.armed.on and self.calls == self.call_number:
-      self.armed.on = False
-      os.kill(os.getpid(), self.signal_number)
-    return np.float32(0.0)
-
-  def call(self, inputs, training=None):
-    if not training:
-      return inputs
-    zero = tf.py_function(self._count, [], tf.float32)
-    return inputs + tf.ensure_shape(zero, [])
-
-
 @pytest.mark.parametrize("loop,where", [
     ("eager", (1, 2)), ("function", (1, 2)), ("graph", (1, 4)),
     ("keras_fit", (2, 0))])
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_where_it_stopped_and_the_rerun_continues_exactly(
     loop, where, signal_number, tmp_path):
-  armed = _Switch()
+  armed = Switch()
 
   def model_fn():  # 4 steps an epoch: the 6th step is epoch 1, step 2
     return keras.Sequential([keras.Input((4,)),
-                             _SignalAt(6, signal_number, armed),
+                             SignalAt(6, signal_number, armed),
                              layers.Dense(8, "relu"),
                              layers.Dropout(0.2, seed=3),
                              layers.Dense(3, "softmax")])
@@ -148,10 +118,10 @@ def test_signal_saves_where_it_stopped_and_the_rerun_continues_exactly(
 def test_model_fit_refuses_a_checkpoint_saved_mid_epoch(tmp_path):
   """fit cannot start inside an epoch: one line naming the directory,
   before anything trains."""
-  armed = _Switch()
+  armed = Switch()
   armed.on = True
   model_fn = lambda: keras.Sequential([
-      keras.Input((4,)), _SignalAt(6, signal.SIGINT, armed),
+      keras.Input((4,)), SignalAt(6, signal.SIGINT, armed),
       layers.Dense(3, "softmax")])
   with pytest.raises(training_loops.TrainingInterrupted, match="step 2"):
     run_loop("eager", epochs=3, model_fn=model_fn, checkpoint_dir=tmp_path)

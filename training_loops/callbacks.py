@@ -120,8 +120,8 @@ class ProfileEpoch(keras.callbacks.Callback):
 class EpochRecorder(keras.callbacks.Callback):
   """Fills a `History` and writes TensorBoard summaries, for every loop.
 
-  Steps are counted by the optimizer's `iterations`, so `model.fit` and the
-  custom loops are timed the same way. The history also gets the learning
+  Steps are the batches the optimizer was applied to, counted by the
+  optimizer, so `model.fit` and the custom loops are timed the same way. The history also gets the learning
   rate at each epoch's end (`learning_rate`). Summaries use the tags of
   Keras' TensorBoard callback (`epoch_loss`, `epoch_<metric>` in `train/`
   and `validation/`; `evaluation_<metric>_vs_iterations` in `validation/`
@@ -192,8 +192,12 @@ class EpochRecorder(keras.callbacks.Callback):
 
 
 def _current_step(optimizer):
-  # `.numpy()` reads a mirrored variable too, where `int()` cannot.
-  return int(optimizer.iterations.numpy())
+  # `_iterations`, not `iterations`: under gradient accumulation the public
+  # count is of updates, one per `gradient_accumulation_steps` batches. (A
+  # `LossScaleOptimizer` keeps the count in its inner optimizer.) `.numpy()`
+  # reads a mirrored variable too, where `int()` cannot.
+  counting = getattr(optimizer, "inner_optimizer", optimizer)
+  return int(counting._iterations.numpy())
 
 
 def _improvement_sign(monitor, mode):

@@ -1,4 +1,5 @@
-"""Per-epoch (and step-cadence) checkpoints that let `train` resume exactly where it stopped."""
+"""Checkpoints (per epoch, per cadence step, at a stop) that let `train`
+resume exactly where it stopped."""
 
 import json
 import os
@@ -15,8 +16,9 @@ class CheckpointMismatchError(ValueError):
 
 class RunCheckpoint:
   """Model, optimizer (slots and step counter; a `LossScaleOptimizer`'s
-  loss scale and count of good steps too), the position in training and the
-  `History` so far, saved after every epoch and on a stop request (the
+  loss scale and count of good steps too), the position in training (and
+  the run's step count) and the `History` so far, saved after every epoch,
+  every `checkpoint_every_steps` and on a stop request (the
   variables by a `tf.train.CheckpointManager`, numbered by save; the history
   as `history.json`).
 

@@ -1,9 +1,10 @@
 """`Controller`: one training run's outer loop, the same for every loop.
 
 As Orbit's `Controller`, it owns what happens around the steps, each in
-one place: the callback list, checkpoints (restore, one save per epoch, the
-position of a stop), stop requests, the `History`, the progress bar,
-validation, and the translation of TensorFlow's errors into ours. A driver
+one place: the callback list, checkpoints (restore, one save per epoch and
+per `Cadence` step, the position of a stop), stop requests, the `History`,
+the progress bar, validation (per epoch and per `Cadence` step), and the
+translation of TensorFlow's errors into ours. A driver
 (`drivers`) only runs steps: the custom loops take their epochs from
 `Controller.epochs`; `model.fit`, which runs its own epochs, reaches the
 same hooks through its callbacks.
@@ -71,7 +72,8 @@ class Cadence:
   the run (`steps_done`, saved in checkpoints).
 
   An event due at an epoch's last step is left to the epoch's end, which
-  validates and checkpoints anyway.
+  validates and checkpoints anyway (when the data's length is known: else
+  the last step is only known as such once a call finds the data ended).
   """
 
   def __init__(self, eval_every_steps=None, checkpoint_every_steps=None):
@@ -157,8 +159,8 @@ class Controller:
     driver: a `drivers.Driver` around the run's `Trainer`.
     train_data, validation_data: `tf.data.Dataset`s of batches.
     epochs: the total number of epochs, counting those a resumed run did.
-    checkpoint_dir: save every epoch there (and the position of a stop);
-      if it holds a checkpoint, resume from it.
+    checkpoint_dir: save every epoch there (and at `cadence` steps, and
+      the position of a stop); if it holds a checkpoint, resume from it.
     log_dir: TensorBoard event files in `log_dir/train` and
       `log_dir/validation`.
     callbacks: `keras.callbacks.Callback`s.
@@ -187,6 +189,7 @@ class Controller:
     self.position = (0, 0)
     self._saved_position = None  # what the checkpoint holds
     self._distributed_validation = None
+    self._epoch_end_is_a_step_validation = False
     self._stops = None
 
   def run(self):
@@ -310,14 +313,17 @@ class Controller:
 
   def steps_ran(self, steps, epoch, steps_in_epoch):
     """Counts `steps` more training steps, `steps_in_epoch` done in epoch
-    `epoch`, and validates or checkpoints if the cadence says so (unless
-    the epoch just ended: its end does both)."""
+    `epoch`, and validates or checkpoints if the cadence says so; at the
+    epoch's last step its end does both, and only notes a validation due
+    (a `model.fit` execution can cross one before the end)."""
     cadence = self.cadence
     cadence.steps_done += steps
     self.position = (epoch, steps_in_epoch)
+    eval_due = cadence.eval_due(steps)
     if steps_in_epoch == self.train_length:
+      self._epoch_end_is_a_step_validation = eval_due
       return
-    if cadence.eval_due(steps) and self.validation_data is not None:
+    if eval_due:
       self._validate_between_epochs(epoch)
     if cadence.checkpoint_due(steps) and self.checkpoint:
       self._save(epoch, steps_in_epoch)
@@ -343,17 +349,26 @@ class Controller:
     """After epoch `index` and its callbacks, with its `logs`: records the
     epoch's validation as the step's when one is due there, saves the
     checkpoint and, on a stop request, asks the loop to stop."""
-    every = self.cadence.eval_every_steps
-    validation = {key: value for key, value in logs.items()
-                  if key.startswith("val_")}
-    if every and validation and self.cadence.steps_done % every == 0:
-      self.recorder.step_validated(self.cadence.steps_done, index,
-                                   validation)
+    if self._epoch_end_validates_a_step():
+      self.recorder.step_validated(
+          self.cadence.steps_done, index,
+          {key: value for key, value in logs.items()
+           if key.startswith("val_")})
+    self._epoch_end_is_a_step_validation = False
     if self.checkpoint:
       self._save(index + 1, 0)
     self.position = (index + 1, 0)
     if self.stop_requested:
       self.model.stop_training = True
+
+  def _epoch_end_validates_a_step(self):
+    every, steps_done = self.cadence.eval_every_steps, self.cadence.steps_done
+    recorded = self.history.step_history.get("step", [])
+    if not every or recorded[-1:] == [steps_done]:  # validated mid-epoch
+      return False
+    # The modulo also catches a resumed epoch that a stop ended at its last
+    # step, before its validation.
+    return self._epoch_end_is_a_step_validation or steps_done % every == 0
 
   def _save(self, epoch, step):
     self.checkpoint.save(epoch, step, self.cadence.steps_done)

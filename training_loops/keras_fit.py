@@ -92,9 +92,15 @@ class _ControllerHooks(keras.callbacks.Callback):
 
 class _ControllerHooksByStep(_ControllerHooks):
   """Counts each of fit's executions: with a step cadence, so validation
-  falls due at its step, and for data of unknown length. (Otherwise fit's
-  batch hooks stay unused: fit then skips them, and reading their logs
-  every execution.)"""
+  falls due at its step, and for data of unknown length. Only then: a
+  batch hook makes fit call its batch hooks, and read their logs, every
+  execution.
+
+  Fit names an execution by its last batch as if it were full, also the
+  last, shorter one of an epoch; `train` refuses a cadence with
+  `steps_per_loop` on data of unknown length, where that cannot be told.
+  """
 
   def on_train_batch_end(self, batch, logs=None):
-    self._count(batch + 1)
+    length = self.controller.train_length
+    self._count(batch + 1 if length is None else min(batch + 1, length))

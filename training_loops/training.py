@@ -5,7 +5,8 @@ import tensorflow as tf
 
 # keras_fit registers the "keras_fit" loop, after the custom loops.
 from training_loops import drivers, keras_fit  # noqa: F401
-from training_loops.controller import Cadence, Controller, as_floats
+from training_loops.controller import (Cadence, Controller, as_floats,
+                                       known_length)
 from training_loops.trainer import Trainer
 
 # The loops that ship, in the registry's order; `drivers.register` adds more.
@@ -37,8 +38,9 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
       multi-output model); copied for this run.
     strategy: a `tf.distribute.Strategy`; default: the current one.
     steps_per_loop, jit_compile: `drivers.LoopOptions`.
-    checkpoint_dir: save every epoch there; if it holds a checkpoint,
-      resume from it.
+    checkpoint_dir: save every epoch there (and every
+      `checkpoint_every_steps`, and where a stop request stopped); if it
+      holds a checkpoint, resume from it.
     log_dir: TensorBoard event files in `log_dir/train` and
       `log_dir/validation`.
     callbacks: `keras.callbacks.Callback`s (ours or Keras').
@@ -63,7 +65,8 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
   """
   _check_arguments(loop, epochs, train_data, validation_data)
   cadence = Cadence(eval_every_steps, checkpoint_every_steps)
-  _check_cadence(cadence, loop, validation_data, checkpoint_dir)
+  _check_cadence(cadence, loop, steps_per_loop, train_data, validation_data,
+                 checkpoint_dir)
   driver = _build(loop, drivers.LoopOptions(steps_per_loop, jit_compile),
                   model_fn, optimizer_fn, loss, train_data, metrics=metrics,
                   loss_weights=loss_weights, strategy=strategy, seed=seed)
@@ -188,9 +191,17 @@ def _check_arguments(loop, epochs, train_data, validation_data):
     _check_data("validation_data", validation_data)
 
 
-def _check_cadence(cadence, loop, validation_data, checkpoint_dir):
+def _check_cadence(cadence, loop, steps_per_loop, train_data,
+                   validation_data, checkpoint_dir):
   if cadence.eval_every_steps and validation_data is None:
     raise ValueError("eval_every_steps needs validation_data.")
+  if (cadence.active and loop == "keras_fit" and (steps_per_loop or 1) > 1
+      and known_length(train_data) is None):
+    raise ValueError(
+        "eval_every_steps with keras_fit and steps_per_loop > 1 needs "
+        "train_data of known length (fit does not say how many batches "
+        "its last execution ran); give the dataset a cardinality, or use "
+        "steps_per_loop=1.")
   if cadence.checkpoint_every_steps:
     if checkpoint_dir is None:
       raise ValueError("checkpoint_every_steps needs a checkpoint_dir.")
