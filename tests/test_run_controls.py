@@ -344,3 +344,14 @@ def test_helpfull_describes_every_control():
                "checkpoint_every_steps", "fast_dev_run", "limit_batches",
                "overfit_batches", "deterministic"):
     assert f"--{name}:" in described or f"--[no]{name}:" in described, name
+
+
+def test_a_cosine_schedule_spanning_the_run_fixes_its_epochs(tmp_path):
+  """Its decay length is the run's: more epochs on a rerun would change the
+  schedule the first ones trained with."""
+  _run_classify(tmp_path, lr_schedule="cosine")
+  with pytest.raises(SystemExit, match="epochs: 1 then, 2 now"):
+    _run_classify(tmp_path, lr_schedule="cosine", epochs=2)
+  _run_classify(tmp_path / "fixed", lr_schedule="cosine", decay_steps=90)
+  _run_classify(tmp_path / "fixed", lr_schedule="cosine", decay_steps=90,
+                epochs=2)  # a fixed decay length: more epochs continue
