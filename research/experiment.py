@@ -106,6 +106,7 @@ def main_for(build, defaults, flags_of=()):
       sys.exit(128 + interruption.signal_number)
     except (datasets.DataError, common_flags.SettingsError,
             training_loops.CheckpointMismatchError,
+            training_loops.DamagedCheckpointError,
             training_loops.NonFiniteLossError,
             training_loops.TrainingDataError,
             training_loops.WorkerLostError) as error:

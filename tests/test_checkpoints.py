@@ -1,8 +1,13 @@
 """Checkpoints and resume: a resumed run ends as an uninterrupted one; a
-checkpoint of another model is refused by name."""
+checkpoint of another model is refused by name; a damaged newest
+checkpoint is moved aside and the one before it resumed."""
+
+import logging
+import os
 
 import keras
 import pytest
+import tensorflow as tf
 
 import layers
 import training_loops
@@ -35,3 +40,51 @@ def test_checkpoint_of_another_model_is_named_not_half_restored(tmp_path):
                      match=r"different model \(.*\[4, 8\] float32 saved, "
                            r"\[4, 9\] float32 now"):
     run_loop("graph", epochs=2, model_fn=wider, checkpoint_dir=tmp_path)
+
+
+def _shuffled_run(loop, epochs, checkpoint_dir=None):
+  keras.utils.set_random_seed(3)
+  return run_loop(loop, epochs=epochs, data=classification_data(shuffle=True),
+                  checkpoint_dir=checkpoint_dir,
+                  model_fn=lambda: classifier(dropout_seed=5))
+
+
+def _truncate(path):
+  with open(path, "r+b") as stream:
+    stream.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage", ["truncated data", "missing index"])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(
+    tmp_path, caplog, damage):
+  """Three epoch checkpoints (ckpt-1..3); the newest damaged as a full disk
+  or a cut copy leaves it. The rerun warns naming it, moves its files to
+  damaged/, resumes after epoch 2 and ends as an uninterrupted run."""
+  uninterrupted = _shuffled_run("graph", 4)
+  _shuffled_run("graph", 3, tmp_path)
+  newest = tmp_path / "ckpt-3"
+  if damage == "truncated data":
+    _truncate(next(tmp_path.glob("ckpt-3.data-*")))
+  else:
+    os.remove(tmp_path / "ckpt-3.index")
+  with caplog.at_level(logging.WARNING):
+    resumed = _shuffled_run("graph", 4, tmp_path)
+  assert f"Checkpoint {newest} is damaged" in caplog.text
+  assert resumed.epochs == [0, 1, 2, 3]
+  assert_same_run(resumed, uninterrupted, rtol=1e-5, atol=1e-6)
+  aside = sorted(path.name for path in (tmp_path / "damaged").iterdir())
+  assert aside and all(name.startswith("ckpt-3.") for name in aside)
+  # The resumed run's own epoch-3 and -4 checkpoints follow ckpt-2.
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-4")
+
+
+def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
+  _shuffled_run("graph", 2, tmp_path)
+  for data in tmp_path.glob("ckpt-*.data-*"):
+    _truncate(data)
+  with pytest.raises(training_loops.DamagedCheckpointError,
+                     match=f"{tmp_path} holds no readable checkpoint .*"
+                           "restore the directory from a copy, or delete "
+                           "it to start over"):
+    _shuffled_run("graph", 3, tmp_path)
+  assert len(list((tmp_path / "damaged").iterdir())) == 4  # 2 x index+data

@@ -7,7 +7,8 @@
 from training_loops.atomic import replaced_atomically, write_json_atomically
 from training_loops.callbacks import (BestModelCheckpoint, EarlyStopping,
                                       ProfileEpoch)
-from training_loops.checkpoints import CheckpointMismatchError
+from training_loops.checkpoints import (CheckpointMismatchError,
+                                        DamagedCheckpointError)
 from training_loops.controller import Controller
 from training_loops.drivers import Driver, LoopOptions, StepDriver
 from training_loops.history import History
@@ -20,6 +21,7 @@ from training_loops.trainer import (NonFiniteLossError, Trainer,
 from training_loops.training import LOOPS, evaluate, train
 
 __all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "compare",
+           "DamagedCheckpointError",
            "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
            "History", "LockstepReport", "LoopOptions", "LOOPS",
            "make_strategy", "NonFiniteLossError", "ProfileEpoch",

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+from absl import logging
 import tensorflow as tf
 
 from training_loops.atomic import write_json_atomically
@@ -12,6 +13,14 @@ from training_loops.atomic import write_json_atomically
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint directory holds a checkpoint of a different model."""
+
+
+class DamagedCheckpointError(ValueError):
+  """The checkpoint directory holds checkpoints, none of them readable."""
+
+# What TensorFlow's checkpoint reader raises for a truncated or corrupt file
+# (a short data file is an IndexError: "Read less bytes than requested").
+_READ_ERRORS = (tf.errors.OpError, IndexError, ValueError, OSError)
 
 
 class RunCheckpoint:
@@ -60,28 +69,88 @@ class RunCheckpoint:
       task = strategy.cluster_resolver.task_id
       self._scratch = os.path.join(self.directory, f".worker_{task}")
     os.makedirs(self._scratch or self.directory, exist_ok=True)
+    self._max_to_keep = max_to_keep
+    self._open_managers()
+
+  def _open_managers(self):
+    """The manager saves go through (a non-chief worker's: in its scratch
+    copy) and the one restores read; each lists the directory's
+    checkpoints when made."""
     self._manager = tf.train.CheckpointManager(
         self._checkpoint, self._scratch or self.directory,
-        max_to_keep=max_to_keep)
+        max_to_keep=self._max_to_keep)
     self._reader = tf.train.CheckpointManager(
-        self._checkpoint, self.directory, max_to_keep=max_to_keep)
+        self._checkpoint, self.directory, max_to_keep=self._max_to_keep)
 
   def restore(self):
-    """Restores the latest checkpoint and its history, if any.
+    """Restores the newest readable checkpoint and its history, if any.
+
+    A damaged newest checkpoint (a truncated or unreadable file, a missing
+    variable) is logged as a warning and moved into `directory/damaged`,
+    not deleted, and the next newest restored: the run then ends as an
+    uninterrupted one would.
 
     Returns:
       `(epochs_done, steps_in_epoch, steps_done)`, the last the training
       steps of the whole run: `(0, 0, 0)` without a checkpoint.
+
+    Raises:
+      CheckpointMismatchError: the checkpoints are of another model.
+      DamagedCheckpointError: none of the checkpoints is readable.
     """
-    latest = self._reader.latest_checkpoint
-    if latest is None:
+    if self._reader.latest_checkpoint is None:
       return 0, 0, 0
     self._check_same_model()
-    self._checkpoint.restore(latest).assert_existing_objects_matched()
+    self._restore_newest_readable()
     epochs_done = int(self.epochs_done.numpy())
     steps_done = int(self.steps_done.numpy())
     self._history.load(self._history_path, epochs_done, steps_done)
     return epochs_done, int(self.steps_in_epoch.numpy()), steps_done
+
+  def _restore_newest_readable(self):
+    """Restores the newest checkpoint that reads back whole, after moving
+    newer, damaged ones aside (the chief only: the directory is its)."""
+    checkpoints = list(self._reader.checkpoints)
+    damaged = []
+    for prefix in reversed(checkpoints):
+      try:
+        # A failed restore may have assigned some variables; the next one
+        # assigns them all again.
+        self._checkpoint.restore(prefix).assert_existing_objects_matched()
+      except (*_READ_ERRORS, AssertionError) as error:
+        problem = str(error).strip().splitlines()[0]
+        logging.warning("Checkpoint %s is damaged (%s); trying the one "
+                        "before it.", prefix, problem)
+        damaged.append(prefix)
+      else:
+        break
+    else:
+      prefix = None
+    if damaged and self.is_writer:
+      self._move_aside(damaged, prefix, checkpoints)
+    if prefix is None:
+      raise DamagedCheckpointError(
+          f"{self.directory} holds no readable checkpoint (the damaged ones"
+          f" are in {os.path.join(self.directory, 'damaged')}): restore the"
+          " directory from a copy, or delete it to start over.")
+
+  def _move_aside(self, damaged, newest_good, checkpoints):
+    aside = os.path.join(self.directory, "damaged")
+    os.makedirs(aside, exist_ok=True)
+    for prefix in damaged:
+      for name in os.listdir(self.directory):
+        path = os.path.join(self.directory, name)
+        if path.startswith(prefix + "."):
+          os.replace(path, os.path.join(aside, name))
+    kept = [prefix for prefix in checkpoints if prefix not in damaged]
+    if newest_good is None:
+      os.remove(os.path.join(self.directory, "checkpoint"))
+    else:
+      # (The state file CheckpointManager reads; only in the v1 API.)
+      tf.compat.v1.train.update_checkpoint_state(
+          self.directory, newest_good,
+          all_model_checkpoint_paths=kept)
+    self._open_managers()
 
   def save(self, epochs_done, steps_in_epoch=0, steps_done=0):
     """Saves the state after `epochs_done` epochs and `steps_in_epoch`
