@@ -8,7 +8,7 @@ import shutil
 from absl import logging
 import tensorflow as tf
 
-from training_loops.atomic import write_json_atomically
+from training_loops.atomic import replaced_atomically, write_json_atomically
 
 
 class CheckpointMismatchError(ValueError):
@@ -143,13 +143,19 @@ class RunCheckpoint:
         if path.startswith(prefix + "."):
           os.replace(path, os.path.join(aside, name))
     kept = [prefix for prefix in checkpoints if prefix not in damaged]
+    state = os.path.join(self.directory, "checkpoint")
     if newest_good is None:
-      os.remove(os.path.join(self.directory, "checkpoint"))
+      os.remove(state)
     else:
-      # (The state file CheckpointManager reads; only in the v1 API.)
-      tf.compat.v1.train.update_checkpoint_state(
-          self.directory, newest_good,
-          all_model_checkpoint_paths=kept)
+      # The CheckpointState text proto the managers read, pointing at the
+      # newest good checkpoint (TensorFlow's own writer for it is a
+      # deprecated v1 API).
+      lines = [f'model_checkpoint_path: "{os.path.basename(newest_good)}"']
+      lines += [f'all_model_checkpoint_paths: "{os.path.basename(prefix)}"'
+                for prefix in kept]
+      with replaced_atomically(state) as temporary:
+        with open(temporary, "w", encoding="utf-8") as stream:
+          stream.write("\n".join(lines) + "\n")
     self._open_managers()
 
   def save(self, epochs_done, steps_in_epoch=0, steps_done=0):
