@@ -91,6 +91,8 @@ class Cadence:
     return bool(self.eval_every_steps or self.checkpoint_every_steps)
 
   def steps_before_event(self, steps_per_call):
+    if not self.active:  # asked before every call: the common case first
+      return steps_per_call
     return min([steps_per_call] + [
         every - self.steps_done % every
         for every in (self.eval_every_steps, self.checkpoint_every_steps)

@@ -167,8 +167,10 @@ class Trainer:
   # -- results -------------------------------------------------------------
 
   def reset(self):
-    for metric in self._all_metrics():
+    for metric in (*self.train_trackers.values(),
+                   *self.train_metrics.values()):
       metric.reset_state()
+    self.reset_eval()
 
   def reset_eval(self):
     """Before an evaluation: it reports only its own batches, as Keras'
@@ -189,10 +191,6 @@ class Trainer:
     return [variable for metric in (*self.train_trackers.values(),
                                     *self.train_metrics.values())
             for variable in metric.variables]
-
-  def _all_metrics(self):
-    return [*self.train_trackers.values(), *self.eval_trackers.values(),
-            *self.train_metrics.values(), *self.eval_metrics.values()]
 
   # -- internals -----------------------------------------------------------
 
