@@ -20,7 +20,7 @@ from absl import app, flags
 import keras
 
 import training_loops
-from research import (callbacks, classify, common_flags, datasets, deep_net,
+from research import (callbacks, classify, common_flags, deep_net,
                       experiment, regress, wide_deep)
 
 EXPERIMENTS = {"classify": classify, "callbacks": callbacks,
@@ -83,8 +83,7 @@ def trace(script, defaults, argv, steps):
           plan.dataset(built, "train"), loops=loops, steps=steps,
           metrics=built.metrics, loss_weights=built.loss_weights,
           strategy=strategy, seed=seed)
-  except (datasets.DataError, common_flags.SettingsError,
-          training_loops.TrainingDataError) as error:
+  except experiment.ONE_LINE_ERRORS as error:
     sys.exit(f"error: {error}")
   print(report)
 

@@ -104,14 +104,22 @@ def main_for(build, defaults, flags_of=()):
       print(f"{interruption} Partial results are in results.json.",
             file=sys.stderr)
       sys.exit(128 + interruption.signal_number)
-    except (datasets.DataError, common_flags.SettingsError,
-            training_loops.CheckpointMismatchError,
-            training_loops.DamagedCheckpointError,
-            training_loops.NonFiniteLossError,
-            training_loops.TrainingDataError,
-            training_loops.WorkerLostError) as error:
+    except ONE_LINE_ERRORS as error:
       sys.exit(f"error: {error}")
   return main
+
+
+# What ends a script with one line, `error: <message>`, not a traceback:
+# bad flags or data, and what a run meets that a traceback would not help
+# with (a damaged or foreign checkpoint, a held directory, a failed write).
+ONE_LINE_ERRORS = (datasets.DataError, common_flags.SettingsError,
+                   training_loops.CheckpointMismatchError,
+                   training_loops.DamagedCheckpointError,
+                   training_loops.NonFiniteLossError,
+                   training_loops.RunLockedError,
+                   training_loops.TrainingDataError,
+                   training_loops.WorkerLostError,
+                   training_loops.WriteError)
 
 
 def configure_process(config):
@@ -136,12 +144,21 @@ def run(experiment, config, strategy):
   """Trains `experiment` with each loop `config` selects; returns results.
 
   Every check of the flags against each other and the data comes first:
-  a refused run writes nothing. With `--fast_dev_run` everything is
-  written to a temporary directory, removed at the end.
+  a refused run writes nothing. The run holds a `training_loops.RunLock`
+  on the output directory. With `--fast_dev_run` everything is written to
+  a temporary directory, removed at the end. In a multi-worker run only
+  the chief writes the run's files; the other workers train in step with
+  it, each writing its checkpoints to a scratch copy that `RunCheckpoint`
+  deletes and the rest to a temporary directory.
 
   Args:
     config: the resolved config (`common_flags.resolved`).
     strategy: the `tf.distribute` strategy the flags name (`strategy_for`).
+
+  Raises:
+    training_loops.RunLockedError: a live run holds the output directory.
+    training_loops.WriteError: a file could not be written.
+    And the errors `training_loops.train` raises.
   """
   output_dir = config["output_dir"] or os.path.join("runs", experiment.name)
   loops = (training_loops.LOOPS if config["loop"] == "all"
@@ -149,26 +166,57 @@ def run(experiment, config, strategy):
   plan = RunPlan.checked(experiment, config, strategy, loops)
   if config["fast_dev_run"]:
     with tempfile.TemporaryDirectory(prefix="fast_dev_run_") as scratch:
-      results = _run_loops(experiment, plan, scratch, loops)
+      results = _run_loops(experiment, plan, loops, Outputs.within(scratch))
     print("fast_dev_run: every selected loop trained, validated and tested "
           "on one batch; nothing was kept.")
     return results
-  return _run_loops(experiment, plan, output_dir, loops)
+  if not strategy.extended.should_checkpoint:
+    check_output_dir(output_dir, experiment.name, config)
+    with tempfile.TemporaryDirectory(prefix="worker_outputs_") as scratch:
+      return _run_loops(experiment, plan, loops, Outputs.within(
+          scratch, checkpoints=os.path.join(output_dir, "checkpoints")))
+  with training_loops.RunLock(output_dir):
+    claim_output_dir(output_dir, experiment.name, config)
+    return _run_loops(experiment, plan, loops, Outputs(
+        output_dir, os.path.join(output_dir, "checkpoints"),
+        config["export_dir"]))
 
 
-def _run_loops(experiment, plan, output_dir, loops):
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+  """Where one process writes a run's files.
+
+  Attributes:
+    directory: results.json, plots, TensorBoard logs and HParams, and the
+      callbacks' files.
+    checkpoints: a checkpoint directory per loop inside it.
+    export_dir: a SavedModel and a `.keras` file per loop, or None.
+  """
+  directory: str
+  checkpoints: str
+  export_dir: object = None
+
+  @classmethod
+  def within(cls, directory, checkpoints=None):
+    """Everything, exports too, in `directory` (a temporary one), except
+    checkpoints when `checkpoints` names their place."""
+    return cls(directory, checkpoints or os.path.join(directory,
+                                                      "checkpoints"),
+               os.path.join(directory, "export"))
+
+
+def _run_loops(experiment, plan, loops, outputs):
   config = plan.config
-  claim_output_dir(output_dir, experiment.name, config)
   results = {"experiment": experiment.name, "flags": config,
              "seed": config["seed"], "versions": versions(),
              "op_determinism": tf_config.is_op_determinism_enabled(),
              "data": experiment.splits.sizes,
              "steps_per_epoch": plan.steps_per_epoch, **experiment.extra,
              "loops": {}}
-  results_path = os.path.join(output_dir, "results.json")
+  results_path = os.path.join(outputs.directory, "results.json")
   for loop in loops:
     try:
-      results["loops"][loop] = _run_loop(experiment, loop, plan, output_dir)
+      results["loops"][loop] = _run_loop(experiment, loop, plan, outputs)
     except training_loops.TrainingInterrupted as interruption:
       history = interruption.history
       results["loops"][loop] = {"history": history.history,
@@ -288,25 +336,33 @@ def claim_output_dir(output_dir, name, config):
   """Records the run's config in `output_dir/run_config.json`, or checks
   it against the recorded one: a rerun resumes from the checkpoints there,
   which is only right for the same experiment and flags."""
+  if not check_output_dir(output_dir, name, config):
+    training_loops.write_json_atomically(
+        os.path.join(output_dir, "run_config.json"), _identity(name, config))
+
+
+def check_output_dir(output_dir, name, config):
+  """Whether `output_dir` records a run's config; a `SettingsError` naming
+  the flags that differ when it is not this run's."""
   identity = _identity(name, config)
   path = os.path.join(output_dir, "run_config.json")
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as stream:
-      recorded = json.load(stream)
-    # Keys of either side: a flag only the recorded run had (another
-    # script's, via compare) differs too.
-    differences = [
-        f"{key}: {_recorded_value(recorded, key)} then, "
-        f"{identity.get(key)!r} now"
-        for key in {**recorded, **identity}
-        if recorded.get(key) != identity.get(key)]
-    if differences:
-      raise common_flags.SettingsError(
-          f"{output_dir} holds a run with other settings "
-          f"({'; '.join(differences)}); its checkpoints would be resumed. "
-          "Use another --output_dir, or delete that one.")
-    return
-  training_loops.write_json_atomically(path, identity)
+  if not os.path.isfile(path):
+    return False
+  with open(path, encoding="utf-8") as stream:
+    recorded = json.load(stream)
+  # Keys of either side: a flag only the recorded run had (another
+  # script's, via compare) differs too.
+  differences = [
+      f"{key}: {_recorded_value(recorded, key)} then, "
+      f"{identity.get(key)!r} now"
+      for key in {**recorded, **identity}
+      if recorded.get(key) != identity.get(key)]
+  if differences:
+    raise common_flags.SettingsError(
+        f"{output_dir} holds a run with other settings "
+        f"({'; '.join(differences)}); its checkpoints would be resumed. "
+        "Use another --output_dir, or delete that one.")
+  return True
 
 
 def _recorded_value(recorded, key):
@@ -315,8 +371,9 @@ def _recorded_value(recorded, key):
   return repr(recorded[key]) if key in recorded else "not recorded"
 
 
-def _run_loop(experiment, loop, plan, output_dir):
+def _run_loop(experiment, loop, plan, outputs):
   config, strategy = plan.config, plan.strategy
+  output_dir = outputs.directory
   seed = config["seed"]
   keras.utils.set_random_seed(seed)  # before the data: it seeds the shuffle
   train_data, validation_data, test_data = (
@@ -333,7 +390,7 @@ def _run_loop(experiment, loop, plan, output_dir):
         train_data, loop=loop, epochs=plan.epochs,
         validation_data=validation_data, metrics=experiment.metrics,
         loss_weights=experiment.loss_weights, strategy=strategy,
-        checkpoint_dir=os.path.join(output_dir, "checkpoints", loop),
+        checkpoint_dir=os.path.join(outputs.checkpoints, loop),
         log_dir=os.path.join(output_dir, "logs", loop), callbacks=callbacks,
         seed=seed, verbose=config["verbose"],
         eval_every_steps=config["eval_every_steps"],
@@ -363,11 +420,9 @@ def _run_loop(experiment, loop, plan, output_dir):
       {**{key: values[-1] for key, values in history.history.items()
           if key.startswith("val_")},
        **{f"test_{key}": value for key, value in test.items()}})
-  if config["export_dir"] or config["fast_dev_run"]:
-    export_dir = (os.path.join(output_dir, "export")
-                  if config["fast_dev_run"] else config["export_dir"])
-    export(model, os.path.join(export_dir, loop))
-    save_keras_file(model, os.path.join(export_dir, f"{loop}.keras"))
+  if outputs.export_dir:
+    export(model, os.path.join(outputs.export_dir, loop))
+    save_keras_file(model, os.path.join(outputs.export_dir, f"{loop}.keras"))
   return report
 
 

@@ -173,8 +173,9 @@ def main(argv):
 
 def sweep_and_search(config, strategy, output_dir):
   """The sweep and the randomized search, their results in
-  `output_dir/results.json`; bad flags end it with one line, before
-  anything is written."""
+  `output_dir/results.json`, under a `training_loops.RunLock` on it; bad
+  flags end it with one line before anything is written, and so does what
+  `experiment.ONE_LINE_ERRORS` names, later."""
   try:
     if config["lr_schedule"] == "piecewise":
       raise common_flags.SettingsError(
@@ -183,18 +184,19 @@ def sweep_and_search(config, strategy, output_dir):
           "constant, exponential, cosine.")
     experiment.RunPlan.checked(regress.build(config), config, strategy,
                                (config["loop"],))
-    experiment.claim_output_dir(output_dir, "hparam_search", config)
-  except (datasets.DataError, common_flags.SettingsError) as error:
+    with training_loops.RunLock(output_dir):
+      experiment.claim_output_dir(output_dir, "hparam_search", config)
+      sweep = learning_rate_sweep(config, output_dir, strategy)
+      found = randomized_search(config, output_dir)
+      best = min(sweep, key=lambda row: row["val_loss"])
+      results = {"experiment": "hparam_search", "flags": config,
+                 "seed": config["seed"], "versions": experiment.versions(),
+                 "learning_rate_sweep": sweep, "best_learning_rate": best,
+                 "random_search": found}
+      training_loops.write_json_atomically(
+          os.path.join(output_dir, "results.json"), results, indent=2)
+  except experiment.ONE_LINE_ERRORS as error:
     sys.exit(f"error: {error}")
-  sweep = learning_rate_sweep(config, output_dir, strategy)
-  found = randomized_search(config, output_dir)
-  best = min(sweep, key=lambda row: row["val_loss"])
-  results = {"experiment": "hparam_search", "flags": config,
-             "seed": config["seed"], "versions": experiment.versions(),
-             "learning_rate_sweep": sweep, "best_learning_rate": best,
-             "random_search": found}
-  training_loops.write_json_atomically(
-      os.path.join(output_dir, "results.json"), results, indent=2)
   print("learning-rate sweep (final val MSE):")
   for row in sweep:
     print(f"  {row['learning_rate']:.1e}  {row['val_loss']:.4f}")

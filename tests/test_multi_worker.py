@@ -1,16 +1,26 @@
 """Multi-worker training: two localhost workers equal one process; a dead
-peer stops the survivor fast and a restart resumes."""
+peer stops the survivor fast and a restart resumes; a research script's
+workers share one output directory, where the chief alone writes, or have
+one each."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 
+from absl import flags
+from absl.testing import flagsaver
 import numpy as np
+import pytest
 
+from conftest import REPO
 import multi_worker_job
+from research import classify
+
+flags.FLAGS.mark_as_parsed()
 from loop_models import wait_for_epochs
 
 
@@ -26,16 +36,23 @@ def _free_ports(count):
 
 def _start_workers(*arguments):
   """Two `multi_worker_job.py` processes on localhost ports."""
-  workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
   tests_dir = os.path.dirname(__file__)
+  return _start_cluster(
+      lambda index: [os.path.join(tests_dir, "multi_worker_job.py"),
+                     *map(str, arguments)], cwd=tests_dir)
+
+
+def _start_cluster(arguments_of, cwd):
+  """Two workers on localhost ports, worker `index` running
+  `python *arguments_of(index)`."""
+  workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
   processes = []
   for index in range(2):
     environment = dict(os.environ, TF_CONFIG=json.dumps({
         "cluster": {"worker": workers},
         "task": {"type": "worker", "index": index}}))
     processes.append(subprocess.Popen(
-        [sys.executable, os.path.join(tests_dir, "multi_worker_job.py"),
-         *map(str, arguments)], cwd=tests_dir, env=environment,
+        [sys.executable, *arguments_of(index)], cwd=cwd, env=environment,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   return processes
 
@@ -90,3 +107,70 @@ def test_a_dead_worker_stops_its_peer_fast_and_a_restart_resumes(tmp_path):
   for output in outputs:
     np.testing.assert_allclose(output["history"]["loss"], single["loss"],
                                rtol=1e-4)
+
+
+# -- a research script's workers and their output directories -------------
+
+_CLASSIFY = ["-m", "research.classify", "--strategy=multi_worker",
+             "--loop=graph", "--epochs=2", "--verbose=0"]
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory):
+  """Two clusters at once, each of two workers running classify: one with
+  a single output directory for both workers, one with a directory each.
+  Returns {"shared": dir, "own": [dir of worker 0, dir of worker 1]}."""
+  shared = tmp_path_factory.mktemp("shared")
+  own = [tmp_path_factory.mktemp(f"own_{index}") for index in range(2)]
+  clusters = [
+      _start_cluster(lambda index: [*_CLASSIFY, f"--output_dir={shared}"],
+                     cwd=REPO),
+      _start_cluster(lambda index: [*_CLASSIFY, f"--output_dir={own[index]}"],
+                     cwd=REPO)]
+  outcomes = _finish([process for cluster in clusters for process in cluster],
+                     timeout=300)
+  for code, _, stderr in outcomes:
+    assert code == 0, stderr[-3000:]
+  return {"shared": shared, "own": own}
+
+
+def _files(directory):
+  """Every file under `directory`; TensorBoard's event files named
+  without their time, host and PID."""
+  return sorted(
+      re.sub(r"events\.out\.tfevents\..*", "events",
+             os.path.relpath(os.path.join(root, name), directory))
+      for root, _, names in os.walk(directory) for name in names)
+
+
+def _loss_of(directory):
+  with open(os.path.join(directory, "results.json"), encoding="utf-8") as f:
+    return json.load(f)["loops"]["graph"]["history"]["loss"]
+
+
+def test_workers_sharing_an_output_dir_write_it_once(script_runs):
+  files = _files(script_runs["shared"])
+  # The chief's run, whole: what a one-process run writes.
+  assert {"run.lock", "run_config.json", "results.json",
+          "learning_curves_graph.png", "confusion_matrix_graph.png",
+          "checkpoints/graph/checkpoint", "checkpoints/graph/run.lock",
+          "checkpoints/graph/history.json"} <= set(files)
+  assert "logs/graph/train/events" in files
+  # Worker 1's: no scratch checkpoint left, nothing else.
+  assert not [name for name in files if ".worker_" in name]
+  assert files == _files(script_runs["own"][0])
+
+
+def test_a_worker_with_its_own_output_dir_leaves_it_empty(script_runs):
+  assert _files(script_runs["own"][1]) == []
+
+
+def test_workers_in_either_layout_train_the_one_process_run(script_runs,
+                                                            tmp_path):
+  shared, own = _loss_of(script_runs["shared"]), _loss_of(
+      script_runs["own"][0])
+  np.testing.assert_allclose(shared, own, rtol=1e-6)
+  with flagsaver.flagsaver(loop="graph", epochs=2, verbose=0,
+                           output_dir=str(tmp_path)):
+    classify.main(["classify"])
+  np.testing.assert_allclose(shared, _loss_of(tmp_path), rtol=1e-4)

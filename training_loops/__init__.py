@@ -4,7 +4,8 @@
                                    loop="graph", epochs=5)
 """
 
-from training_loops.atomic import replaced_atomically, write_json_atomically
+from training_loops.atomic import (WriteError, replaced_atomically,
+                                   write_json_atomically)
 from training_loops.callbacks import (BestModelCheckpoint, EarlyStopping,
                                       ProfileEpoch)
 from training_loops.checkpoints import (CheckpointMismatchError,
@@ -14,6 +15,7 @@ from training_loops.drivers import Driver, LoopOptions, StepDriver
 from training_loops.history import History
 from training_loops.interrupts import TrainingInterrupted
 from training_loops.lockstep import Divergence, LockstepReport, compare
+from training_loops.run_lock import RunLock, RunLockedError
 from training_loops.strategies import (STRATEGIES, WorkerLostError,
                                        make_strategy)
 from training_loops.trainer import (NonFiniteLossError, Trainer,
@@ -25,6 +27,7 @@ __all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "compare",
            "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
            "History", "LockstepReport", "LoopOptions", "LOOPS",
            "make_strategy", "NonFiniteLossError", "ProfileEpoch",
-           "replaced_atomically", "StepDriver", "STRATEGIES", "train",
+           "replaced_atomically", "RunLock", "RunLockedError", "StepDriver",
+           "STRATEGIES", "train",
            "Trainer", "TrainingDataError", "TrainingInterrupted",
-           "WorkerLostError", "write_json_atomically"]
+           "WorkerLostError", "WriteError", "write_json_atomically"]

@@ -3,8 +3,41 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
+
+import tensorflow as tf
+
+
+class WriteError(RuntimeError):
+  """A file or directory of the run could not be written (disk full,
+  permission denied, ...); what was there before is intact.
+
+  Attributes:
+    path: what was being written.
+    cause: the underlying `OSError` or TensorFlow error.
+  """
+
+  def __init__(self, path, cause):
+    reason = (getattr(cause, "strerror", None) or
+              getattr(cause, "message", None) or str(cause))
+    # TensorFlow's messages open with the failing function's name and
+    # close with the op's: the file and errno are between.
+    reason = re.sub(r"^\{\{.*?\}\}\s*|\s*\[Op:\w+\]$", "",
+                    reason.strip().splitlines()[0])
+    super().__init__(f"Could not write {os.fspath(path)}: {reason}.")
+    self.path, self.cause = os.fspath(path), cause
+
+
+# What a failed write raises: Python's file API, and TensorFlow's (its
+# checkpoint and SavedModel writers map errno onto these: ENOSPC is
+# ResourceExhausted, EFBIG OutOfRange, EACCES and EROFS PermissionDenied).
+WRITE_FAILURES = (OSError, tf.errors.PermissionDeniedError,
+                  tf.errors.ResourceExhaustedError,
+                  tf.errors.OutOfRangeError, tf.errors.UnknownError,
+                  tf.errors.FailedPreconditionError, tf.errors.DataLossError,
+                  tf.errors.InternalError)
 
 
 @contextlib.contextmanager
@@ -29,13 +62,14 @@ def replaced_atomically(path):
   has one writer at a time.
 
   If the block raises, the temporary is removed, `path` is left as it was
-  and the exception propagates. A process killed mid-write leaves its
-  temporary behind.
+  and the exception propagates, as a `WriteError` naming `path` when it is
+  one of `WRITE_FAILURES` (a full disk, a denied permission). A process
+  killed mid-write leaves its temporary behind.
   """
   directory, name = os.path.split(os.fspath(path))
   directory = directory or os.curdir
   path = os.path.join(directory, name)
-  os.makedirs(directory, exist_ok=True)
+  make_directory(directory)
   aside = os.path.join(directory, f".old.{name}")
   _recover(aside, path)
   temporary = os.path.join(directory, f".tmp-{uuid.uuid4().hex[:12]}.{name}")
@@ -50,10 +84,20 @@ def replaced_atomically(path):
     else:
       os.replace(temporary, path)
     _fsync(directory)  # the rename itself
-  except BaseException:
+  except BaseException as error:
     _remove(temporary)
     _recover(aside, path)
+    if isinstance(error, WRITE_FAILURES):
+      raise WriteError(path, error) from error
     raise
+
+
+def make_directory(path):
+  """`os.makedirs(path, exist_ok=True)`, failing as a `WriteError`."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as error:
+    raise WriteError(path, error) from error
 
 
 def write_json_atomically(path, content, indent=None):

@@ -8,7 +8,9 @@ import shutil
 from absl import logging
 import tensorflow as tf
 
-from training_loops.atomic import replaced_atomically, write_json_atomically
+from training_loops.atomic import (WRITE_FAILURES, WriteError,
+                                   make_directory, replaced_atomically,
+                                   write_json_atomically)
 
 
 class CheckpointMismatchError(ValueError):
@@ -68,7 +70,7 @@ class RunCheckpoint:
     if not self.is_writer:
       task = strategy.cluster_resolver.task_id
       self._scratch = os.path.join(self.directory, f".worker_{task}")
-    os.makedirs(self._scratch or self.directory, exist_ok=True)
+    make_directory(self._scratch or self.directory)
     self._max_to_keep = max_to_keep
     self._open_managers()
 
@@ -173,7 +175,12 @@ class RunCheckpoint:
     # Not numbered by optimizer step: that stands still over the steps a
     # `LossScaleOptimizer` skips, and a save under an existing number
     # overwrites the last good checkpoint in place.
-    self._manager.save()
+    try:
+      self._manager.save()
+    except WRITE_FAILURES as error:
+      # TensorFlow writes the new checkpoint's files under temporary names
+      # and the manager's state file last: the previous one still stands.
+      raise WriteError(self._manager.directory, error) from error
     if self._scratch:
       shutil.rmtree(self._scratch, ignore_errors=True)
 

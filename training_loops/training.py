@@ -1,5 +1,7 @@
 """`train`: one training run, four interchangeable ways; `evaluate`."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -7,6 +9,7 @@ import tensorflow as tf
 from training_loops import drivers, keras_fit  # noqa: F401
 from training_loops.controller import (Cadence, Controller, as_floats,
                                        known_length)
+from training_loops.run_lock import RunLock
 from training_loops.trainer import Trainer
 
 # The loops that ship, in the registry's order; `drivers.register` adds more.
@@ -40,7 +43,8 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     steps_per_loop, jit_compile: `drivers.LoopOptions`.
     checkpoint_dir: save every epoch there (and every
       `checkpoint_every_steps`, and where a stop request stopped); if it
-      holds a checkpoint, resume from it.
+      holds a checkpoint, resume from it. The run holds a `RunLock` on it
+      (in a multi-worker run, the chief does).
     log_dir: TensorBoard event files in `log_dir/train` and
       `log_dir/validation`.
     callbacks: `keras.callbacks.Callback`s (ours or Keras').
@@ -61,7 +65,9 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     A `History`.
 
   Raises:
-    See `Controller.run`.
+    RunLockedError: another live run holds `checkpoint_dir`.
+    WriteError: a checkpoint could not be written; the one before stands.
+    See also `Controller.run`.
   """
   _check_arguments(loop, epochs, train_data, validation_data)
   cadence = Cadence(eval_every_steps, checkpoint_every_steps)
@@ -70,10 +76,20 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
   driver = _build(loop, drivers.LoopOptions(steps_per_loop, jit_compile),
                   model_fn, optimizer_fn, loss, train_data, metrics=metrics,
                   loss_weights=loss_weights, strategy=strategy, seed=seed)
-  return Controller(
-      driver, train_data, epochs=epochs, validation_data=validation_data,
-      checkpoint_dir=checkpoint_dir, log_dir=log_dir, callbacks=callbacks,
-      verbose=verbose, cadence=cadence).run()
+  with _lock(checkpoint_dir, driver.trainer.strategy):
+    return Controller(
+        driver, train_data, epochs=epochs, validation_data=validation_data,
+        checkpoint_dir=checkpoint_dir, log_dir=log_dir, callbacks=callbacks,
+        verbose=verbose, cadence=cadence).run()
+
+
+def _lock(directory, strategy):
+  """The run's lock on `directory`: the chief's alone, since the workers
+  of one multi-worker run are one run (the others write to scratch
+  copies)."""
+  if directory is None or not strategy.extended.should_checkpoint:
+    return contextlib.nullcontext()
+  return RunLock(directory)
 
 
 def _build(loop, options, model_fn, optimizer_fn, loss, data, *, metrics,

@@ -1,0 +1,260 @@
+"""Run-directory integrity (issue 15): one run at a time in a directory,
+a lock left by a dead run taken over, and a failed write that ends the run
+with one line and leaves what was written before intact. (Damaged
+checkpoints: test_checkpoints; multi-worker output: test_multi_worker.)"""
+
+import errno
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+from absl import flags
+from absl.testing import flagsaver
+import keras
+import matplotlib.figure
+import numpy as np
+import pytest
+
+import training_loops
+from conftest import REPO
+from loop_models import assert_same_run, run_loop
+from research import classify
+
+flags.FLAGS.mark_as_parsed()
+
+
+def _classify(output_dir, **flag_values):
+  """classify's main on digits, one graph-loop epoch; a one-line error is
+  a SystemExit with its text."""
+  with flagsaver.flagsaver(**{"loop": "graph", "epochs": 1, "verbose": 0,
+                              "output_dir": str(output_dir),
+                              **flag_values}):
+    classify.main(["classify"])
+
+
+def _files(directory):
+  return sorted(os.path.relpath(os.path.join(root, name), directory)
+                for root, _, names in os.walk(directory) for name in names)
+
+
+def _read(path):
+  with open(path, "rb") as stream:
+    return stream.read()
+
+
+# -- the lock ---------------------------------------------------------------
+
+def test_a_held_checkpoint_dir_refuses_train_naming_the_holder(tmp_path):
+  with training_loops.RunLock(tmp_path):
+    with pytest.raises(training_loops.RunLockedError) as refusal:
+      run_loop("graph", checkpoint_dir=tmp_path)
+  message = str(refusal.value)
+  assert message.startswith(f"{tmp_path} is in use by the run of PID "
+                            f"{os.getpid()} on {socket.gethostname()}, "
+                            "started ")
+  assert "\n" not in message
+  assert _files(tmp_path) == ["run.lock"]  # refused before anything ran
+
+
+def test_a_held_output_dir_refuses_a_second_script_run(tmp_path):
+  with training_loops.RunLock(tmp_path):
+    with pytest.raises(SystemExit) as refusal:
+      _classify(tmp_path)
+  assert str(refusal.value).startswith(
+      f"error: {tmp_path} is in use by the run of PID {os.getpid()}")
+  assert _files(tmp_path) == ["run.lock"]
+
+
+def test_a_finished_run_releases_its_locks(tmp_path):
+  _classify(tmp_path)
+  for directory in (tmp_path, tmp_path / "checkpoints" / "graph"):
+    assert _read(directory / "run.lock") == b""  # no holder to take over
+    with training_loops.RunLock(directory):
+      pass
+
+
+def test_an_interrupted_run_releases_its_lock(tmp_path):
+  with pytest.raises(training_loops.TrainingInterrupted):
+    run_loop("graph", epochs=3, checkpoint_dir=tmp_path,
+             callbacks=[_SignalAtEpochEnd(0)])
+  with training_loops.RunLock(tmp_path):
+    pass
+
+
+class _SignalAtEpochEnd(keras.callbacks.Callback):
+
+  def __init__(self, epoch):
+    super().__init__()
+    self.epoch = epoch
+
+  def on_epoch_end(self, epoch, logs=None):
+    if epoch == self.epoch:
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path,
+                                                                caplog):
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import sys, time\n"
+       "from training_loops.run_lock import RunLock\n"
+       "RunLock(sys.argv[1]).__enter__()\n"
+       "print('held', flush=True)\n"
+       "time.sleep(600)\n", str(tmp_path)],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(training_loops.RunLockedError,
+                       match=f"PID {holder.pid} on"):
+      run_loop("graph", checkpoint_dir=tmp_path)
+  finally:
+    holder.kill()  # SIGKILL: no chance to release anything
+    holder.wait()
+  with caplog.at_level(logging.WARNING):
+    history = run_loop("graph", checkpoint_dir=tmp_path)
+  assert history.epochs == [0, 1]
+  takeovers = [record.getMessage() for record in caplog.records
+               if "Taking over" in record.getMessage()]
+  assert len(takeovers) == 1
+  assert f"the run of PID {holder.pid} on {socket.gethostname()}" in (
+      takeovers[0])
+  assert "ended without releasing it" in takeovers[0]
+
+
+def test_a_lock_that_cannot_be_created_is_one_line(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(training_loops.WriteError,
+                     match=f"^Could not write {blocker}/run: Not a "
+                           r"directory\.$"):
+    with training_loops.RunLock(blocker / "run"):
+      pass
+
+
+# -- failed writes ----------------------------------------------------------
+
+def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_one_before(
+    tmp_path):
+  """A file-size limit (what a full disk looks like to a writer) set just
+  before epoch 1's checkpoint makes TensorFlow's checkpoint writer fail
+  mid-write; the JSON files written first are small enough to pass."""
+  reference = run_loop("graph", epochs=3)
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  try:
+    with pytest.raises(training_loops.WriteError) as failure:
+      run_loop("graph", epochs=3, checkpoint_dir=tmp_path,
+               callbacks=[_FileSizeLimitAtEpochEnd(1, 2500)])
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE,
+                       (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    signal.signal(signal.SIGXFSZ, previous)
+  message = str(failure.value)
+  assert message.startswith(f"Could not write {tmp_path}: ")
+  assert message.endswith("; File too large.")
+  assert "\n" not in message
+  state = _read(tmp_path / "checkpoint").decode()
+  assert 'model_checkpoint_path: "ckpt-1"' in state
+  # The rerun resumes from the checkpoint before the failure and ends as
+  # the uninterrupted run.
+  resumed = run_loop("graph", epochs=3, checkpoint_dir=tmp_path)
+  assert_same_run(resumed, reference, rtol=1e-6)
+
+
+class _FileSizeLimitAtEpochEnd(keras.callbacks.Callback):
+
+  def __init__(self, epoch, size):
+    super().__init__()
+    self.epoch, self.size = epoch, size
+
+  def on_epoch_end(self, epoch, logs=None):
+    if epoch == self.epoch:
+      resource.setrlimit(resource.RLIMIT_FSIZE,
+                         (self.size, resource.RLIM_INFINITY))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished classify run with an export, copied by each test that
+  reruns into it."""
+  directory = tmp_path_factory.mktemp("finished")
+  _classify(directory / "run", export_dir=str(directory / "export"))
+  return directory
+
+
+def _copy(finished_run, tmp_path):
+  shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+  return tmp_path / "run", tmp_path / "export"
+
+
+def _disk_full(path, half=b"{\"half"):
+  """What a writer meets when the disk fills: part of the file, then
+  ENOSPC."""
+  with open(path, "wb") as stream:
+    stream.write(half)
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _rerun_failing(run_dir, **flag_values):
+  """Reruns classify into `run_dir`; returns its one-line error and checks
+  that nothing the first run wrote changed and no temporary is left."""
+  before = {name: _read(run_dir / name) for name in _files(run_dir)
+            if not name.startswith(("logs", "hparams", "checkpoints"))
+            and name != "run.lock"}
+  with pytest.raises(SystemExit) as failure:
+    _classify(run_dir, **flag_values)
+  for name, content in before.items():
+    assert _read(run_dir / name) == content, name
+  assert not [name for name in _files(run_dir) if ".tmp-" in name]
+  return str(failure.value)
+
+
+def test_a_failed_results_write_keeps_the_previous_results(
+    finished_run, tmp_path, monkeypatch):
+  run_dir, _ = _copy(finished_run, tmp_path)
+  monkeypatch.setattr(training_loops.atomic.json, "dump",
+                      lambda content, stream, **_: _disk_full(stream.name))
+  assert _rerun_failing(run_dir) == (
+      f"error: Could not write {run_dir}/results.json: No space left on "
+      "device.")
+
+
+def test_a_failed_plot_write_keeps_the_previous_plot(finished_run, tmp_path,
+                                                     monkeypatch):
+  run_dir, _ = _copy(finished_run, tmp_path)
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                      lambda figure, path, **_: _disk_full(path))
+  assert _rerun_failing(run_dir) == (
+      f"error: Could not write {run_dir}/learning_curves_graph.png: No "
+      "space left on device.")
+
+
+def test_a_failed_export_keeps_the_previous_export(finished_run, tmp_path,
+                                                   monkeypatch):
+  run_dir, export_dir = _copy(finished_run, tmp_path)
+  exported = {name: _read(export_dir / name) for name in _files(export_dir)}
+
+  def export(model, path, **_):
+    os.makedirs(os.path.join(path, "variables"))
+    _disk_full(os.path.join(path, "saved_model.pb"))
+
+  monkeypatch.setattr(keras.Model, "export", export)
+  assert _rerun_failing(run_dir, export_dir=str(export_dir)) == (
+      f"error: Could not write {export_dir}/graph: No space left on device.")
+  assert {name: _read(export_dir / name)
+          for name in _files(export_dir)} == exported
+
+
+def test_results_record_the_finished_run(finished_run):
+  """The reference the failing reruns compare with is a real run's."""
+  names = _files(finished_run / "run")
+  assert {"results.json", "run_config.json", "learning_curves_graph.png",
+          "confusion_matrix_graph.png"} <= set(names)
+  assert np.isfinite(
+      json.loads(_read(finished_run / "run" / "results.json"))
+      ["loops"]["graph"]["test"]["loss"])
