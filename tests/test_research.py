@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import resource
+import signal
 import subprocess
 import sys
 
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import training_loops
 from conftest import REPO, SHARED, needs_shared
 from research import (callbacks, classify, compare, datasets, deep_net,
                       evaluate, hparam_search, regress, wide_deep)
@@ -177,21 +181,38 @@ _BAD_ARGUMENTS = {
                      "error: --data_dir '/' has no mnist IDX files"),
     "diverging": (["--learning_rate=1e4", "--loop=graph", "--epochs=2",
                    "--verbose=0"], "error: Training loss became"),
+    # The fixture holds the output directory's lock meanwhile.
+    "output dir in use": ([], f"is in use by the run of PID {os.getpid()}"),
+    # The fixture caps the file size: run_config.json fits, the
+    # checkpoint's data file does not.
+    "full disk": (["--loop=graph", "--epochs=1", "--verbose=0"],
+                  "/checkpoints/graph: "),
 }
+
+
+def _full_disk():
+  """In the child: files stop growing at 50 kB, as on a full disk (the
+  signal a process gets for it ignored: the write fails instead)."""
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
 
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory):
   """Every bad invocation at once, two a core: each is a fresh process
   that mostly imports TensorFlow."""
-  processes = {
-      case: subprocess.Popen(
-          [sys.executable, "-m", "research.classify", *arguments,
-           f"--output_dir={tmp_path_factory.mktemp('bad')}"], cwd=REPO,
-          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for case, (arguments, _) in _BAD_ARGUMENTS.items()}
-  return {case: (process.wait(timeout=300), process.stderr.read())
-          for case, process in processes.items()}
+  held = tmp_path_factory.mktemp("held")
+  output_dirs = {case: held if case == "output dir in use"
+                 else tmp_path_factory.mktemp("bad") for case in _BAD_ARGUMENTS}
+  with training_loops.RunLock(held):
+    processes = {
+        case: subprocess.Popen(
+            [sys.executable, "-m", "research.classify", *arguments,
+             f"--output_dir={output_dirs[case]}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, preexec_fn=_full_disk if case == "full disk" else None)
+        for case, (arguments, _) in _BAD_ARGUMENTS.items()}
+    return {case: (process.wait(timeout=300), process.stderr.read())
+            for case, process in processes.items()}
 
 
 @pytest.mark.parametrize("case", _BAD_ARGUMENTS)
@@ -200,6 +221,9 @@ def test_scripts_exit_with_a_clear_line(bad_runs, case):
   assert returncode == 1
   assert _BAD_ARGUMENTS[case][1] in stderr
   assert "Traceback" not in stderr
+  if case == "full disk":
+    assert re.search(r"error: Could not write \S+/checkpoints/graph: \S+; "
+                     r"File too large\.$", stderr.strip())
 
 
 def test_evaluate_reloads_an_exported_keras_file(tmp_path, capsys):
