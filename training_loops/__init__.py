@@ -6,6 +6,7 @@
 
 from training_loops.atomic import (WriteError, replaced_atomically,
                                    write_json_atomically)
+from training_loops.callback_state import CallbackState
 from training_loops.callbacks import (BestModelCheckpoint, EarlyStopping,
                                       ProfileEpoch)
 from training_loops.checkpoints import (CheckpointMismatchError,
@@ -22,7 +23,8 @@ from training_loops.trainer import (NonFiniteLossError, Trainer,
                                     TrainingDataError)
 from training_loops.training import LOOPS, evaluate, train
 
-__all__ = ["BestModelCheckpoint", "CheckpointMismatchError", "compare",
+__all__ = ["BestModelCheckpoint", "CallbackState", "CheckpointMismatchError",
+           "compare",
            "DamagedCheckpointError",
            "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
            "History", "LockstepReport", "LoopOptions", "LOOPS",

@@ -35,7 +35,9 @@ class RunCheckpoint:
 
   The position is the epochs done plus the steps done in the next one, with
   the running loss and metric variables of that partial epoch
-  (`progress_variables`), so a run stopped mid-epoch resumes exactly.
+  (`progress_variables`), so a run stopped mid-epoch resumes exactly. A
+  `callback_state.CallbackState` (`callback_state`) adds the callbacks'
+  state: restoring only reads it, for the controller to apply.
 
   Dropout's random state is one of the model's variables, so it is saved
   too. The order of shuffled data is replayed rather than saved: see
@@ -46,7 +48,7 @@ class RunCheckpoint:
   """
 
   def __init__(self, directory, model, optimizer, strategy, history,
-               progress_variables=(), max_to_keep=3):
+               progress_variables=(), max_to_keep=3, callback_state=None):
     with strategy.scope():
       self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="epochs_done")
@@ -60,6 +62,8 @@ class RunCheckpoint:
         model_variables=list(model.variables), optimizer=optimizer,
         epochs_done=self.epochs_done, steps_in_epoch=self.steps_in_epoch,
         steps_done=self.steps_done, progress_variables=list(progress_variables))
+    if callback_state is not None:  # in the same files, under the same number
+      self._checkpoint.callback_state = callback_state
     self.directory = os.fspath(directory)
     self._model = model
     self._manifest_path = os.path.join(self.directory, "variables.json")

@@ -15,6 +15,7 @@ import time
 import keras
 import tensorflow as tf
 
+from training_loops.callback_state import CallbackState
 from training_loops.callbacks import EpochRecorder
 from training_loops.checkpoints import RunCheckpoint, replay_data_order
 from training_loops.history import History
@@ -182,10 +183,13 @@ class Controller:
     self.history = History(model=self.model)
     self.recorder = EpochRecorder(self.history, trainer.optimizer, log_dir)
     self.callbacks = [self.recorder, *callbacks]
+    self.callback_state = (CallbackState(self.callbacks, self.model)
+                           if checkpoint_dir else None)
     self.checkpoint = (
         RunCheckpoint(checkpoint_dir, self.model, trainer.optimizer,
                       trainer.strategy, self.history,
-                      trainer.progress_variables())
+                      trainer.progress_variables(),
+                      callback_state=self.callback_state)
         if checkpoint_dir else None)
     # (epoch, steps done in it): where the run is, and where a stop saves.
     self.position = (0, 0)
@@ -225,16 +229,24 @@ class Controller:
   def stop_requested(self):
     return self._stops.requested
 
+  @property
+  def stopped_by_callback(self):
+    """Whether the checkpoint resumed was saved after a callback had stopped
+    the run: then it trains no further."""
+    return self.callback_state is not None and self.callback_state.stopped
+
   # -- for the custom loops ------------------------------------------------
 
   def epochs(self):
     """Yields an `Epoch` for each epoch to train, in fit's callback order:
-    `on_train_begin` (then the epoch `BackupAndRestore` restored, if any);
+    `on_train_begin` (then the callbacks' state a checkpoint restored, and
+    the epoch `BackupAndRestore` restored, if any);
     per epoch the metrics' reset, `on_epoch_begin`, the driver's calls with
     their batch hooks, validation (the driver's `evaluate`, with test-batch
     hooks), `on_epoch_end` and the checkpoint; at the end the optimizer's
     EMA finalization and `on_train_end`. Ends early when a callback sets
-    `model.stop_training` or a stop is requested (at a step boundary)."""
+    `model.stop_training` or a stop is requested (at a step boundary); a
+    resumed run that a callback had stopped runs no epoch."""
     strategy = self.trainer.strategy
     train_batches = strategy.experimental_distribute_dataset(self.train_data)
     train_length = self.train_length
@@ -247,6 +259,7 @@ class Controller:
         known_length(self.validation_data))
     self.model.stop_training = False
     callbacks.on_train_begin()
+    self.train_begun()
     restored = getattr(self.model, "_initial_epoch", None)
     if restored:  # by `keras.callbacks.BackupAndRestore`; fit starts there
       if self.checkpoint and self.position != (restored, 0):
@@ -256,8 +269,9 @@ class Controller:
             f"step {self.position[1]}: resume from one of them.")
       self.position = (restored, 0)
     first_epoch, first_step = self.position
+    last_epoch = first_epoch if self.stopped_by_callback else self.epochs_total
     logs = None
-    for index in range(first_epoch, self.epochs_total):
+    for index in range(first_epoch, last_epoch):
       if self.verbose:
         print(f"Epoch {index + 1}/{self.epochs_total}")
       first = first_step if index == first_epoch else 0
@@ -307,6 +321,17 @@ class Controller:
     return Epoch(index, iterator, first_step, hooks, self, progress_bar)
 
   # -- for every loop ------------------------------------------------------
+
+  def train_begun(self):
+    """After the callbacks' `on_train_begin`, which resets early stopping:
+    gives them back the state the checkpoint restored and, if one of them
+    had stopped the run, sets `model.stop_training` again (reports read
+    it)."""
+    if self.callback_state is None:
+      return
+    self.callback_state.apply()
+    if self.stopped_by_callback:
+      self.model.stop_training = True
 
   def epoch_begun(self, index):
     """Notes that epoch `index` started (for a loop that runs its own

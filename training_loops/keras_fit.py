@@ -51,8 +51,12 @@ class KerasFitDriver(drivers.Driver):
     # With steps_per_epoch given, fit opens one dataset iterator per epoch,
     # as the custom loops do (without it, two: one is opened and dropped at
     # each epoch's end), so `replay_data_order` resumes shuffled data alike.
+    # A run a callback had stopped runs no epoch, but fit still calls
+    # `on_train_end`, where Keras' `EarlyStopping` restores the best weights.
     trainer.model.fit(
-        controller.train_data, epochs=controller.epochs_total,
+        controller.train_data,
+        epochs=(first_epoch if controller.stopped_by_callback
+                else controller.epochs_total),
         initial_epoch=first_epoch,
         steps_per_epoch=known_length(controller.train_data),
         validation_data=controller.validation_data,
@@ -66,11 +70,15 @@ class KerasFitDriver(drivers.Driver):
 
 class _ControllerHooks(keras.callbacks.Callback):
   """Last in fit's callbacks, so the checkpoint holds what the others left
-  (e.g. weights restored by early stopping)."""
+  (e.g. weights restored by early stopping), and the callbacks' restored
+  state follows their own reset in `on_train_begin`."""
 
   def __init__(self, controller):
     super().__init__()
     self.controller = controller
+
+  def on_train_begin(self, logs=None):
+    self.controller.train_begun()
 
   def on_epoch_begin(self, epoch, logs=None):
     self.controller.epoch_begun(epoch)
