@@ -114,6 +114,7 @@ def main_for(build, defaults, flags_of=()):
 # with (a damaged or foreign checkpoint, a held directory, a failed write).
 ONE_LINE_ERRORS = (datasets.DataError, common_flags.SettingsError,
                    training_loops.CheckpointMismatchError,
+                   training_loops.CheckpointNotSharedError,
                    training_loops.DamagedCheckpointError,
                    training_loops.NonFiniteLossError,
                    training_loops.RunLockedError,

@@ -174,3 +174,24 @@ def test_workers_in_either_layout_train_the_one_process_run(script_runs,
                            output_dir=str(tmp_path)):
     classify.main(["classify"])
   np.testing.assert_allclose(shared, _loss_of(tmp_path), rtol=1e-4)
+
+
+def test_workers_that_cannot_read_the_chiefs_checkpoints_refuse_to_resume(
+    script_runs):
+  # A restart with a directory each: worker 1 finds no checkpoint in its
+  # own, while the chief resumes after epoch 2.
+  own = script_runs["own"]
+  outcomes = _finish(_start_cluster(
+      lambda index: [*_CLASSIFY, "--epochs=3", f"--output_dir={own[index]}"],
+      cwd=REPO))
+  for index, (code, _, stderr) in enumerate(outcomes):
+    assert code == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "error: The workers would resume from different checkpoints (this "
+        f"one {'ckpt-2' if index == 0 else 'none'} in {own[index]}/"
+        f"checkpoints/graph; another {'none' if index == 0 else 'ckpt-2'}): "
+        "every worker must read the chief's checkpoints, so give them one "
+        "checkpoint directory on a file system they share.")
+  assert not [name for name in _files(own[0]) if "damaged" in name]
+  assert _files(own[1]) == []

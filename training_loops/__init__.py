@@ -10,6 +10,7 @@ from training_loops.callback_state import CallbackState
 from training_loops.callbacks import (BestModelCheckpoint, EarlyStopping,
                                       ProfileEpoch)
 from training_loops.checkpoints import (CheckpointMismatchError,
+                                        CheckpointNotSharedError,
                                         DamagedCheckpointError)
 from training_loops.controller import Controller
 from training_loops.drivers import Driver, LoopOptions, StepDriver
@@ -24,8 +25,7 @@ from training_loops.trainer import (NonFiniteLossError, Trainer,
 from training_loops.training import LOOPS, evaluate, train
 
 __all__ = ["BestModelCheckpoint", "CallbackState", "CheckpointMismatchError",
-           "compare",
-           "DamagedCheckpointError",
+           "CheckpointNotSharedError", "compare", "DamagedCheckpointError",
            "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
            "History", "LockstepReport", "LoopOptions", "LOOPS",
            "make_strategy", "NonFiniteLossError", "ProfileEpoch",

@@ -11,6 +11,7 @@ import tensorflow as tf
 from training_loops.atomic import (WRITE_FAILURES, WriteError,
                                    make_directory, replaced_atomically,
                                    write_json_atomically)
+from training_loops.strategies import PEER_FAILURES
 
 
 class CheckpointMismatchError(ValueError):
@@ -19,6 +20,10 @@ class CheckpointMismatchError(ValueError):
 
 class DamagedCheckpointError(ValueError):
   """The checkpoint directory holds checkpoints, none of them readable."""
+
+
+class CheckpointNotSharedError(ValueError):
+  """The workers of a multi-worker run found different checkpoints."""
 
 # What TensorFlow's checkpoint reader raises for a truncated or corrupt file
 # (a short data file is an IndexError: "Read less bytes than requested").
@@ -70,6 +75,7 @@ class RunCheckpoint:
     self._history = history
     self._history_path = os.path.join(self.directory, "history.json")
     self._scratch = None
+    self._strategy = strategy
     self.is_writer = strategy.extended.should_checkpoint
     if not self.is_writer:
       task = strategy.cluster_resolver.task_id
@@ -103,7 +109,10 @@ class RunCheckpoint:
     Raises:
       CheckpointMismatchError: the checkpoints are of another model.
       DamagedCheckpointError: none of the checkpoints is readable.
+      CheckpointNotSharedError: in a multi-worker run, the workers found
+        different checkpoints.
     """
+    self._check_workers_agree()
     if self._reader.latest_checkpoint is None:
       return 0, 0, 0
     self._check_same_model()
@@ -113,6 +122,29 @@ class RunCheckpoint:
     self._history.load(self._history_path, epochs_done, steps_done)
     return epochs_done, int(self.steps_in_epoch.numpy()), steps_done
 
+  def _check_workers_agree(self):
+    """Raises `CheckpointNotSharedError` on every worker of a multi-worker
+    run whose workers see different newest checkpoints, before the restore
+    (a collective, which would then run on some workers only). Each must
+    read the chief's directory: one that cannot (a directory of its own, a
+    file system the others do not share) would start over out of step."""
+    strategy = self._strategy
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      return
+    latest = self._reader.latest_checkpoint
+    number = -1 if latest is None else int(latest.rsplit("-", 1)[1])
+    found = strategy.gather(
+        strategy.experimental_distribute_values_from_function(
+            lambda _: tf.constant([number], tf.int64)), axis=0).numpy()
+    if found.min() != found.max():
+      others = sorted(set(found.tolist()) - {number})
+      raise CheckpointNotSharedError(
+          f"The workers would resume from different checkpoints (this one "
+          f"{_named(number)} in {self.directory}; another "
+          f"{' or '.join(map(_named, others))}): every worker must read the "
+          "chief's checkpoints, so give them one checkpoint directory on a "
+          "file system they share.")
+
   def _restore_newest_readable(self):
     """Restores the newest checkpoint that reads back whole, after moving
     newer, damaged ones aside (the chief only: the directory is its)."""
@@ -121,8 +153,13 @@ class RunCheckpoint:
     for prefix in reversed(checkpoints):
       try:
         # A failed restore may have assigned some variables; the next one
-        # assigns them all again.
-        self._checkpoint.restore(prefix).assert_existing_objects_matched()
+        # assigns them all again. Every object of the run must be matched;
+        # the checkpoint's own save counter, created at the next save, need
+        # not be (else TensorFlow warns about it when the status goes).
+        self._checkpoint.restore(prefix).expect_partial(
+        ).assert_existing_objects_matched()
+      except PEER_FAILURES:
+        raise  # not the files' fault: the run stops, nothing moves
       except (*_READ_ERRORS, AssertionError) as error:
         problem = str(error).strip().splitlines()[0]
         logging.warning("Checkpoint %s is damaged (%s); trying the one "
@@ -213,6 +250,10 @@ class RunCheckpoint:
           f"{self.directory} holds a checkpoint of a different model ("
           f"{'; '.join(differences[:4])}). Use another checkpoint "
           "directory, or delete this one.")
+
+
+def _named(number):
+  return "none" if number < 0 else f"ckpt-{number}"
 
 
 def _variable_manifest(model):

@@ -20,11 +20,9 @@ from training_loops.callbacks import EpochRecorder
 from training_loops.checkpoints import RunCheckpoint, replay_data_order
 from training_loops.history import History
 from training_loops.interrupts import StopRequests, TrainingInterrupted
-from training_loops.strategies import WorkerLostError
+from training_loops.strategies import PEER_FAILURES, WorkerLostError
 from training_loops.trainer import TrainingDataError
 
-# What a collective op raises when a peer worker dies or freezes.
-_PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
 
 
 class Epoch:
@@ -209,21 +207,24 @@ class Controller:
       TrainingInterrupted: SIGINT or SIGTERM; the position was saved, with
         a `checkpoint_dir`.
     """
+    with StopRequests() as self._stops:
+      try:
+        self._restore()  # collective in a multi-worker run
+        self.driver.run(self)
+      except tf.errors.InvalidArgumentError as error:
+        raise TrainingDataError(self.position[0], error) from error
+      except PEER_FAILURES as error:
+        raise WorkerLostError(self.position[0], error) from error
+      if self._stops.requested:
+        self._interrupt()
+    return self.history
+
+  def _restore(self):
     if self.checkpoint:
       epochs_done, steps_in_epoch, self.cadence.steps_done = (
           self.checkpoint.restore())
       self.position = self._saved_position = (epochs_done, steps_in_epoch)
     replay_data_order(self.train_data, self.position[0])
-    with StopRequests() as self._stops:
-      try:
-        self.driver.run(self)
-      except tf.errors.InvalidArgumentError as error:
-        raise TrainingDataError(self.position[0], error) from error
-      except _PEER_FAILURES as error:
-        raise WorkerLostError(self.position[0], error) from error
-      if self._stops.requested:
-        self._interrupt()
-    return self.history
 
   @property
   def stop_requested(self):

@@ -8,6 +8,12 @@ import tensorflow as tf
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 
 
+# What a collective op raises when a peer worker dies or freezes (aborted:
+# TensorFlow's coordination service saw a peer stop sending heartbeats).
+PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                 tf.errors.AbortedError, tf.errors.CancelledError)
+
+
 class WorkerLostError(RuntimeError):
   """A multi-worker run lost contact with a peer worker."""
 
