@@ -119,6 +119,30 @@ def test_a_rerun_of_an_early_stopped_run_trains_no_further(
     np.testing.assert_array_equal(weight, expected)
 
 
+def test_reduce_lr_on_plateau_resumes_its_patience(data, tmp_path):
+  def run(directory, armed):
+    return run_loop(
+        "graph", epochs=6, data=data[0], validation_data=data[1],
+        model_fn=_model_fn(armed), optimizer_fn=sgd(0.05), metrics=[],
+        checkpoint_dir=directory,
+        callbacks=[keras.callbacks.ReduceLROnPlateau(patience=1,
+                                                     factor=0.5)])
+
+  reference = run(tmp_path / "whole", Switch())
+  rates = reference.history["learning_rate"]
+  # Lowered at the end of epoch 2 (the first without improvement, which
+  # the SIGINT interrupts), after the history took that epoch's rate.
+  np.testing.assert_allclose(rates[:4], [0.05, 0.05, 0.05, 0.025],
+                             rtol=1e-6)
+  armed = Switch()
+  armed.on = True
+  with pytest.raises(training_loops.TrainingInterrupted):
+    run(tmp_path / "resumed", armed)
+  resumed = run(tmp_path / "resumed", Switch())
+  assert resumed.history["learning_rate"] == rates
+  assert_same_run(resumed, reference, rtol=1e-6, atol=1e-7)
+
+
 def _epochs(callbacks, model, sequence, first_epoch=0):
   """Ends epochs with `sequence` as val_loss, the epoch as the kernel, as
   fit would; returns the epoch a callback stopped at, or None."""

@@ -19,7 +19,8 @@ from training_loops.callbacks import BestModelCheckpoint, EarlyStopping
 
 # Per callback class, the attributes a resumed run needs back. Keras'
 # `EarlyStopping` and ours reset theirs in `on_train_begin`; `ModelCheckpoint`
-# and `BestModelCheckpoint` set `best` once, in `__init__`.
+# and `BestModelCheckpoint` set `best` once, in `__init__`;
+# `ReduceLROnPlateau` resets its own in `on_train_begin` too.
 _RESUMABLE = {
     EarlyStopping: ("best", "best_epoch", "wait", "stopped_epoch",
                     "best_weights"),
@@ -27,6 +28,8 @@ _RESUMABLE = {
     keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best",
                                     "best_epoch", "best_weights"),
     keras.callbacks.ModelCheckpoint: ("best",),
+    # The learning rate it lowered is the optimizer's, checkpointed anyway.
+    keras.callbacks.ReduceLROnPlateau: ("best", "wait", "cooldown_counter"),
 }
 
 
