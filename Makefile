@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 run: $(STAMP)
 	$(VENV)/bin/python -m research.compare
 
+# Two processes, a test module each at a time (the modules share one
+# TensorFlow session and its fixtures): most tests are single-core Python
+# tracing, so two cores halve the suite.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

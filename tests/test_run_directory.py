@@ -214,24 +214,19 @@ def _rerun_failing(run_dir, **flag_values):
   return str(failure.value)
 
 
-def test_a_failed_results_write_keeps_the_previous_results(
-    finished_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer,written", [
+    ((training_loops.atomic.json, "dump",
+      lambda content, stream, **_: _disk_full(stream.name)), "results.json"),
+    ((matplotlib.figure.Figure, "savefig",
+      lambda figure, path, **_: _disk_full(path)),
+     "learning_curves_graph.png")], ids=["results", "plot"])
+def test_a_failed_write_keeps_the_previous_file(finished_run, tmp_path,
+                                                monkeypatch, writer, written):
   run_dir, _ = _copy(finished_run, tmp_path)
-  monkeypatch.setattr(training_loops.atomic.json, "dump",
-                      lambda content, stream, **_: _disk_full(stream.name))
+  monkeypatch.setattr(*writer)
   assert _rerun_failing(run_dir) == (
-      f"error: Could not write {run_dir}/results.json: No space left on "
+      f"error: Could not write {run_dir}/{written}: No space left on "
       "device.")
-
-
-def test_a_failed_plot_write_keeps_the_previous_plot(finished_run, tmp_path,
-                                                     monkeypatch):
-  run_dir, _ = _copy(finished_run, tmp_path)
-  monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                      lambda figure, path, **_: _disk_full(path))
-  assert _rerun_failing(run_dir) == (
-      f"error: Could not write {run_dir}/learning_curves_graph.png: No "
-      "space left on device.")
 
 
 def test_a_failed_export_keeps_the_previous_export(finished_run, tmp_path,
