@@ -111,7 +111,9 @@ def main_for(build, defaults, flags_of=()):
 
 # What ends a script with one line, `error: <message>`, not a traceback:
 # bad flags or data, and what a run meets that a traceback would not help
-# with (a damaged or foreign checkpoint, a held directory, a failed write).
+# with (a damaged or foreign checkpoint, a held directory, a failed write;
+# an `OSError` is one a writer outside ours met, e.g. Keras'
+# `ModelCheckpoint` under model.fit).
 ONE_LINE_ERRORS = (datasets.DataError, common_flags.SettingsError,
                    training_loops.CheckpointMismatchError,
                    training_loops.CheckpointNotSharedError,
@@ -120,7 +122,7 @@ ONE_LINE_ERRORS = (datasets.DataError, common_flags.SettingsError,
                    training_loops.RunLockedError,
                    training_loops.TrainingDataError,
                    training_loops.WorkerLostError,
-                   training_loops.WriteError)
+                   training_loops.WriteError, OSError)
 
 
 def configure_process(config):
@@ -174,8 +176,10 @@ def run(experiment, config, strategy):
   if not strategy.extended.should_checkpoint:
     check_output_dir(output_dir, experiment.name, config)
     with tempfile.TemporaryDirectory(prefix="worker_outputs_") as scratch:
-      return _run_loops(experiment, plan, loops, Outputs.within(
-          scratch, checkpoints=os.path.join(output_dir, "checkpoints")))
+      return _run_loops(experiment, plan, loops, Outputs(
+          scratch, os.path.join(output_dir, "checkpoints"),
+          os.path.join(scratch, "export") if config["export_dir"]
+          else None))
   with training_loops.RunLock(output_dir):
     claim_output_dir(output_dir, experiment.name, config)
     return _run_loops(experiment, plan, loops, Outputs(
@@ -195,14 +199,12 @@ class Outputs:
   """
   directory: str
   checkpoints: str
-  export_dir: object = None
+  export_dir: str | None = None
 
   @classmethod
-  def within(cls, directory, checkpoints=None):
-    """Everything, exports too, in `directory` (a temporary one), except
-    checkpoints when `checkpoints` names their place."""
-    return cls(directory, checkpoints or os.path.join(directory,
-                                                      "checkpoints"),
+  def within(cls, directory):
+    """Everything, exports too, in `directory` (a temporary one)."""
+    return cls(directory, os.path.join(directory, "checkpoints"),
                os.path.join(directory, "export"))
 
 

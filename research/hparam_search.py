@@ -182,6 +182,12 @@ def sweep_and_search(config, strategy, output_dir):
           "--lr_schedule=piecewise sets the learning rates itself "
           "(--lr_values), which hparam_search tunes; accepted here: "
           "constant, exponential, cosine.")
+    if config["strategy"] == "multi_worker":
+      # Its cross-validated search trains outside any strategy, and every
+      # worker would write the search's files.
+      raise common_flags.SettingsError(
+          "hparam_search runs in one process: --strategy=multi_worker is "
+          "not accepted here (default, one_device or mirrored are).")
     experiment.RunPlan.checked(regress.build(config), config, strategy,
                                (config["loop"],))
     with training_loops.RunLock(output_dir):

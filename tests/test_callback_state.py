@@ -252,3 +252,38 @@ def test_a_callback_of_another_class_keeps_its_state_with_a_warning(caplog):
   with caplog.at_level(logging.WARNING):
     state.apply()
   assert "is missing now" in caplog.text
+
+
+def test_best_weights_of_any_dtype_round_trip():
+  """bfloat16 (a `mixed_bfloat16` model's weights are float32, but a
+  `bfloat16` one's are not) is not a NumPy dtype of its own: npz alone
+  would give it back as raw bytes, which `set_weights` refuses."""
+  weights = [np.array([[1.5, -2.0]], dtype=tf.bfloat16.as_numpy_dtype),
+             np.array([3, 4], dtype="int64"),
+             np.array(0.25, dtype="float16")]
+  stopper = training_loops.EarlyStopping(restore_best_weights=True)
+  model = _started([stopper])
+  stopper.best_weights = weights
+  saved = callback_state.CallbackState([stopper], model).serialize()
+  fresh = training_loops.EarlyStopping(restore_best_weights=True)
+  state = callback_state.CallbackState([fresh], _started([fresh]))
+  state.deserialize(saved)
+  state.apply()
+  for restored, original in zip(fresh.best_weights, weights):
+    assert restored.dtype == original.dtype
+    np.testing.assert_array_equal(restored, original)
+
+
+def test_a_checkpoint_saved_before_callback_state_resumes(tmp_path,
+                                                          monkeypatch,
+                                                          caplog):
+  reference = run_loop("graph", epochs=3)
+  with monkeypatch.context() as patch:  # as the code before it saved
+    patch.setattr(training_loops.controller, "CallbackState",
+                  lambda *_: None)
+    run_loop("graph", epochs=2, checkpoint_dir=tmp_path)
+  with caplog.at_level(logging.WARNING):
+    resumed = run_loop("graph", epochs=3, checkpoint_dir=tmp_path)
+  assert "holds no callback state (it predates it)" in caplog.text
+  assert not (tmp_path / "damaged").exists()
+  assert_same_run(resumed, reference, rtol=1e-6)

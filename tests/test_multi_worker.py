@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from loop_models import wait_for_epochs
 import multi_worker_job
 from research import classify
 
 flags.FLAGS.mark_as_parsed()
-from loop_models import wait_for_epochs
 
 
 def _free_ports(count):

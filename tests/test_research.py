@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import resource
-import signal
 import subprocess
 import sys
 
@@ -190,11 +188,10 @@ _BAD_ARGUMENTS = {
 }
 
 
-def _full_disk():
-  """In the child: files stop growing at 50 kB, as on a full disk (the
-  signal a process gets for it ignored: the write fails instead)."""
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+# In the child, by the shell rather than a `preexec_fn` (unsafe in a process
+# with TensorFlow's threads): files stop growing at 49 KiB, as on a full
+# disk, and the signal a process gets for it is ignored, so the write fails.
+_FULL_DISK = ["bash", "-c", 'ulimit -f 49; trap "" XFSZ; exec "$@"', "bash"]
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +200,16 @@ def bad_runs(tmp_path_factory):
   that mostly imports TensorFlow."""
   held = tmp_path_factory.mktemp("held")
   output_dirs = {case: held if case == "output dir in use"
-                 else tmp_path_factory.mktemp("bad") for case in _BAD_ARGUMENTS}
+                 else tmp_path_factory.mktemp("bad")
+                 for case in _BAD_ARGUMENTS}
   with training_loops.RunLock(held):
     processes = {
         case: subprocess.Popen(
-            [sys.executable, "-m", "research.classify", *arguments,
-             f"--output_dir={output_dirs[case]}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, preexec_fn=_full_disk if case == "full disk" else None)
+            [*(_FULL_DISK if case == "full disk" else []), sys.executable,
+             "-m", "research.classify", *arguments,
+             f"--output_dir={output_dirs[case]}"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
         for case, (arguments, _) in _BAD_ARGUMENTS.items()}
     return {case: (process.wait(timeout=300), process.stderr.read())
             for case, process in processes.items()}

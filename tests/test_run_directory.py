@@ -50,25 +50,67 @@ def _read(path):
 
 # -- the lock ---------------------------------------------------------------
 
-def test_a_held_checkpoint_dir_refuses_train_naming_the_holder(tmp_path):
-  with training_loops.RunLock(tmp_path):
-    with pytest.raises(training_loops.RunLockedError) as refusal:
-      run_loop("graph", checkpoint_dir=tmp_path)
+def _start_holder(*directories):
+  """A process that takes the run lock of each of `directories` and
+  sleeps; returns once it holds them."""
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import sys, time\n"
+       "from training_loops.run_lock import RunLock\n"
+       "for directory in sys.argv[1:]:\n"
+       "  RunLock(directory).__enter__()\n"
+       "print('held', flush=True)\n"
+       "time.sleep(600)\n", *map(str, directories)],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  return holder
+
+
+def _stop(holder):
+  holder.kill()  # SIGKILL: no chance to release anything
+  holder.wait()
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory):
+  """Two directories another live process holds: (its PID, directories)."""
+  directories = [tmp_path_factory.mktemp(f"held_{i}") for i in range(2)]
+  holder = _start_holder(*directories)
+  yield holder.pid, directories
+  _stop(holder)
+
+
+def test_a_held_checkpoint_dir_refuses_train_naming_the_holder(held):
+  pid, (directory, _) = held
+  with pytest.raises(training_loops.RunLockedError) as refusal:
+    run_loop("graph", checkpoint_dir=directory)
   message = str(refusal.value)
-  assert message.startswith(f"{tmp_path} is in use by the run of PID "
-                            f"{os.getpid()} on {socket.gethostname()}, "
-                            "started ")
+  assert message.startswith(f"{directory} is in use by the run of PID "
+                            f"{pid} on {socket.gethostname()}, started ")
   assert "\n" not in message
-  assert _files(tmp_path) == ["run.lock"]  # refused before anything ran
+  assert _files(directory) == ["run.lock"]  # refused before anything ran
 
 
-def test_a_held_output_dir_refuses_a_second_script_run(tmp_path):
-  with training_loops.RunLock(tmp_path):
-    with pytest.raises(SystemExit) as refusal:
-      _classify(tmp_path)
+def test_a_held_output_dir_refuses_a_second_script_run(held):
+  pid, (_, directory) = held
+  with pytest.raises(SystemExit) as refusal:
+    _classify(directory)
   assert str(refusal.value).startswith(
-      f"error: {tmp_path} is in use by the run of PID {os.getpid()}")
-  assert _files(tmp_path) == ["run.lock"]
+      f"error: {directory} is in use by the run of PID {pid}")
+  assert _files(directory) == ["run.lock"]
+
+
+def test_a_process_asking_again_for_a_directory_it_holds_is_refused(
+    tmp_path):
+  # flock would refuse it too, but NFS's per-process locks would not (and
+  # the inner release would drop the outer lock).
+  with training_loops.RunLock(tmp_path):
+    with pytest.raises(training_loops.RunLockedError,
+                       match=f"^{tmp_path} is in use by this process "
+                             rf"already \(PID {os.getpid()}\)"):
+      run_loop("graph", checkpoint_dir=tmp_path)
+  with training_loops.RunLock(tmp_path):  # released, whole
+    pass
 
 
 def test_a_finished_run_releases_its_locks(tmp_path):
@@ -83,6 +125,7 @@ def test_an_interrupted_run_releases_its_lock(tmp_path):
   with pytest.raises(training_loops.TrainingInterrupted):
     run_loop("graph", epochs=3, checkpoint_dir=tmp_path,
              callbacks=[_SignalAtEpochEnd(0)])
+  assert _read(tmp_path / "run.lock") == b""
   with training_loops.RunLock(tmp_path):
     pass
 
@@ -100,22 +143,13 @@ class _SignalAtEpochEnd(keras.callbacks.Callback):
 
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path,
                                                                 caplog):
-  holder = subprocess.Popen(
-      [sys.executable, "-c",
-       "import sys, time\n"
-       "from training_loops.run_lock import RunLock\n"
-       "RunLock(sys.argv[1]).__enter__()\n"
-       "print('held', flush=True)\n"
-       "time.sleep(600)\n", str(tmp_path)],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  holder = _start_holder(tmp_path)
   try:
-    assert holder.stdout.readline().strip() == "held"
     with pytest.raises(training_loops.RunLockedError,
                        match=f"PID {holder.pid} on"):
       run_loop("graph", checkpoint_dir=tmp_path)
   finally:
-    holder.kill()  # SIGKILL: no chance to release anything
-    holder.wait()
+    _stop(holder)
   with caplog.at_level(logging.WARNING):
     history = run_loop("graph", checkpoint_dir=tmp_path)
   assert history.epochs == [0, 1]
@@ -200,6 +234,16 @@ def _disk_full(path, half=b"{\"half"):
   raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
+_dump = json.dump
+
+
+def _results_disk_full(content, stream, **kwargs):
+  """`json.dump` that meets a full disk writing results.json only."""
+  if not stream.name.endswith(".results.json"):  # the atomic temporary
+    return _dump(content, stream, **kwargs)
+  return _disk_full(stream.name)
+
+
 def _rerun_failing(run_dir, **flag_values):
   """Reruns classify into `run_dir`; returns its one-line error and checks
   that nothing the first run wrote changed and no temporary is left."""
@@ -215,8 +259,8 @@ def _rerun_failing(run_dir, **flag_values):
 
 
 @pytest.mark.parametrize("writer,written", [
-    ((training_loops.atomic.json, "dump",
-      lambda content, stream, **_: _disk_full(stream.name)), "results.json"),
+    ((training_loops.atomic.json, "dump", _results_disk_full),
+     "results.json"),
     ((matplotlib.figure.Figure, "savefig",
       lambda figure, path, **_: _disk_full(path)),
      "learning_curves_graph.png")], ids=["results", "plot"])

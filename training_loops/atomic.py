@@ -33,11 +33,11 @@ class WriteError(RuntimeError):
 # What a failed write raises: Python's file API, and TensorFlow's (its
 # checkpoint and SavedModel writers map errno onto these: ENOSPC is
 # ResourceExhausted, EFBIG OutOfRange, EACCES and EROFS PermissionDenied).
+# Not TensorFlow's catch-alls (Unknown, Internal, FailedPrecondition): those
+# are as likely a failed trace or a collective as a file.
 WRITE_FAILURES = (OSError, tf.errors.PermissionDeniedError,
                   tf.errors.ResourceExhaustedError,
-                  tf.errors.OutOfRangeError, tf.errors.UnknownError,
-                  tf.errors.FailedPreconditionError, tf.errors.DataLossError,
-                  tf.errors.InternalError)
+                  tf.errors.OutOfRangeError)
 
 
 @contextlib.contextmanager

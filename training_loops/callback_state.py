@@ -76,17 +76,19 @@ class CallbackState(tf.train.experimental.PythonState):
       names = _resumable_attributes(type(callback))
       if not names:
         continue
-      values, lengths = {}, {}
+      values, dtypes = {}, {}
       for name in names:
         value = getattr(callback, name)
         if _is_arrays(value):
-          lengths[name] = len(value)
+          # By name: npz keeps NumPy's own dtypes only, and a bfloat16
+          # array would come back as raw bytes.
+          dtypes[name] = [array.dtype.name for array in value]
           arrays.update({f"{index}.{name}.{i}": array
                          for i, array in enumerate(value)})
         else:
           values[name] = value
       entries.append({"index": index, "class": _class_name(callback),
-                      "values": values, "lengths": lengths})
+                      "values": values, "dtypes": dtypes})
     meta = json.dumps({"stop_training": bool(self._model.stop_training),
                        "callbacks": entries}, default=_json_scalar)
     stream = io.BytesIO()
@@ -97,9 +99,11 @@ class CallbackState(tf.train.experimental.PythonState):
     with np.load(io.BytesIO(string_value), allow_pickle=False) as saved:
       restored = json.loads(saved["meta"].item())
       for entry in restored["callbacks"]:
-        for name, length in entry.pop("lengths").items():
-          entry["values"][name] = [saved[f"{entry['index']}.{name}.{i}"]
-                                   for i in range(length)]
+        for name, dtypes in entry.pop("dtypes").items():
+          entry["values"][name] = [
+              saved[f"{entry['index']}.{name}.{i}"].view(
+                  tf.as_dtype(dtype).as_numpy_dtype)
+              for i, dtype in enumerate(dtypes)]
     self._restored = restored
 
   def apply(self):

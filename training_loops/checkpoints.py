@@ -28,6 +28,7 @@ class CheckpointNotSharedError(ValueError):
 # What TensorFlow's checkpoint reader raises for a truncated or corrupt file
 # (a short data file is an IndexError: "Read less bytes than requested").
 _READ_ERRORS = (tf.errors.OpError, IndexError, ValueError, OSError)
+_CALLBACK_STATE_KEY = "callback_state/.ATTRIBUTES/py_state"
 
 
 class RunCheckpoint:
@@ -63,12 +64,16 @@ class RunCheckpoint:
                                     name="steps_done")
     # `model.variables`, not `model`: Keras' object graph does not reach the
     # dropout layers' seed-generator state, which a resume needs.
-    self._checkpoint = tf.train.Checkpoint(
+    state = dict(
         model_variables=list(model.variables), optimizer=optimizer,
         epochs_done=self.epochs_done, steps_in_epoch=self.steps_in_epoch,
         steps_done=self.steps_done, progress_variables=list(progress_variables))
-    if callback_state is not None:  # in the same files, under the same number
-      self._checkpoint.callback_state = callback_state
+    # Checkpoints saved before callback state was are read without it.
+    self._without_callback_state = tf.train.Checkpoint(**state)
+    # The callback state goes in the same files, under the same number.
+    self._checkpoint = (
+        self._without_callback_state if callback_state is None
+        else tf.train.Checkpoint(**state, callback_state=callback_state))
     self.directory = os.fspath(directory)
     self._model = model
     self._manifest_path = os.path.join(self.directory, "variables.json")
@@ -76,6 +81,8 @@ class RunCheckpoint:
     self._history_path = os.path.join(self.directory, "history.json")
     self._scratch = None
     self._strategy = strategy
+    self._multi_worker = isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy)
     self.is_writer = strategy.extended.should_checkpoint
     if not self.is_writer:
       task = strategy.cluster_resolver.task_id
@@ -129,7 +136,7 @@ class RunCheckpoint:
     read the chief's directory: one that cannot (a directory of its own, a
     file system the others do not share) would start over out of step."""
     strategy = self._strategy
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if not self._multi_worker:
       return
     latest = self._reader.latest_checkpoint
     number = -1 if latest is None else int(latest.rsplit("-", 1)[1])
@@ -156,11 +163,11 @@ class RunCheckpoint:
         # assigns them all again. Every object of the run must be matched;
         # the checkpoint's own save counter, created at the next save, need
         # not be (else TensorFlow warns about it when the status goes).
-        self._checkpoint.restore(prefix).expect_partial(
+        self._checkpoint_for(prefix).restore(prefix).expect_partial(
         ).assert_existing_objects_matched()
-      except PEER_FAILURES:
-        raise  # not the files' fault: the run stops, nothing moves
       except (*_READ_ERRORS, AssertionError) as error:
+        if self._multi_worker and isinstance(error, PEER_FAILURES):
+          raise  # not the files' fault: the run stops, nothing moves
         problem = str(error).strip().splitlines()[0]
         logging.warning("Checkpoint %s is damaged (%s); trying the one "
                         "before it.", prefix, problem)
@@ -176,6 +183,17 @@ class RunCheckpoint:
           f"{self.directory} holds no readable checkpoint (the damaged ones"
           f" are in {os.path.join(self.directory, 'damaged')}): restore the"
           " directory from a copy, or delete it to start over.")
+
+  def _checkpoint_for(self, prefix):
+    """The object to restore `prefix` into: the run's, or, for a checkpoint
+    saved before callbacks' state was (a warning says so), the run's
+    without it, the callbacks starting afresh."""
+    if self._checkpoint is self._without_callback_state or (
+        tf.train.load_checkpoint(prefix).has_tensor(_CALLBACK_STATE_KEY)):
+      return self._checkpoint
+    logging.warning("Checkpoint %s holds no callback state (it predates "
+                    "it): the callbacks start afresh.", prefix)
+    return self._without_callback_state
 
   def _move_aside(self, damaged, newest_good, checkpoints):
     aside = os.path.join(self.directory, "damaged")

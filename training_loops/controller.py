@@ -12,6 +12,7 @@ same hooks through its callbacks.
 
 import time
 
+from absl import logging
 import keras
 import tensorflow as tf
 
@@ -22,7 +23,6 @@ from training_loops.history import History
 from training_loops.interrupts import StopRequests, TrainingInterrupted
 from training_loops.strategies import PEER_FAILURES, WorkerLostError
 from training_loops.trainer import TrainingDataError
-
 
 
 class Epoch:
@@ -207,14 +207,22 @@ class Controller:
       TrainingInterrupted: SIGINT or SIGTERM; the position was saved, with
         a `checkpoint_dir`.
     """
+    restored = False
     with StopRequests() as self._stops:
       try:
-        self._restore()  # collective in a multi-worker run
+        self._restore()  # a collective in a multi-worker run
+        restored = True
         self.driver.run(self)
       except tf.errors.InvalidArgumentError as error:
+        if not restored:
+          raise
         raise TrainingDataError(self.position[0], error) from error
       except PEER_FAILURES as error:
-        raise WorkerLostError(self.position[0], error) from error
+        if not isinstance(self.trainer.strategy,
+                          tf.distribute.MultiWorkerMirroredStrategy):
+          raise  # no peers: a failure of its own
+        raise WorkerLostError(self.position[0] if restored else None,
+                              error) from error
       if self._stops.requested:
         self._interrupt()
     return self.history
@@ -332,6 +340,9 @@ class Controller:
       return
     self.callback_state.apply()
     if self.stopped_by_callback:
+      logging.warning(
+          "%s holds a run a callback stopped: it trains no further (a new "
+          "checkpoint directory starts over).", self.checkpoint.directory)
       self.model.stop_training = True
 
   def epoch_begun(self, index):

@@ -7,9 +7,9 @@ import tensorflow as tf
 
 # keras_fit registers the "keras_fit" loop, after the custom loops.
 from training_loops import drivers, keras_fit  # noqa: F401
+from training_loops import run_lock
 from training_loops.controller import (Cadence, Controller, as_floats,
                                        known_length)
-from training_loops.run_lock import RunLock
 from training_loops.trainer import Trainer
 
 # The loops that ship, in the registry's order; `drivers.register` adds more.
@@ -76,20 +76,12 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
   driver = _build(loop, drivers.LoopOptions(steps_per_loop, jit_compile),
                   model_fn, optimizer_fn, loss, train_data, metrics=metrics,
                   loss_weights=loss_weights, strategy=strategy, seed=seed)
-  with _lock(checkpoint_dir, driver.trainer.strategy):
+  with (run_lock.held_by_chief(checkpoint_dir, driver.trainer.strategy)
+        if checkpoint_dir else contextlib.nullcontext()):
     return Controller(
         driver, train_data, epochs=epochs, validation_data=validation_data,
         checkpoint_dir=checkpoint_dir, log_dir=log_dir, callbacks=callbacks,
         verbose=verbose, cadence=cadence).run()
-
-
-def _lock(directory, strategy):
-  """The run's lock on `directory`: the chief's alone, since the workers
-  of one multi-worker run are one run (the others write to scratch
-  copies)."""
-  if directory is None or not strategy.extended.should_checkpoint:
-    return contextlib.nullcontext()
-  return RunLock(directory)
 
 
 def _build(loop, options, model_fn, optimizer_fn, loss, data, *, metrics,
