@@ -274,6 +274,20 @@ def test_hparam_search_refuses_a_schedule_that_ignores_the_learning_rate(
   assert not (tmp_path / "run").exists()
 
 
+def test_hparam_search_refuses_multi_worker(tmp_path):
+  # The check itself, under the default strategy: a real multi-worker one
+  # needs a cluster (TF_CONFIG), and its search trains outside it anyway.
+  with flagsaver.flagsaver(loop="graph", verbose=0):
+    config = common_flags.resolved(hparam_search.DEFAULTS,
+                                   hparam_search.__name__)
+  with pytest.raises(SystemExit, match="^error: hparam_search runs in one "
+                                       "process: --strategy=multi_worker"):
+    hparam_search.sweep_and_search({**config, "strategy": "multi_worker"},
+                                   tf.distribute.get_strategy(),
+                                   str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_hparam_search_fast_dev_run_keeps_nothing(tmp_path, capsys):
   with flagsaver.flagsaver(loop="graph", verbose=0, fast_dev_run=True,
                            output_dir=str(tmp_path / "run"),
