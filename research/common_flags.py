@@ -114,12 +114,18 @@ flags.DEFINE_boolean("deterministic", False, "TensorFlow op determinism: "
 
 @dataclasses.dataclass(frozen=True)
 class Defaults:
-  """An experiment's values for the flags left unset."""
+  """An experiment's values for the flags left unset.
+
+  `datasets` maps a dataset to its own recipe: flag values used when the
+  flag is not given on the command line (any flag of the config, e.g.
+  classify's tuned MNIST optimizer, schedule and dropout).
+  """
   dataset: str
   loop: str = "all"
   epochs: int = 20
   learning_rate: float = 0.01
   optimizer: str = "sgd"
+  datasets: dict = dataclasses.field(default_factory=dict)
 
 
 class SettingsError(ValueError):
@@ -130,7 +136,9 @@ class SettingsError(ValueError):
 def resolved(defaults, *modules):
   """The config a script runs with, a dict for run_config.json and
   results.json: the shared flags with `defaults` filled in, then every flag
-  that `modules` (module names: a script passes its `__name__`) define.
+  that `modules` (module names: a script passes its `__name__`) define;
+  then the dataset's recipe in `defaults.datasets` for the flags not
+  given.
 
   Flags are taken by the module that defines them, so a process that
   imports every script (tests, `compare`) gives each only its own, and
@@ -139,6 +147,9 @@ def resolved(defaults, *modules):
             for module in (__name__, *modules)
             for flag in FLAGS.get_flags_for_module(module)}
   for field in dataclasses.fields(defaults):
-    if values[field.name] is None:
+    if field.name != "datasets" and values[field.name] is None:
       values[field.name] = getattr(defaults, field.name)
+  for name, value in defaults.datasets.get(values["dataset"], {}).items():
+    if FLAGS[name].using_default_value:  # not given
+      values[name] = value
   return values

@@ -28,8 +28,9 @@ def fitted_scaler(normalize, x_train):
 
 
 def mlp_classifier(x_train, num_classes, normalize="zscore",
-                   hidden=(300, 100)):
-  """Flatten -> (scaler) -> Dense(300, relu) -> Dense(100, relu) -> softmax.
+                   hidden=(300, 100), dropout_rate=0.0, seed=None):
+  """Flatten -> (scaler) -> Dense(300, relu) -> Dense(100, relu) -> softmax,
+  with `Dropout(dropout_rate)` after each hidden layer when it is above 0.
 
   Inputs: `x_train.shape[1:]` (e.g. 28x28 images); outputs: class
   probabilities `[batch, num_classes]`.
@@ -41,6 +42,8 @@ def mlp_classifier(x_train, num_classes, normalize="zscore",
     x = scaler(x)
   for units in hidden:
     x = layers.Dense(units, "relu")(x)
+    if dropout_rate:
+      x = layers.Dropout(dropout_rate, seed=seed)(x)
   outputs = layers.Dense(num_classes, "softmax", dtype=OUTPUT_DTYPE)(x)
   return keras.Model(inputs, outputs, name="mlp_classifier")
 

@@ -35,6 +35,33 @@ def test_idx_reader_round_trips_generated_files(tmp_path):
   np.testing.assert_array_equal(read_labels, labels)
 
 
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_full_idx_layout_keeps_the_test_set_and_carves_validation(tmp_path,
+                                                                   name):
+  """The full datasets' layout (train and t10k files; Fashion-MNIST's are
+  MNIST's format): the t10k files stay the test split and a stratified
+  tenth of the training files becomes validation."""
+  rng = np.random.default_rng(0)
+  train_labels = np.repeat(np.arange(10), 20)
+  train_images = rng.integers(0, 256, (200, 28, 28))
+  test_images, test_labels = rng.integers(0, 256, (30, 28, 28)), np.arange(
+      30) % 10
+  for prefix, images, labels in (("train", train_images, train_labels),
+                                 ("t10k", test_images, test_labels)):
+    _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+  splits = datasets.load(name, str(tmp_path), seed=3)
+  assert splits.sizes == {"train": 180, "validation": 20, "test": 30}
+  assert splits.num_classes == 10
+  np.testing.assert_array_equal(splits.x_test, test_images)
+  np.testing.assert_array_equal(splits.y_test, test_labels)
+  np.testing.assert_array_equal(np.bincount(splits.y_val), np.full(10, 2))
+  # Validation and training together are the training files, once each.
+  together = np.concatenate([splits.x_train, splits.x_val]).reshape(200, -1)
+  assert sorted(map(bytes, together.astype(np.uint8))) == sorted(
+      map(bytes, train_images.astype(np.uint8).reshape(200, -1)))
+
+
 @pytest.mark.parametrize("damage,match", [
     (dict(magic=1234), "bad IDX magic number 1234"),
     (dict(cut=5), r"header says \(2, 3, 4\) = 24 bytes of data, the file "

@@ -15,7 +15,8 @@ import tensorflow as tf
 import training_loops
 from conftest import REPO, SHARED, needs_shared
 from research import (callbacks, classify, compare, datasets, deep_net,
-                      evaluate, hparam_search, regress, wide_deep)
+                      evaluate, hparam_search, models, regress,
+                      wide_deep)
 
 flags.FLAGS.mark_as_parsed()
 
@@ -268,3 +269,18 @@ def test_a_script_trains_on_two_cpu_replicas(tmp_path):
   results = _results(tmp_path)
   assert results["flags"]["strategy"] == "mirrored"
   assert results["loops"]["graph"]["test"]["accuracy"] > 0.3  # > chance
+
+
+def test_classifier_dropout_is_keras_dropout_after_each_hidden_layer():
+  x = np.random.default_rng(0).normal(size=(64, 8, 8)).astype("float32")
+  plain = models.mlp_classifier(x, 10)
+  dropped = models.mlp_classifier(x, 10, dropout_rate=0.5, seed=1)
+  rates = [layer.rate for layer in dropped.layers if "dropout" in
+           type(layer).__name__.lower()]
+  assert rates == [0.5, 0.5]
+  dropped.set_weights(plain.get_weights())
+  # Inference: the identity, as Keras' Dropout; training: half the units
+  # of each hidden layer zeroed, so the outputs differ.
+  np.testing.assert_allclose(dropped(x, training=False),
+                             plain(x, training=False), rtol=1e-6)
+  assert not np.allclose(dropped(x, training=True), plain(x, training=True))

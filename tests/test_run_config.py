@@ -9,8 +9,8 @@ from absl.testing import flagsaver
 import pytest
 
 import training_loops
-from research import (callbacks, classify, compare, deep_net, hparam_search,
-                      regress, wide_deep)
+from research import (callbacks, classify, common_flags, compare, deep_net,
+                      hparam_search, regress, wide_deep)
 
 flags.FLAGS.mark_as_parsed()
 
@@ -57,11 +57,13 @@ _SHARED = {"experiment", "dataset", "loop", "batch_size", "learning_rate",
 
 
 @pytest.mark.parametrize("script,own", [
-    (classify, {"normalize"}), (callbacks, {"patience"}), (regress, set()),
+    (classify, {"normalize", "dropout_rate"}), (callbacks, {"patience"}),
+    (regress, set()),
     (deep_net, {"activation", "batchnorm", "dropout", "gradient_batches"}),
     (wide_deep, {"wide_deep_variant", "aux_output"}),
     (hparam_search, {"sweep_points", "search_iterations", "cv_folds"}),
-    (compare, {"experiment", "normalize"})])  # its own and classify's
+    # compare: its own and classify's
+    (compare, {"experiment", "normalize", "dropout_rate"})])
 def test_run_config_records_the_scripts_own_flags(tmp_path, no_training,
                                                   script, own):
   with pytest.raises(_TrainingStarted):
@@ -111,3 +113,22 @@ def test_a_flag_an_older_run_did_not_record_is_named_as_such(tmp_path,
   with pytest.raises(SystemExit, match="normalize: not recorded then, "
                                        "'zscore' now"):
     _run_until_training(classify, output_dir=str(tmp_path))
+
+
+def test_mnist_gets_classifys_recipe_for_the_flags_not_given():
+  with flagsaver.flagsaver(dataset="mnist"):
+    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
+  assert {name: config[name] for name in classify.MNIST_RECIPE} == (
+      classify.MNIST_RECIPE)
+  # A flag given wins, even at its own default; the rest of the recipe
+  # stays.
+  with flagsaver.flagsaver(dataset="fashion_mnist", normalize="zscore",
+                           epochs=3):
+    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
+  assert (config["normalize"], config["epochs"], config["optimizer"],
+          config["dropout_rate"]) == ("zscore", 3, "adamw", 0.2)
+  with flagsaver.flagsaver(dataset="digits"):
+    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
+  assert (config["normalize"], config["optimizer"], config["learning_rate"],
+          config["lr_schedule"], config["dropout_rate"]) == (
+              "zscore", "sgd", 0.01, "constant", 0.0)
