@@ -35,8 +35,16 @@ flags.DEFINE_integer("search_iterations", 6, "RandomizedSearchCV candidates.",
                      lower_bound=1)
 flags.DEFINE_integer("cv_folds", 3, "Cross-validation folds.", lower_bound=2)
 
-DEFAULTS = common_flags.Defaults(dataset="diabetes", loop="graph", epochs=20,
-                                 learning_rate=0.01)
+# California housing's recipe: Adam with a cosine schedule to 0, twice the
+# epochs and candidates. The best of the course's search space (0-3 hidden
+# layers of 1-100 units) then reaches 0.259 test MSE (two layers of 100),
+# where the course's net alone gets 0.369; see README.
+CALIFORNIA_RECIPE = {"optimizer": "adam", "lr_schedule": "cosine",
+                     "epochs": 40, "search_iterations": 12}
+
+DEFAULTS = common_flags.Defaults(
+    dataset="diabetes", loop="graph", epochs=20, learning_rate=0.01,
+    datasets={"california_housing": CALIFORNIA_RECIPE})
 SWEEP_RANGE = (1e-4, 3e-2)
 
 

@@ -132,3 +132,16 @@ def test_mnist_gets_classifys_recipe_for_the_flags_not_given():
   assert (config["normalize"], config["optimizer"], config["learning_rate"],
           config["lr_schedule"], config["dropout_rate"]) == (
               "zscore", "sgd", 0.01, "constant", 0.0)
+
+
+def test_california_gets_hparam_searchs_recipe():
+  with flagsaver.flagsaver(dataset="california_housing", epochs=5):
+    config = common_flags.resolved(hparam_search.DEFAULTS,
+                                   hparam_search.__name__)
+  assert (config["optimizer"], config["lr_schedule"], config["epochs"],
+          config["search_iterations"]) == ("adam", "cosine", 5, 12)
+  with flagsaver.flagsaver(dataset="diabetes"):
+    config = common_flags.resolved(hparam_search.DEFAULTS,
+                                   hparam_search.__name__)
+  assert (config["optimizer"], config["epochs"],
+          config["search_iterations"]) == ("sgd", 20, 6)
