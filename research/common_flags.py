@@ -133,7 +133,7 @@ class SettingsError(ValueError):
   already in the output directory. The message is one line."""
 
 
-def resolved(defaults, *modules):
+def resolved(defaults, *modules, given=None):
   """The config a script runs with, a dict for run_config.json and
   results.json: the shared flags with `defaults` filled in, then every flag
   that `modules` (module names: a script passes its `__name__`) define;
@@ -142,14 +142,23 @@ def resolved(defaults, *modules):
 
   Flags are taken by the module that defines them, so a process that
   imports every script (tests, `compare`) gives each only its own, and
-  absl's own flags (`--verbosity`, ...) are in no config."""
+  absl's own flags (`--verbosity`, ...) are in no config.
+
+  `given`: flag values taken as if given on the command line, for a script
+  that runs other scripts' experiments (`research.report`).
+  """
+  given = dict(given or {})
   values = {flag.name: flag.value
             for module in (__name__, *modules)
             for flag in FLAGS.get_flags_for_module(module)}
+  unknown = set(given) - set(values)
+  if unknown:
+    raise ValueError(f"No such flags here: {', '.join(sorted(unknown))}.")
+  values.update(given)
   for field in dataclasses.fields(defaults):
     if field.name != "datasets" and values[field.name] is None:
       values[field.name] = getattr(defaults, field.name)
   for name, value in defaults.datasets.get(values["dataset"], {}).items():
-    if FLAGS[name].using_default_value:  # not given
+    if name not in given and FLAGS[name].using_default_value:
       values[name] = value
   return values

@@ -127,6 +127,11 @@ def test_mnist_gets_classifys_recipe_for_the_flags_not_given():
     config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
   assert (config["normalize"], config["epochs"], config["optimizer"],
           config["dropout_rate"]) == ("zscore", 3, "adamw", 0.2)
+  # As research.report asks for it: the same, without the command line.
+  assert common_flags.resolved(
+      classify.DEFAULTS, classify.__name__,
+      given={"dataset": "fashion_mnist", "normalize": "zscore",
+             "epochs": 3}) == config
   with flagsaver.flagsaver(dataset="digits"):
     config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
   assert (config["normalize"], config["optimizer"], config["learning_rate"],
