@@ -1,0 +1,432 @@
+"""The course's experiments on the real data, as one report with pictures.
+
+Runs classify (three normalizations), deep_net (five architectures),
+callbacks, regress, wide & deep (three variants) and hparam_search, each
+into its own directory under `<output_dir>/runs/<name>` (a rerun resumes
+them), and writes `<output_dir>/REPORT.md` with PNG charts beside it: the
+figures read back from each run's results.json, each beside its published
+anchor.
+
+    python -m research.report --data_dir=../shared/data \
+        --output_dir=runs/report [--quick]
+
+`--data_dir` holds `mnist/` (the IDX files) and `california-housing/`
+(`cal_housing.csv`), as ../shared/data does.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from matplotlib import figure as matplotlib_figure, ticker
+import numpy as np
+
+import training_loops
+from research import (callbacks, classify, common_flags, datasets, deep_net,
+                      experiment, hparam_search, regress, reports,
+                      wide_deep)
+
+flags.DEFINE_boolean("quick", False, "A reduced report in a few minutes: "
+                     "2 epochs of at most 20 batches per split, the "
+                     "smallest search; flags given on the command line "
+                     "(e.g. --epochs, --limit_batches) win.")
+
+# --quick's settings, for the flags not given on the command line.
+QUICK = {"epochs": 2, "limit_batches": 20}
+QUICK_SEARCH = {"sweep_points": 2, "search_iterations": 1, "cv_folds": 2}
+
+# LeCun, Bottou, Bengio and Haffner (1998), test error (%) on MNIST.
+CITATION = ("LeCun, Bottou, Bengio and Haffner (1998), \"Gradient-based "
+            "learning applied to document recognition\", Proc. IEEE "
+            "86(11)")
+# Their "3-layer NN" has two hidden layers, as the course's network.
+LECUN_ROWS = (("3-layer NN, 300+100 hidden units", 3.05),
+              ("3-layer NN, 500+150 hidden units", 2.95),
+              ("3-layer NN, 300+100 hidden units, distortions", 2.5),
+              ("2-layer NN, 300 hidden units", 4.7))
+
+# scikit-learn's MLPRegressor on the same standardized features (issue 16),
+# and the issue's target, in test MSE.
+CALIFORNIA_ANCHORS = (("scikit-learn MLPRegressor, one hidden layer of 30",
+                       0.315),
+                      ("scikit-learn MLPRegressor, three hidden layers of "
+                       "100", 0.269),
+                      ("issue 16's target", 0.28))
+
+_DPI = 80
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One experiment of the report.
+
+  Attributes:
+    name: its directory under `runs/` and its name in the report.
+    script: the research module that builds it.
+    data: the directory under `--data_dir` holding its dataset.
+    given: its flags, as if given on the script's command line.
+  """
+  name: str
+  script: object
+  data: str
+  given: dict
+
+
+_MNIST = {"dataset": "mnist"}
+_CALIFORNIA = {"dataset": "california_housing"}
+
+RUNS = (
+    *(Run(f"classify_{normalize}", classify, "mnist",
+          {**_MNIST, "normalize": normalize})
+      for normalize in ("none", "zscore", "minmax")),
+    *(Run(f"deep_net_{name}", deep_net, "mnist",
+          {**_MNIST, "activation": activation, "batchnorm": batchnorm,
+           "dropout": dropout})
+      for name, activation, batchnorm, dropout in (
+          ("relu", "relu", False, "none"), ("selu", "selu", False, "none"),
+          ("batchnorm", "relu", True, "none"),
+          ("dropout", "relu", False, "standard"),
+          ("alpha_dropout", "selu", False, "alpha"))),
+    Run("callbacks", callbacks, "mnist", _MNIST),
+    Run("regress", regress, "california-housing", _CALIFORNIA),
+    *(Run(f"wide_deep_{variant}", wide_deep, "california-housing",
+          {**_CALIFORNIA, "wide_deep_variant": variant, "aux_output": False})
+      for variant in ("functional", "subclassed", "multi_input")),
+    Run("hparam_search", hparam_search, "california-housing", _CALIFORNIA),
+)
+
+# The run whose confusion matrix the report shows: classify's MNIST recipe.
+_RECIPE_RUN = "classify_minmax"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:  # checkpoint saves log INFO
+    logging.set_verbosity(logging.WARNING)
+  data_dir, output_dir = flags.FLAGS.data_dir, flags.FLAGS.output_dir
+  if not output_dir:
+    raise app.UsageError("--output_dir is required.")
+  quick = (QUICK, QUICK_SEARCH) if flags.FLAGS.quick else ({}, {})
+  # The command line wins over --quick's settings.
+  quick = [{name: value for name, value in settings.items()
+            if flags.FLAGS[name].using_default_value} for settings in quick]
+  try:
+    if not data_dir or not os.path.isdir(data_dir):
+      raise datasets.DataError(f"--data_dir {data_dir!r} is not a "
+                               "directory (it holds mnist/ and "
+                               "california-housing/).")
+    configs = [common_flags.resolved(
+        run.script.DEFAULTS, run.script.__name__,
+        given={**run.given, **quick[0],
+               **(quick[1] if run.script is hparam_search else {}),
+               "data_dir": os.path.join(data_dir, run.data),
+               "output_dir": os.path.join(output_dir, "runs", run.name)})
+               for run in RUNS]
+    # Every dataset read before the first run: a bad file ends the report
+    # at once, not after hours of the experiments before it.
+    for dataset, directory in sorted({(config["dataset"], config["data_dir"])
+                                      for config in configs}):
+      datasets.load(dataset, directory)
+    experiment.configure_process(configs[0])
+    strategy = experiment.strategy_for(configs[0])
+    finished = [(run, *_run(run, config, strategy))
+                for run, config in zip(RUNS, configs)]
+    write_report(output_dir, finished, quick=flags.FLAGS.quick)
+  except training_loops.TrainingInterrupted as interruption:
+    print(f"{interruption} A rerun resumes.", file=sys.stderr)
+    sys.exit(128 + interruption.signal_number)
+  except experiment.ONE_LINE_ERRORS as error:
+    sys.exit(f"error: {error}")
+  print(f"Wrote {os.path.join(output_dir, 'REPORT.md')}")
+
+
+def _run(run, config, strategy):
+  """Runs (or resumes) one experiment; its results.json and wall time."""
+  print(f"== {run.name}", flush=True)
+  start = time.monotonic()
+  if run.script is hparam_search:
+    hparam_search.sweep_and_search(config, strategy, config["output_dir"])
+  else:
+    experiment.run(run.script.build(config), config, strategy)
+  seconds = time.monotonic() - start
+  with open(os.path.join(config["output_dir"], "results.json"),
+            encoding="utf-8") as stream:
+    return json.load(stream), seconds
+
+
+# ------------------------------------------------------------------ report
+
+
+def write_report(output_dir, finished, quick):
+  """Writes REPORT.md and its charts into `output_dir`.
+
+  Args:
+    output_dir: the report's directory.
+    finished: `(Run, results, wall seconds)` for every run of `RUNS`.
+    quick: whether the runs were `--quick`'s.
+  """
+  results = {run.name: result for run, result, _ in finished}
+  sections = [
+      "# The course's experiments on MNIST and California housing",
+      ("**Quick run** (`--quick`): few epochs on a few batches; the "
+       "figures show the pipeline works, not what the recipes reach."
+       if quick else "Each script's defaults and dataset recipes."),
+      _normalization_section(output_dir, results),
+      _anchor_section(output_dir, results),
+      _deep_net_section(output_dir, results),
+      _callbacks_section(results),
+      _california_section(results),
+      _loops_section(output_dir, results),
+      _runs_section(finished)]
+  path = os.path.join(output_dir, "REPORT.md")
+  with training_loops.replaced_atomically(path) as temporary:
+    with open(temporary, "w", encoding="utf-8") as stream:
+      stream.write("\n\n".join(sections) + "\n")
+
+
+def error_percent(report):
+  """A classifier loop's test error in percent."""
+  return 100 * (1 - report["test"]["accuracy"])
+
+
+def _percent(value):
+  return f"{value:.2f}%"
+
+
+def _table(header, rows):
+  lines = [header, ["---"] * len(header), *rows]
+  return "\n".join("| " + " | ".join(map(str, line)) + " |"
+                   for line in lines)
+
+
+def _loops(results):
+  return list(results["loops"])
+
+
+def _shown_loop(results):
+  """The loop a one-loop chart shows: graph, the course's fastest."""
+  return "graph" if "graph" in results["loops"] else _loops(results)[0]
+
+
+def _epochs(report):
+  """A loop's epochs, counted from 1 (results.json counts from 0)."""
+  return [epoch + 1 for epoch in report["epochs"]]
+
+
+def _by_epoch(axes):
+  axes.set(xlabel="epoch")
+  axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  axes.grid(True)
+
+
+def _image(name):
+  """The Markdown link to a picture beside REPORT.md."""
+  return f"![{name}]({name})"
+
+
+def _save(figure, output_dir, name):
+  """Writes `figure` as `output_dir/name`; its Markdown image link."""
+  figure.tight_layout()
+  with training_loops.replaced_atomically(
+      os.path.join(output_dir, name)) as temporary:
+    figure.savefig(temporary, dpi=_DPI, format="png")
+  return _image(name)
+
+
+def _normalization_section(output_dir, results):
+  runs = [name for name in results if name.startswith("classify_")]
+  loops = _loops(results[runs[0]])
+  rows = [[results[name]["flags"]["normalize"],
+           *(_percent(error_percent(results[name]["loops"][loop]))
+             for loop in loops)] for name in runs]
+  figure = matplotlib_figure.Figure(figsize=(9, 3.5))
+  loss_axes, accuracy_axes = figure.subplots(1, 2)
+  loop = _shown_loop(results[runs[0]])
+  for name in runs:
+    report = results[name]["loops"][loop]
+    label = f"normalize={results[name]['flags']['normalize']}"
+    loss_axes.plot(_epochs(report), report["history"]["val_loss"],
+                   marker=".", label=label)
+    accuracy_axes.plot(_epochs(report), report["history"]["val_accuracy"],
+                       marker=".", label=label)
+  loss_axes.set(ylabel="validation loss",
+                title=f"classify on MNIST: {loop} loop")
+  accuracy_axes.set(ylabel="validation accuracy")
+  for axes in (loss_axes, accuracy_axes):
+    _by_epoch(axes)
+    axes.legend()
+  return "\n\n".join([
+      "## 1. Input normalization (classify, 784-300-100-10, MNIST)",
+      "Test error per normalization and loop; the rest of each run is "
+      "classify's MNIST recipe.",
+      _table(["normalize", *loops], rows),
+      _save(figure, output_dir, "normalization.png")])
+
+
+def _anchor_section(output_dir, results):
+  recipe = results[_RECIPE_RUN]
+  rows = [[f"ours: classify, MNIST recipe, {loop} loop",
+           _percent(error_percent(report))]
+          for loop, report in recipe["loops"].items()]
+  rows += [[f"LeCun et al. (1998): {name}", _percent(error)]
+           for name, error in LECUN_ROWS]
+  loop = _shown_loop(recipe)
+  matrix = recipe["loops"][loop]["confusion_matrix"]
+  picture = "confusion_matrix.png"
+  reports.plot_confusion_matrix(
+      matrix, os.path.join(output_dir, picture),
+      f"MNIST test split: classify, {loop} loop")
+  return "\n\n".join([
+      "## MNIST against the published table",
+      f"Anchors: {CITATION}, Fig. 9. The 784-300-100-10 network is their "
+      "\"300+100 hidden units\" row.",
+      _table(["model", "test error"], rows),
+      f"The MNIST test confusion matrix ({_RECIPE_RUN}, {loop} loop; rows: "
+      "true digit, columns: predicted):",
+      _image(picture)])
+
+
+def _deep_net_section(output_dir, results):
+  runs = [name for name in results if name.startswith("deep_net_")]
+  loops = _loops(results[runs[0]])
+  figure = matplotlib_figure.Figure(figsize=(7, 4))
+  axes = figure.subplots()
+  rows = []
+  for name in runs:
+    norms = [np.mean(batches)
+             for batches in results[name]["gradient_norms"].values()]
+    label = _architecture(**results[name]["architecture"])
+    axes.plot(range(1, len(norms) + 1), norms, marker=".", label=label)
+    rows.append([name, label, f"{norms[0]:.2e}", f"{norms[-1]:.2e}",
+                 *(_percent(error_percent(results[name]["loops"][loop]))
+                   for loop in loops)])
+  axes.set(xlabel="hidden layer (input side first)", yscale="log",
+           ylabel="kernel-gradient norm at init",
+           title="deep_net on MNIST: gradients at initialization")
+  axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  axes.grid(True)
+  axes.legend()
+  return "\n\n".join([
+      "## 2. Vanishing gradients (deep_net: 20 x Dense(100), MNIST)",
+      "Kernel-gradient norms of the hidden layers at initialization (mean "
+      "over the first batches): where they shrink towards the input, the "
+      "first layers barely learn.",
+      _table(["run", "architecture", "grad norm, layer 1",
+              "grad norm, last layer",
+              *(f"test error, {loop}" for loop in loops)], rows),
+      _save(figure, output_dir, "gradient_norms.png")])
+
+
+def _architecture(activation, batchnorm, dropout):
+  """deep_net's architecture in words, e.g. "selu, alpha dropout"."""
+  return ", ".join([activation, *(["batch norm"] if batchnorm else []),
+                    *([f"{dropout} dropout"] if dropout != "none" else [])])
+
+
+def _callbacks_section(results):
+  run = results["callbacks"]
+  rows = []
+  for loop, report in run["loops"].items():
+    val_loss = report["history"]["val_loss"]
+    best = int(np.argmin(val_loss))
+    rows.append([loop, report["epochs_run"],
+                 "did not stop" if report["stopped_epoch"] is None
+                 else report["stopped_epoch"] + 1, _epochs(report)[best],
+                 f"{report['best_val_loss']:.4f}",
+                 _percent(error_percent(report))])
+  return "\n\n".join([
+      "## 3. Early stopping (callbacks, MNIST)",
+      f"EarlyStopping on val_loss, patience {run['patience']}, restoring "
+      "the best weights (the test error is theirs); epochs counted from "
+      "1.",
+      _table(["loop", "epochs run", "stopped at epoch", "best epoch",
+              "best val loss", "test error"], rows)])
+
+
+def _california_section(results):
+  runs = ["regress", *(name for name in results
+                       if name.startswith("wide_deep_"))]
+  loops = _loops(results[runs[0]])
+  rows = [[name, *(f"{results[name]['loops'][loop]['test']['loss']:.4f}"
+                   for loop in loops)] for name in runs]
+  search = results["hparam_search"]
+  found = search["random_search"]
+  rows.append([f"hparam_search best: {json.dumps(found['best_params'])}",
+               *(f"{found['test_mse']:.4f}"
+                 if loop == search["flags"]["loop"] else "-"
+                 for loop in loops)])
+  rows += [[f"anchor: {name}", *[f"{value:.3f}"] * len(loops)]
+           for name, value in CALIFORNIA_ANCHORS]
+  sweep = [[f"{row['learning_rate']:.1e}", f"{row['val_loss']:.4f}",
+            f"{row['test_loss']:.4f}"]
+           for row in search["learning_rate_sweep"]]
+  return "\n\n".join([
+      "## 4. California housing: test MSE",
+      "The course net (regress), the wide & deep variants and the "
+      "hyperparameter search's best (its loop only; cross-validated MSE "
+      f"{found['best_cv_mse']:.4f}), beside scikit-learn's MLPRegressor "
+      "on the same standardized features and issue 16's target.",
+      _table(["model", *(f"test MSE, {loop}" for loop in loops)], rows),
+      f"hparam_search's learning-rate sweep ({search['flags']['loop']} "
+      "loop):",
+      _table(["learning rate", "final val MSE", "test MSE"], sweep)])
+
+
+def _loops_section(output_dir, results):
+  parts = ["## 5. Do the loops agree?",
+           "For each experiment, every loop on the same data and seed: "
+           "the final figures (`matches fit`: the final training loss "
+           f"within {experiment.MATCH_TOLERANCE:g} of model.fit's, "
+           "relative), and all loops' learning curves on one chart "
+           "(solid: training loss, dashed: validation loss; the first "
+           "loops drawn widest, so curves that agree show as nested "
+           "lines)."]
+  for name, run in results.items():
+    if "loops" not in run:  # hparam_search: one loop, in section 4
+      continue
+    figure = matplotlib_figure.Figure(figsize=(7, 4))
+    axes = figure.subplots()
+    loops = run["loops"]
+    for index, (loop, report) in enumerate(loops.items()):
+      width = 1 + 2 * (len(loops) - 1 - index)
+      for key, style in (("loss", "-"), ("val_loss", "--")):
+        axes.plot(_epochs(report), report["history"][key], style,
+                  color=f"C{index}", label=f"{loop} {key}", marker="o",
+                  linewidth=width, markersize=2 + 1.5 * width)
+    axes.set(ylabel="loss", title=f"{name}: every loop")
+    _by_epoch(axes)
+    axes.legend(fontsize=7)
+    parts += [f"### {name}", f"```\n{experiment.format_table(run)}\n```",
+              _save(figure, output_dir, f"loops_{name}.png")]
+  return "\n\n".join(parts)
+
+
+def _runs_section(finished):
+  first = finished[0][1]
+  rows = [[run.name, f"`runs/{run.name}`", f"{seconds:.0f}",
+           f"{sum(r['wall_seconds'] for r in result['loops'].values()):.0f}"
+           if "loops" in result else "-"]
+          for run, result, seconds in finished]
+  parts = ["## The runs",
+           "Wall time: this invocation's (a resumed run's is the resume's); "
+           "training: the loops' training seconds from results.json.",
+           _table(["experiment", "directory", "wall time (s)",
+                   "training (s)"], rows),
+           "Versions: " + ", ".join(
+               f"{name} {version}"
+               for name, version in first["versions"].items()),
+           f"Op determinism: {first.get('op_determinism')}."]
+  for run, result, _ in finished:
+    shown = ", ".join(f"{key}={value}" for key, value in
+                      sorted(result["flags"].items()) if value is not None)
+    parts.append(f"<details><summary>{run.name}: flags</summary>\n\n"
+                 f"`{shown}`\n\n</details>")
+  return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+  app.run(main)

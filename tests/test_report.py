@@ -1,0 +1,164 @@
+"""research.report end to end with --quick on a small data directory the
+test writes in ../shared/data's layout (CI has no real data)."""
+
+import json
+import os
+import re
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+
+import training_loops
+from research import datasets, report
+from test_datasets import _write_idx
+
+flags.FLAGS.mark_as_parsed()
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _digits(rng, count):
+  """Learnable 28x28 "digits": class k inks row band k, over noise."""
+  labels = np.arange(count) % 10
+  images = rng.integers(0, 40, (count, 28, 28))
+  for image, label in zip(images, labels):
+    image[2 + 2 * label:4 + 2 * label] = 255
+  return images, labels
+
+
+def _write_data(directory):
+  rng = np.random.default_rng(0)
+  mnist = directory / "mnist"
+  mnist.mkdir(parents=True)
+  for prefix, count in (("train", 200), ("t10k", 50)):
+    images, labels = _digits(rng, count)
+    _write_idx(mnist / f"{prefix}-images-idx3-ubyte.gz", images)
+    _write_idx(mnist / f"{prefix}-labels-idx1-ubyte.gz", labels)
+  california = directory / "california-housing"
+  california.mkdir()
+  rows = 300
+  table = {"longitude": rng.uniform(-124, -114, rows),
+           "latitude": rng.uniform(32, 42, rows),
+           "housing_median_age": rng.integers(1, 52, rows),
+           "total_rooms": rng.integers(500, 5000, rows),
+           "total_bedrooms": rng.integers(100, 1000, rows),
+           "population": rng.integers(300, 3000, rows),
+           "households": rng.integers(100, 1000, rows),
+           "median_income": rng.uniform(0.5, 10, rows)}
+  table["median_house_value"] = (40000 * table["median_income"] +
+                                 rng.normal(0, 20000, rows)).clip(15000)
+  with open(california / "cal_housing.csv", "w", encoding="utf-8") as f:
+    f.write(",".join(datasets.CALIFORNIA_COLUMNS) + "\n")
+    for values in zip(*(table[c] for c in datasets.CALIFORNIA_COLUMNS)):
+      f.write(",".join(f"{value:.6f}" for value in values) + "\n")
+
+
+def _results(output_dir, name):
+  with open(output_dir / "runs" / name / "results.json",
+            encoding="utf-8") as stream:
+    return json.load(stream)
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("data")
+  _write_data(data_dir)
+  output_dir = tmp_path_factory.mktemp("report")
+  # The tiniest quick run: one epoch of one batch of each split.
+  with flagsaver.flagsaver(quick=True, epochs=1, limit_batches=1,
+                           data_dir=str(data_dir),
+                           output_dir=str(output_dir), verbose=0):
+    report.main(["report"])
+  return output_dir, (output_dir / "REPORT.md").read_text(encoding="utf-8")
+
+
+def test_quick_report_cites_its_anchors(quick_report):
+  _, text = quick_report
+  assert "LeCun, Bottou, Bengio and Haffner (1998)" in text
+  assert "Gradient-based learning applied to document recognition" in text
+  for row in ("| LeCun et al. (1998): 3-layer NN, 300+100 hidden units | "
+              "3.05% |",
+              "| LeCun et al. (1998): 3-layer NN, 500+150 hidden units | "
+              "2.95% |",
+              "| LeCun et al. (1998): 3-layer NN, 300+100 hidden units, "
+              "distortions | 2.50% |",
+              "| LeCun et al. (1998): 2-layer NN, 300 hidden units | "
+              "4.70% |"):
+    assert row in text
+  for anchor in ("0.315", "0.269", "0.280"):
+    assert anchor in text
+
+
+def test_quick_report_names_every_experiment_and_loop(quick_report):
+  output_dir, text = quick_report
+  for name in ("classify_none", "classify_zscore", "classify_minmax",
+               "deep_net_relu", "deep_net_selu", "deep_net_batchnorm",
+               "deep_net_dropout", "deep_net_alpha_dropout", "callbacks",
+               "regress", "wide_deep_functional", "wide_deep_subclassed",
+               "wide_deep_multi_input", "hparam_search"):
+    assert name in text
+    assert os.path.isfile(output_dir / "runs" / name / "results.json")
+  for loop in training_loops.LOOPS:
+    assert loop in text
+
+
+def test_every_picture_exists_as_a_png(quick_report):
+  output_dir, text = quick_report
+  pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+  # normalization, confusion matrix, gradient norms, one overlay a run
+  # with loops (all but hparam_search).
+  assert len(pictures) == 3 + 13
+  for picture in pictures:
+    assert not os.path.isabs(picture)
+    content = (output_dir / picture).read_bytes()
+    assert content.startswith(PNG_MAGIC) and len(content) > 1000
+
+
+def test_tables_hold_the_runs_results(quick_report):
+  output_dir, text = quick_report
+  for normalize in ("none", "zscore", "minmax"):
+    loops = _results(output_dir, f"classify_{normalize}")["loops"]
+    assert loops.keys() == set(training_loops.LOOPS)
+    errors = [f"{100 * (1 - loops[loop]['test']['accuracy']):.2f}%"
+              for loop in loops]
+    assert f"| {normalize} | {' | '.join(errors)} |" in text
+  for name in ("regress", "wide_deep_functional", "wide_deep_subclassed",
+               "wide_deep_multi_input"):
+    loops = _results(output_dir, name)["loops"]
+    mses = [f"{loops[loop]['test']['loss']:.4f}" for loop in loops]
+    assert f"| {name} | {' | '.join(mses)} |" in text
+  search = _results(output_dir, "hparam_search")["random_search"]
+  assert search["best_params"]
+  assert f"{search['test_mse']:.4f}" in text
+  for loop, run in _results(output_dir, "callbacks")["loops"].items():
+    assert f"| {loop} | {run['epochs_run']} | " in text
+  relu = _results(output_dir, "deep_net_relu")
+  first = np.mean(next(iter(relu["gradient_norms"].values())))
+  assert f"| deep_net_relu | relu | {first:.2e} |" in text
+  assert _results(output_dir, "classify_minmax")["versions"][
+      "tensorflow"] in text
+
+
+def test_a_missing_data_dir_is_one_line(tmp_path):
+  with flagsaver.flagsaver(quick=True, data_dir=str(tmp_path / "absent"),
+                           output_dir=str(tmp_path / "out")):
+    with pytest.raises(SystemExit) as raised:
+      report.main(["report"])
+  message = str(raised.value.code)
+  assert message.startswith("error: --data_dir") and "\n" not in message
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_missing_file_is_one_line_before_anything_runs(tmp_path):
+  _write_data(tmp_path / "data")
+  os.remove(tmp_path / "data" / "california-housing" / "cal_housing.csv")
+  with flagsaver.flagsaver(quick=True, data_dir=str(tmp_path / "data"),
+                           output_dir=str(tmp_path / "out")):
+    with pytest.raises(SystemExit) as raised:
+      report.main(["report"])
+  message = str(raised.value.code)
+  assert message.startswith("error: ") and "\n" not in message
+  assert "cal_housing.csv" in message
+  assert not os.path.exists(tmp_path / "out")
