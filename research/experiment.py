@@ -93,8 +93,7 @@ def main_for(build, defaults, flags_of=()):
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:  # checkpoint saves log INFO
-      logging.set_verbosity(logging.WARNING)
+    quiet_logs()
     config = common_flags.resolved(defaults, build.__module__, *flags_of)
     configure_process(config)
     strategy = strategy_for(config)
@@ -123,6 +122,13 @@ ONE_LINE_ERRORS = (datasets.DataError, common_flags.SettingsError,
                    training_loops.TrainingDataError,
                    training_loops.WorkerLostError,
                    training_loops.WriteError, OSError)
+
+
+def quiet_logs():
+  """Warnings and errors only, unless `--verbosity` says otherwise: every
+  checkpoint save logs INFO lines, which would drown a script's output."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def configure_process(config):

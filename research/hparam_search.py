@@ -162,6 +162,7 @@ def _plain(params):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  experiment.quiet_logs()
   config = common_flags.resolved(DEFAULTS, __name__)
   if config["loop"] == "all":
     raise app.UsageError("hparam_search trains one loop per trial; pick "

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from matplotlib import figure as matplotlib_figure, ticker
 import numpy as np
 
@@ -105,8 +105,7 @@ _RECIPE_RUN = "classify_minmax"
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:  # checkpoint saves log INFO
-    logging.set_verbosity(logging.WARNING)
+  experiment.quiet_logs()
   data_dir, output_dir = flags.FLAGS.data_dir, flags.FLAGS.output_dir
   if not output_dir:
     raise app.UsageError("--output_dir is required.")

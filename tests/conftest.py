@@ -1,6 +1,8 @@
 """Shared test setup: quiet TensorFlow, deterministic ops, small helpers."""
 
+import gzip
 import os
+import struct
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -55,3 +57,13 @@ def fresh_keras_state():
   import keras
   keras.utils.clear_session()
   yield
+
+
+def write_idx(path, array, magic=None, cut=0):
+  """Writes `array` as a gzipped IDX file, as MNIST's are (`magic`: a
+  wrong header number; `cut`: drop that many bytes from the end)."""
+  header = struct.pack(">I", magic or (2048 + array.ndim))
+  header += struct.pack(f">{array.ndim}I", *array.shape)
+  content = header + array.astype(np.uint8).tobytes()
+  with gzip.open(path, "wb") as stream:
+    stream.write(content[:len(content) - cut])

@@ -1,13 +1,11 @@
 """research/datasets.py against hand-made files and the shared real data."""
 
-import gzip
 import os
-import struct
 
 import numpy as np
 import pytest
 
-from conftest import SHARED, needs_shared
+from conftest import SHARED, needs_shared, write_idx
 from research import datasets
 
 MNIST_DIR = os.path.join(SHARED, "mnist-t10k")
@@ -17,19 +15,11 @@ CALIFORNIA_DIR = os.path.join(SHARED, "california-housing")
 # ------------------------------------------------------------------ IDX
 
 
-def _write_idx(path, array, magic=None, cut=0):
-  header = struct.pack(">I", magic or (2048 + array.ndim))
-  header += struct.pack(f">{array.ndim}I", *array.shape)
-  content = header + array.astype(np.uint8).tobytes()
-  with gzip.open(path, "wb") as stream:
-    stream.write(content[:len(content) - cut])
-
-
 def test_idx_reader_round_trips_generated_files(tmp_path):
   images = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 256
   labels = np.array([7, 1])
-  _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
-  _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+  write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+  write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
   read_images, read_labels = datasets.read_idx_pair(str(tmp_path), "train")
   np.testing.assert_array_equal(read_images, images)
   np.testing.assert_array_equal(read_labels, labels)
@@ -48,8 +38,8 @@ def test_full_idx_layout_keeps_the_test_set_and_carves_validation(tmp_path,
       30) % 10
   for prefix, images, labels in (("train", train_images, train_labels),
                                  ("t10k", test_images, test_labels)):
-    _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
-    _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
   splits = datasets.load(name, str(tmp_path), seed=3)
   assert splits.sizes == {"train": 180, "validation": 20, "test": 30}
   assert splits.num_classes == 10
@@ -69,14 +59,14 @@ def test_full_idx_layout_keeps_the_test_set_and_carves_validation(tmp_path,
     (dict(cut=30), "truncated IDX header|too short")])
 def test_idx_reader_rejects_corrupt_files(tmp_path, damage, match):
   path = tmp_path / "bad-images-idx3-ubyte.gz"
-  _write_idx(path, np.zeros((2, 3, 4)), **damage)
+  write_idx(path, np.zeros((2, 3, 4)), **damage)
   with pytest.raises(datasets.DataError, match=match):
     datasets.read_idx(str(path))
 
 
 def test_idx_reader_names_unreadable_and_missing_files(tmp_path):
   whole = tmp_path / "whole.gz"
-  _write_idx(whole, np.zeros((50, 28, 28)))
+  write_idx(whole, np.zeros((50, 28, 28)))
   truncated = tmp_path / "truncated.gz"
   truncated.write_bytes(whole.read_bytes()[:40])  # a cut gzip stream
   with pytest.raises(datasets.DataError, match="truncated.gz: not a readable"):
@@ -86,8 +76,8 @@ def test_idx_reader_names_unreadable_and_missing_files(tmp_path):
     datasets.read_idx(str(tmp_path / "plain.gz"))
   with pytest.raises(datasets.DataError, match="IDX file not found"):
     datasets.read_idx(str(tmp_path / "absent.gz"))
-  _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 2, 2)))
-  _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(4))
+  write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 2, 2)))
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(4))
   with pytest.raises(datasets.DataError, match="3 images but 4 labels"):
     datasets.read_idx_pair(str(tmp_path), "t10k")
   with pytest.raises(datasets.DataError, match="not a directory"):

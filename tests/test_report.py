@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import training_loops
+from conftest import write_idx
 from research import datasets, report
-from test_datasets import _write_idx
 
 flags.FLAGS.mark_as_parsed()
 
@@ -34,8 +34,8 @@ def _write_data(directory):
   mnist.mkdir(parents=True)
   for prefix, count in (("train", 200), ("t10k", 50)):
     images, labels = _digits(rng, count)
-    _write_idx(mnist / f"{prefix}-images-idx3-ubyte.gz", images)
-    _write_idx(mnist / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    write_idx(mnist / f"{prefix}-images-idx3-ubyte.gz", images)
+    write_idx(mnist / f"{prefix}-labels-idx1-ubyte.gz", labels)
   california = directory / "california-housing"
   california.mkdir()
   rows = 300
