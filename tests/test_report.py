@@ -141,24 +141,26 @@ def test_tables_hold_the_runs_results(quick_report):
       "tensorflow"] in text
 
 
-def test_a_missing_data_dir_is_one_line(tmp_path):
-  with flagsaver.flagsaver(quick=True, data_dir=str(tmp_path / "absent"),
-                           output_dir=str(tmp_path / "out")):
+def _refusal(data_dir, output_dir):
+  """The report's exit line for `data_dir`, with nothing written."""
+  with flagsaver.flagsaver(quick=True, data_dir=str(data_dir),
+                           output_dir=str(output_dir)):
     with pytest.raises(SystemExit) as raised:
       report.main(["report"])
+  assert not os.path.exists(output_dir)
   message = str(raised.value.code)
-  assert message.startswith("error: --data_dir") and "\n" not in message
-  assert not os.path.exists(tmp_path / "out")
+  assert "\n" not in message
+  return message
+
+
+def test_a_missing_data_dir_is_one_line(tmp_path):
+  assert _refusal(tmp_path / "absent", tmp_path / "out").startswith(
+      "error: --data_dir")
 
 
 def test_a_missing_file_is_one_line_before_anything_runs(tmp_path):
   _write_data(tmp_path / "data")
   os.remove(tmp_path / "data" / "california-housing" / "cal_housing.csv")
-  with flagsaver.flagsaver(quick=True, data_dir=str(tmp_path / "data"),
-                           output_dir=str(tmp_path / "out")):
-    with pytest.raises(SystemExit) as raised:
-      report.main(["report"])
-  message = str(raised.value.code)
-  assert message.startswith("error: ") and "\n" not in message
+  message = _refusal(tmp_path / "data", tmp_path / "out")
+  assert message.startswith("error: ")
   assert "cal_housing.csv" in message
-  assert not os.path.exists(tmp_path / "out")

@@ -121,8 +121,9 @@ class EpochRecorder(keras.callbacks.Callback):
   """Fills a `History` and writes TensorBoard summaries, for every loop.
 
   Steps are the batches the optimizer was applied to, counted by the
-  optimizer, so `model.fit` and the custom loops are timed the same way. The history also gets the learning
-  rate at each epoch's end (`learning_rate`). Summaries use the tags of
+  optimizer, so `model.fit` and the custom loops are timed the same way.
+  The history also gets the learning rate at each epoch's end
+  (`learning_rate`). Summaries use the tags of
   Keras' TensorBoard callback (`epoch_loss`, `epoch_<metric>` in `train/`
   and `validation/`; `evaluation_<metric>_vs_iterations` in `validation/`
   for validations by step) plus `epoch_learning_rate` and

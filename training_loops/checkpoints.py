@@ -11,7 +11,7 @@ import tensorflow as tf
 from training_loops.atomic import (WRITE_FAILURES, WriteError,
                                    make_directory, replaced_atomically,
                                    write_json_atomically)
-from training_loops.strategies import PEER_FAILURES
+from training_loops.strategies import PEER_FAILURES, is_multi_worker
 
 
 class CheckpointMismatchError(ValueError):
@@ -24,6 +24,7 @@ class DamagedCheckpointError(ValueError):
 
 class CheckpointNotSharedError(ValueError):
   """The workers of a multi-worker run found different checkpoints."""
+
 
 # What TensorFlow's checkpoint reader raises for a truncated or corrupt file
 # (a short data file is an IndexError: "Read less bytes than requested").
@@ -81,8 +82,7 @@ class RunCheckpoint:
     self._history_path = os.path.join(self.directory, "history.json")
     self._scratch = None
     self._strategy = strategy
-    self._multi_worker = isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    self._multi_worker = is_multi_worker(strategy)
     self.is_writer = strategy.extended.should_checkpoint
     if not self.is_writer:
       task = strategy.cluster_resolver.task_id
@@ -135,9 +135,9 @@ class RunCheckpoint:
     (a collective, which would then run on some workers only). Each must
     read the chief's directory: one that cannot (a directory of its own, a
     file system the others do not share) would start over out of step."""
-    strategy = self._strategy
     if not self._multi_worker:
       return
+    strategy = self._strategy
     latest = self._reader.latest_checkpoint
     number = -1 if latest is None else int(latest.rsplit("-", 1)[1])
     found = strategy.gather(

@@ -21,7 +21,8 @@ from training_loops.callbacks import EpochRecorder
 from training_loops.checkpoints import RunCheckpoint, replay_data_order
 from training_loops.history import History
 from training_loops.interrupts import StopRequests, TrainingInterrupted
-from training_loops.strategies import PEER_FAILURES, WorkerLostError
+from training_loops.strategies import (PEER_FAILURES, WorkerLostError,
+                                       is_multi_worker)
 from training_loops.trainer import TrainingDataError
 
 
@@ -218,8 +219,7 @@ class Controller:
           raise
         raise TrainingDataError(self.position[0], error) from error
       except PEER_FAILURES as error:
-        if not isinstance(self.trainer.strategy,
-                          tf.distribute.MultiWorkerMirroredStrategy):
+        if not is_multi_worker(self.trainer.strategy):
           raise  # no peers: a failure of its own
         raise WorkerLostError(self.position[0] if restored else None,
                               error) from error

@@ -31,6 +31,11 @@ class WorkerLostError(RuntimeError):
 COLLECTIVE_TIMEOUT_SECONDS = 300.0
 
 
+def is_multi_worker(strategy):
+  """Whether `strategy` spans workers, whose collectives can lose a peer."""
+  return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def make_strategy(name, cpu_replicas=None):
   """Returns the `tf.distribute.Strategy` called `name`.
 
