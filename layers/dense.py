@@ -37,9 +37,14 @@ class Dense(keras.layers.Layer):
                  if self.use_bias else None)
 
   def call(self, inputs):
-    outputs = tf.matmul(inputs, self.kernel)
+    # `.value` (cast to the compute dtype under mixed precision, as the
+    # variable itself would be) hands TensorFlow a tf.Variable it reads on
+    # its fast path; a Keras variable takes the slow path in eager ops.
+    outputs = tf.matmul(inputs, self.kernel.value)
     if self.use_bias:
-      outputs = outputs + self.bias
+      # BiasAdd is `+` broadcast on the last axis, bit for bit; its gradient
+      # is one op, where `+`'s works out the broadcast first.
+      outputs = tf.nn.bias_add(outputs, self.bias.value)
     return self.activation(outputs)
 
   def compute_output_shape(self, input_shape):

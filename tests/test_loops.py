@@ -113,6 +113,56 @@ def test_partial_last_batch_does_not_retrace_every_epoch():
   assert graph_driver.train_steps.experimental_get_tracing_count() == 1
 
 
+class _SeesEagerTensors(keras.layers.Layer):
+  """Records, each call, whether it ran eagerly and the value it saw."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen = []
+
+  def call(self, inputs):
+    if tf.executing_eagerly():
+      self.seen.append(float(tf.reduce_sum(inputs)))
+    else:
+      self.seen.append("graph")
+    return inputs
+
+
+def test_eager_loop_runs_the_model_and_loss_eagerly_and_compiles_the_rest():
+  """What a researcher steps through (the model's call, the loss) sees real
+  tensors every step; the optimizer and metric updates run compiled, traced
+  once for the full batches and once for the partial last one."""
+  data = classification_data()  # batches of 16, 16, 16, 2
+  probe = _SeesEagerTensors()
+  seen_labels = []
+
+  class Loss(losses.SparseCategoricalCrossentropy):
+    def call(self, y_true, y_pred):
+      seen_labels.append(tf.executing_eagerly() and y_true.numpy().tolist())
+      return super().call(y_true, y_pred)
+
+  def model_fn():
+    return keras.Sequential([keras.Input((4,)), probe,
+                             layers.Dense(3, "softmax")])
+  driver_update = []
+  original = drivers.EagerDriver.__init__
+
+  def remember(self, trainer, options=training_loops.LoopOptions()):
+    original(self, trainer, options)
+    driver_update.append(self)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(drivers.EagerDriver, "__init__", remember)
+    training_loops.train(model_fn, sgd(), Loss(), data, loop="eager",
+                         epochs=2, metrics=[accuracy()], verbose=0)
+  expected = [float(np.sum(x)) for x, _ in data] * 2
+  # (The calls before are Keras building the model.)
+  assert probe.seen[-len(expected):] == pytest.approx(expected)
+  assert seen_labels[-len(expected):] == [y.numpy().tolist()
+                                          for _, y in data] * 2
+  update = driver_update[0].train_update
+  assert update.experimental_get_tracing_count() == 2
+
+
 class _NeverStops:
   """The part of a `Controller` an `Epoch` talks to, without a cadence."""
   stop_requested = False

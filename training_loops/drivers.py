@@ -148,14 +148,33 @@ class StepDriver(Driver):
 
 @register("eager")
 class EagerDriver(StepDriver):
-  """Every op of every step runs eagerly under `tf.GradientTape`."""
+  """The model's forward pass, the loss and the tape's gradient run op by op
+  in Python, so a breakpoint or a print in a layer's `call` or in the loss
+  sees every step's real tensors.
+
+  What follows the gradient (`Trainer.update`: the optimizer's update and
+  the metrics; `Trainer.record_eval` in evaluation) runs as one compiled
+  call a step when there is one replica: the same ops, but dispatched op by
+  op they cost more than the rest of the step together. With several
+  replicas it stays eager (a compiled call inside each replica's thread
+  would have to join the replicas' `merge_call`s).
+  """
 
   def __init__(self, trainer, options=LoopOptions()):
     super().__init__(trainer, options)
     if options.jit_compile:
       raise ValueError("jit_compile needs loop='function', 'graph' or "
                        "'keras_fit'.")
-    self.train_step, self.eval_step = _distributed_steps(trainer, False)
+    self.train_update, self.record_eval = trainer.update, trainer.record_eval
+    if trainer.strategy.num_replicas_in_sync == 1:
+      # A last, smaller batch traces once more, then reuses that trace.
+      self.train_update = tf.function(self.train_update,
+                                      reduce_retracing=True)
+      self.record_eval = tf.function(self.record_eval, reduce_retracing=True)
+    self.train_step = trainer.distribute(
+        lambda batch: trainer.train_replica_step(batch, self.train_update))
+    self.eval_step = trainer.distribute(
+        lambda batch: trainer.eval_replica_step(batch, self.record_eval))
 
   def stepper(self, iterator):
     def run(limit):

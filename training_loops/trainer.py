@@ -6,6 +6,7 @@ steps are run (eagerly, one `tf.function` call a step, or many a call).
 """
 
 import dataclasses
+import re
 
 import keras
 import tensorflow as tf
@@ -41,7 +42,10 @@ def _cause_of(error):
            if line.strip() and not line[0].isspace()
            and not line.startswith(("Graph execution error",
                                     "Detected at node", "[["))]
-  return lines[-1] if lines else str(error)
+  cause = lines[-1] if lines else str(error)
+  # A `tf.debugging.Assert` (e.g. the loss's label check) wraps its message.
+  asserted = re.fullmatch(r"assertion failed: \[(.*)\]", cause)
+  return asserted.group(1) if asserted else cause
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +95,13 @@ class Trainer:
 
   # -- per replica ---------------------------------------------------------
 
-  def train_replica_step(self, batch):
+  def train_replica_step(self, batch, update=None):
     """One optimizer step on this replica's shard; returns the global
-    batch loss (identical on every replica)."""
+    batch loss (identical on every replica).
+
+    `update` (default: `self.update`) applies the gradients and records the
+    step; the eager loop passes it compiled.
+    """
     # State that does not depend on the batch (e.g. dropout's seed) must not
     # change without it: in a graph, a step whose fetch fails (the function
     # loop's end of the data) would otherwise still advance it. Here, not
@@ -101,29 +109,39 @@ class Trainer:
     # own thread, which a control-dependency scope outside `strategy.run`
     # does not reach. Ops that already read the batch get no extra edge.
     with tf.control_dependencies(tf.nest.flatten(batch)):
-      return self._train_on(batch)
+      return self._train_on(batch, update or self.update)
 
-  def _train_on(self, batch):
+  def _train_on(self, batch, update):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
     with tf.GradientTape() as tape:
       predictions = self.model(x, training=True)
-      replica_loss, global_loss = self._loss(y, predictions, sample_weight,
-                                             self.train_trackers)
+      loss = self._loss(y, predictions, sample_weight)
       # As fit's train step: a `LossScaleOptimizer` (or `loss_scale_factor`)
       # multiplies the loss so float16 gradients do not underflow, and its
       # `apply_gradients` divides them back, skipping overflowing steps.
-      replica_loss = self.optimizer.scale_loss(replica_loss)
-    variables = self.model.trainable_variables
+      scaled_loss = self.optimizer.scale_loss(loss.replica)
     # Keras' optimizer sums gradients over replicas: each replica's loss is
     # already divided by the global example count.
-    gradients = tape.gradient(replica_loss, variables)
+    gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
     # Decided while tracing: with one replica or no clipping, no extra op.
     if (self.strategy.num_replicas_in_sync > 1
         and _clips_gradients(self.optimizer)):
       gradients = self._first_replica_holds_the_sum(gradients)
-    self.optimizer.apply_gradients(zip(gradients, variables))
-    self._update_metrics(self.train_metrics, y, predictions)
-    return global_loss
+    update(gradients, y, predictions, loss.tracked)
+    return loss.global_mean
+
+  def update(self, gradients, y, predictions, tracked):
+    """What a training step changes once its gradients are known: the
+    optimizer's update, then the loss trackers and training metrics.
+
+    One call with tensors in and nothing out, so that a loop may compile it
+    alone (`tf.function`): the eager loop does, because the optimizer's
+    per-variable distributed updates and the metrics' bookkeeping cost more,
+    op by op, than the model's forward and backward passes.
+    """
+    self.optimizer.apply_gradients(
+        zip(gradients, self.model.trainable_variables))
+    _record(self.train_trackers, self.train_metrics, y, predictions, tracked)
 
   def _first_replica_holds_the_sum(self, gradients):
     """The replicas' summed gradients on replica 0, zeros on the others.
@@ -146,13 +164,20 @@ class Trainer:
     return [None if g is None else next(sums) * tf.cast(first, g.dtype)
             for g in gradients]
 
-  def eval_replica_step(self, batch):
+  def eval_replica_step(self, batch, record=None):
+    """Evaluates this replica's shard into the eval trackers and metrics
+    (through `record`, default `self.record_eval`); returns the global batch
+    loss."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
     predictions = self.model(x, training=False)
-    _, global_loss = self._loss(y, predictions, sample_weight,
-                                self.eval_trackers)
-    self._update_metrics(self.eval_metrics, y, predictions)
-    return global_loss
+    loss = self._loss(y, predictions, sample_weight)
+    (record or self.record_eval)(y, predictions, loss.tracked)
+    return loss.global_mean
+
+  def record_eval(self, y, predictions, tracked):
+    """An evaluation step's update of the eval trackers and metrics; like
+    `update`, compiled alone by the eager loop."""
+    _record(self.eval_trackers, self.eval_metrics, y, predictions, tracked)
 
   # -- distributed ---------------------------------------------------------
 
@@ -194,44 +219,73 @@ class Trainer:
 
   # -- internals -----------------------------------------------------------
 
-  def _loss(self, y, predictions, sample_weight, trackers):
-    """Returns `(replica_loss, global_loss)` and updates the loss trackers.
+  def _loss(self, y, predictions, sample_weight):
+    """This step's `StepLoss`.
 
-    `replica_loss` is this replica's share of the global batch loss: its
+    `replica` is this replica's share of the global batch loss: its
     weighted per-example sum over the global example count, so the replicas'
     gradients sum to the gradient of the global mean, also for a partial last
-    batch split unevenly. `global_loss` is that mean, as Keras reports it.
+    batch split unevenly. `global_mean` is that mean, as Keras reports it.
     """
-    context = tf.distribute.get_replica_context()
-    replica_loss = local_loss = 0.0
-    local_examples = None
+    replica_loss = local_loss = None
+    tracked = {}
     for output in self.output_losses:
       y_true, y_pred = _pick(y, output.key), _pick(predictions, output.key)
       values = output.per_example(y_true, y_pred, sample_weight)
       local_sum = tf.reduce_sum(values)
       local_count = tf.cast(tf.size(values), local_sum.dtype)
-      global_count = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                        local_count)
-      replica_loss += output.weight * tf.math.divide_no_nan(local_sum,
-                                                            global_count)
-      local_mean = tf.math.divide_no_nan(local_sum, local_count)
-      local_loss += output.weight * local_mean
+      replica_share = tf.math.divide_no_nan(
+          local_sum, self._sum_over_replicas(local_count))
+      local_mean = (replica_share if self.strategy.num_replicas_in_sync == 1
+                    else tf.math.divide_no_nan(local_sum, local_count))
+      replica_loss = _plus(replica_loss, _weighted(output.weight,
+                                                   replica_share))
+      local_loss = _plus(local_loss, _weighted(output.weight, local_mean))
       local_examples = tf.shape(values)[0]
       if output.key is not None:  # multi-output: a tracker per output
-        trackers[output.report_name].update_state(local_mean,
-                                                  local_examples)
+        tracked[output.report_name] = (local_mean, local_examples)
     if self.model.losses:  # regularization, counted once across replicas
       regularization = tf.add_n(self.model.losses)
       replica_loss += regularization / self.strategy.num_replicas_in_sync
       local_loss += regularization
-    trackers["loss"].update_state(local_loss, local_examples)
-    global_loss = context.all_reduce(tf.distribute.ReduceOp.SUM, replica_loss)
-    return replica_loss, global_loss
+    tracked["loss"] = (local_loss, local_examples)
+    return StepLoss(replica_loss, self._sum_over_replicas(replica_loss),
+                    tracked)
 
-  def _update_metrics(self, metrics, y, predictions):
-    # Unweighted, as Keras treats `metrics` (sample weights weigh the loss).
-    for (output, _), metric in metrics.items():
-      metric.update_state(_pick(y, output), _pick(predictions, output))
+  def _sum_over_replicas(self, value):
+    # One replica's sum is its value: no cross-replica call (each one a
+    # `merge_call` in the eager loop).
+    if self.strategy.num_replicas_in_sync == 1:
+      return value
+    return tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLoss:
+  """A step's loss: `replica`, this replica's share of the global batch
+  loss (what it differentiates); `global_mean`, the global batch loss;
+  `tracked`, tracker name -> (mean, example count) to record."""
+  replica: tf.Tensor
+  global_mean: tf.Tensor
+  tracked: dict
+
+
+def _record(trackers, metrics, y, predictions, tracked):
+  for name, (mean, examples) in tracked.items():
+    trackers[name].update_state(mean, examples)
+  # Unweighted, as Keras treats `metrics` (sample weights weigh the loss).
+  for (output, _), metric in metrics.items():
+    metric.update_state(_pick(y, output), _pick(predictions, output))
+
+
+def _weighted(weight, loss):
+  # Multiplying by 1.0 changes no bit, so it is left out: an op fewer.
+  return loss if weight == 1.0 else weight * loss
+
+
+def _plus(total, term):
+  return term if total is None else total + term
 
 
 def _clips_gradients(optimizer):
