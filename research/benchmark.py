@@ -17,11 +17,22 @@ or fast spell of the machine cancels out. FLOPs per step are counted from
 the model's Dense kernels; the roofline is the GFLOP/s of a large float32
 matmul here. `--profile_dir` adds a profiler trace of each variant
 (`training_loops.ProfileEpoch`) to see where a step's time goes.
+
+For the MLP, every round also measures the two other references of each
+loop, in the same alternating order: TensorFlow's raw-op floor of its kind
+(`research.floor`, rows `tf_floor`), and with `--peers_python`, PyTorch and
+JAX doing the same kind of work (`research.peers`, rows `peer`):
+
+    python -m research.benchmark --batch_sizes=32,256 \
+        --peers_python=$HOME/peers/bin/python
 """
 
+import functools
+import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 from absl import app, flags
@@ -31,7 +42,7 @@ import tensorflow as tf
 
 import losses
 import training_loops
-from research import experiment, models
+from research import experiment, floor, models
 
 # (loop, variant, train() keyword arguments)
 VARIANTS = (
@@ -65,6 +76,14 @@ flags.DEFINE_string("profile_dir", None, "Also write a TensorFlow profiler "
                     "trace of one epoch per variant under "
                     "<dir>/batch_<size>/<loop>_<variant>, for TensorBoard.")
 flags.DEFINE_integer("benchmark_seed", 0, "Seed for data and weights.")
+flags.DEFINE_boolean("floors", True, "With --model=mlp, also measure "
+                     "TensorFlow's raw-op floor of each loop kind "
+                     "(research.floor) in every round.")
+flags.DEFINE_string("peers_python", None, "With --model=mlp, an interpreter "
+                    "with PyTorch and/or JAX: research/peers.py runs in it "
+                    "every round, and each loop shows its ratio to the peer "
+                    "doing its kind of work. Neither is a dependency of the "
+                    "project (research/peers.py says how to install them).")
 
 FLAGS = flags.FLAGS
 
@@ -173,31 +192,106 @@ def measure(model_name, loop, options, x, y, batch_size, repeats, seed,
           training_flops_per_step(history.model, batch_size))
 
 
+# The raw-op floor and the peer doing the same kind of work as each of our
+# variants: `research.floor`'s kinds, `research.peers`' variants.
+REFERENCES = {
+    ("eager", "default"): ("eager", "torch_eager"),
+    ("function", "default"): ("function", "jax_jit_step"),
+    ("graph", "steps_per_loop=epoch"): ("graph", None),
+    ("graph", "steps_per_loop=100"): ("graph", None),
+    ("graph", "xla"): ("graph_xla", "jax_scan_epoch"),
+}
+PEERS = ("torch_eager", "jax_jit_step", "jax_scan_epoch")
+FLOOR_LOOP, PEER_LOOP = "tf_floor", "peer"
+PEERS_SCRIPT = os.path.join(os.path.dirname(__file__), "peers.py")
+
+
+class PeersError(RuntimeError):
+  """The peers' interpreter failed or printed no results."""
+
+
+def measure_peers(peers_python, batch_size, steps, repeats, seed):
+  """`{variant: epoch rates}` of `research.peers` run by `peers_python` (an
+  interpreter with PyTorch and/or JAX), the frameworks that failed to import
+  left out."""
+  command = [peers_python, PEERS_SCRIPT, f"--batch_size={batch_size}",
+             f"--steps={steps}", f"--epochs={repeats}", f"--seed={seed}"]
+  try:
+    finished = subprocess.run(command, capture_output=True, text=True,
+                              check=True)
+    results = json.loads(finished.stdout.strip().splitlines()[-1])
+  except (OSError, subprocess.CalledProcessError, ValueError,
+          IndexError) as error:
+    detail = getattr(error, "stderr", "") or str(error)
+    raise PeersError(f"--peers_python {peers_python} could not run "
+                     f"research/peers.py: {detail.strip().splitlines()[-1:]}"
+                     ) from None
+  return {name: rates for name, rates in results.items()
+          if name in PEERS}
+
+
+def _jobs(model_name, variants, floors, peers_python, x, y, batch_size,
+          repeats, seed):
+  """What one round measures: callables, each returning `{row key: (epoch
+  rates, peak MiB or None, FLOPs per step)}`."""
+  def ours(loop, variant, options):
+    rates, peak_mb, flops = measure(model_name, loop, options, x, y,
+                                    batch_size, repeats, seed)
+    return {(loop, variant): (rates, peak_mb, flops)}
+
+  # The floors and peers train the same network as the MLP of ours.
+  flops = (training_flops_per_step(build_model(model_name, x[:1]),
+                                   batch_size)
+           if floors or peers_python else None)
+
+  def floor_of(kind):
+    with PeakMemory() as memory:
+      rates = floor.measure(kind, x, y, batch_size, repeats, seed)
+    return {(FLOOR_LOOP, kind): (rates, memory.peak_mb, flops)}
+
+  def peers():
+    return {(PEER_LOOP, name): (rates, None, flops)
+            for name, rates in measure_peers(
+                peers_python, batch_size, len(x) // batch_size, repeats,
+                seed).items()}
+  return ([functools.partial(ours, *variant) for variant in variants]
+          + [functools.partial(floor_of, kind) for kind in floors]
+          + ([peers] if peers_python else []))
+
+
 def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
-                  seed, profile_dir=None):
+                  seed, profile_dir=None, floors=True, peers_python=None):
   """The report `main` prints and writes; with `profile_dir`, also a
   profiler trace of one epoch of each variant, from an extra run after the
-  timed rounds, so the profiler's overhead is in no reported rate."""
+  timed rounds, so the profiler's overhead is in no reported rate.
+
+  With `floors` (the MLP only), each round also measures `research.floor`'s
+  raw-op loops, and with `peers_python`, `research.peers` in that
+  interpreter; each of our variants then gets its ratio to the floor and
+  the peer of its kind (`REFERENCES`), paired within rounds as the ratio
+  to fit.
+  """
   roofline = matmul_roofline_gflops()
   variants = [variant for variant in VARIANTS
               if not loops or variant[0] in loops]
+  floor_kinds = floor.KINDS if floors and model_name == "mlp" else ()
+  peers_python = peers_python if model_name == "mlp" else None
   results = []
   for batch_size in batch_sizes:
     x, y = synthetic_data(model_name, steps * batch_size, seed)
-    rows = {(loop, variant): {"loop": loop, "variant": variant,
-                              "batch_size": batch_size,
-                              "epoch_steps_per_second": [],
-                              "peak_rss_mb": 0.0}
-            for loop, variant, _ in variants}
+    rows = {}
+    jobs = _jobs(model_name, variants, floor_kinds, peers_python, x, y,
+                 batch_size, repeats, seed)
     for round_index in range(rounds):
-      for loop, variant, options in (variants if round_index % 2 == 0
-                                     else variants[::-1]):
-        rates, peak_mb, flops = measure(model_name, loop, options, x, y,
-                                        batch_size, repeats, seed)
-        row = rows[(loop, variant)]
-        row["epoch_steps_per_second"].append(rates)
-        row["peak_rss_mb"] = max(row["peak_rss_mb"], peak_mb)
-        row["flops_per_step"] = flops
+      for job in (jobs if round_index % 2 == 0 else jobs[::-1]):
+        for (loop, variant), (rates, peak_mb, flops) in job().items():
+          row = rows.setdefault((loop, variant), {
+              "loop": loop, "variant": variant, "batch_size": batch_size,
+              "epoch_steps_per_second": [], "peak_rss_mb": peak_mb,
+              "flops_per_step": flops})
+          row["epoch_steps_per_second"].append(rates)
+          if peak_mb is not None:
+            row["peak_rss_mb"] = max(row["peak_rss_mb"], peak_mb)
     if profile_dir:
       for loop, variant, options in variants:
         trace_dir = os.path.join(profile_dir, f"batch_{batch_size}",
@@ -205,19 +299,29 @@ def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
         measure(model_name, loop, options, x, y, batch_size, 1, seed,
                 [training_loops.ProfileEpoch(trace_dir)])
     fit = rows.get(("keras_fit", "default"))
-    for row in rows.values():
+    for key, row in rows.items():
       row["steps_per_second"] = statistics.median(
           sum(row["epoch_steps_per_second"], []))
       row["roofline_fraction"] = (row["steps_per_second"]
                                   * row["flops_per_step"] / (roofline * 1e9))
-      row["ratio_to_keras_fit"] = (
-          paired_ratio(row["epoch_steps_per_second"],
-                       fit["epoch_steps_per_second"]) if fit else None)
+      row["ratio_to_keras_fit"] = _ratio(row, fit)
+      floor_kind, peer = REFERENCES.get(key, (None, None))
+      row["floor"] = floor_kind if (FLOOR_LOOP, floor_kind) in rows else None
+      row["ratio_to_floor"] = _ratio(row, rows.get((FLOOR_LOOP, floor_kind)))
+      row["peer"] = peer if (PEER_LOOP, peer) in rows else None
+      row["ratio_to_peer"] = _ratio(row, rows.get((PEER_LOOP, peer)))
     results += rows.values()
   return {"model": model_name, "roofline_gflops": roofline,
           "machine": machine(), "steps": steps, "repeats": repeats,
           "rounds": rounds, "seed": seed, "versions": experiment.versions(),
-          "results": results}
+          "peers_python": peers_python, "results": results}
+
+
+def _ratio(row, reference):
+  if reference is None:
+    return None
+  return paired_ratio(row["epoch_steps_per_second"],
+                      reference["epoch_steps_per_second"])
 
 
 def paired_ratio(rounds, reference_rounds):
@@ -241,15 +345,25 @@ def format_table(report):
            f"{report['roofline_gflops']:.1f} GFLOP/s on "
            f"{report['machine']['cpu_count']} cores",
            f"{'batch':>5}  {'loop':<9}  {'variant':<28}  {'steps/s':>8}  "
-           f"{'vs fit':>6}  {'roofline':>8}  {'peak MiB':>8}"]
+           f"{'vs fit':>6}  {'vs floor':>20}  {'vs peer':>22}  "
+           f"{'roofline':>8}  {'peak MiB':>8}"]
   for row in report["results"]:
-    ratio = row["ratio_to_keras_fit"]
+    peak = row["peak_rss_mb"]
     lines.append(
         f"{row['batch_size']:>5}  {row['loop']:<9}  {row['variant']:<28}  "
         f"{row['steps_per_second']:>8.0f}  "
-        f"{'-' if ratio is None else f'{ratio:.2f}x':>6}  "
-        f"{row['roofline_fraction']:>8.1%}  {row['peak_rss_mb']:>8.0f}")
+        f"{_times(row['ratio_to_keras_fit']):>6}  "
+        f"{_times(row.get('ratio_to_floor'), row.get('floor')):>20}  "
+        f"{_times(row.get('ratio_to_peer'), row.get('peer')):>22}  "
+        f"{row['roofline_fraction']:>8.1%}  "
+        f"{'-' if peak is None else f'{peak:.0f}':>8}")
   return "\n".join(lines)
+
+
+def _times(ratio, reference=None):
+  if ratio is None:
+    return "-"
+  return f"{ratio:.2f}x" + (f" {reference}" if reference else "")
 
 
 def main(argv):
@@ -269,9 +383,14 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"Unknown --loops {sorted(unknown)}; expected "
                          f"{', '.join(training_loops.LOOPS)}.")
-  report = run_benchmark(FLAGS.model, batch_sizes, FLAGS.steps,
-                         FLAGS.repeats, FLAGS.rounds, FLAGS.loops,
-                         FLAGS.benchmark_seed, FLAGS.profile_dir)
+  try:
+    report = run_benchmark(FLAGS.model, batch_sizes, FLAGS.steps,
+                           FLAGS.repeats, FLAGS.rounds, FLAGS.loops,
+                           FLAGS.benchmark_seed, FLAGS.profile_dir,
+                           floors=FLAGS.floors,
+                           peers_python=FLAGS.peers_python)
+  except PeersError as error:
+    raise app.UsageError(str(error)) from None
   print(format_table(report))
   if FLAGS.output:
     training_loops.write_json_atomically(FLAGS.output, report, indent=2)
