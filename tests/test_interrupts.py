@@ -20,8 +20,12 @@ from loop_models import (SignalAt, Switch, assert_same_run,
 
 
 def _script(output_dir, epochs=4):
+  # Batches of 8: an eager epoch of about a second, long enough for a
+  # signal sent a moment after an epoch's checkpoint to land inside the
+  # next one.
   return [sys.executable, "-m", "research.classify", "--loop=eager",
-          f"--epochs={epochs}", "--verbose=0", f"--output_dir={output_dir}"]
+          "--batch_size=8", f"--epochs={epochs}", "--verbose=0",
+          f"--output_dir={output_dir}"]
 
 
 def _rerun_and_compare(resumed, uninterrupted):
@@ -140,7 +144,7 @@ def test_sigterm_stops_a_script_cleanly_and_the_rerun_resumes(tmp_path):
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
   wait_for_epochs(stopped / "checkpoints" / "eager", 1, process)
-  # Into epoch 1. An eager epoch takes under a second and its speed
+  # Into epoch 1. An eager epoch takes about a second and its speed
   # varies, so where the run stopped is read back, not assumed.
   time.sleep(0.1)
   process.send_signal(signal.SIGTERM)
