@@ -241,7 +241,7 @@ class Trainer:
       replica_loss = _plus(replica_loss, _weighted(output.weight,
                                                    replica_share))
       local_loss = _plus(local_loss, _weighted(output.weight, local_mean))
-      local_examples = tf.shape(values)[0]
+      local_examples = tf.cast(tf.shape(values)[0], local_sum.dtype)
       if output.key is not None:  # multi-output: a tracker per output
         tracked[output.report_name] = (local_mean, local_examples)
     if self.model.losses:  # regularization, counted once across replicas
@@ -273,7 +273,10 @@ class StepLoss:
 
 def _record(trackers, metrics, y, predictions, tracked):
   for name, (mean, examples) in tracked.items():
-    trackers[name].update_state(mean, examples)
+    # What `Mean.update_state(mean, sample_weight=examples)` adds, as fit's
+    # loss tracker is updated, in three ops where it takes about ten.
+    trackers[name].total.assign_add(mean * examples)
+    trackers[name].count.assign_add(examples)
   # Unweighted, as Keras treats `metrics` (sample weights weigh the loss).
   for (output, _), metric in metrics.items():
     metric.update_state(_pick(y, output), _pick(predictions, output))
