@@ -163,6 +163,32 @@ def test_eager_loop_runs_the_model_and_loss_eagerly_and_compiles_the_rest():
   assert update.experimental_get_tracing_count() == 2
 
 
+def test_a_masked_models_loss_and_metrics_match_fit_in_every_loop():
+  """A masked model's loss is the mean over unmasked timesteps and its
+  metrics count only those, in every loop as in fit (the eager loop carries
+  the masks into its compiled update)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(24, 5, 3)).astype("float32")
+  x[:, 3:] = 0.0  # padding: masked
+  y = rng.integers(0, 3, size=(24, 5))
+  data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+  def model_fn():
+    return keras.Sequential([keras.Input((5, 3)), keras.layers.Masking(),
+                             keras.layers.Dense(3, activation="softmax")])
+  accuracies = {
+      loop: training_loops.train(
+          model_fn, sgd(), losses.SparseCategoricalCrossentropy(), data,
+          loop=loop, epochs=2, metrics=[accuracy()], validation_data=data,
+          seed=0, verbose=0).history
+      for loop in training_loops.LOOPS}
+  fit = accuracies["keras_fit"]
+  for loop, history in accuracies.items():
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+      np.testing.assert_allclose(history[key], fit[key], rtol=1e-5,
+                                 err_msg=f"{loop} {key}")
+
+
 class _NeverStops:
   """The part of a `Controller` an `Epoch` talks to, without a cadence."""
   stop_requested = False

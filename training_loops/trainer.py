@@ -127,10 +127,10 @@ class Trainer:
     if (self.strategy.num_replicas_in_sync > 1
         and _clips_gradients(self.optimizer)):
       gradients = self._first_replica_holds_the_sum(gradients)
-    update(gradients, y, predictions, loss.tracked)
+    update(gradients, y, predictions, loss.tracked, _masks(predictions))
     return loss.global_mean
 
-  def update(self, gradients, y, predictions, tracked):
+  def update(self, gradients, y, predictions, tracked, masks=None):
     """What a training step changes once its gradients are known: the
     optimizer's update, then the loss trackers and training metrics.
 
@@ -141,7 +141,8 @@ class Trainer:
     """
     self.optimizer.apply_gradients(
         zip(gradients, self.model.trainable_variables))
-    _record(self.train_trackers, self.train_metrics, y, predictions, tracked)
+    _record(self.train_trackers, self.train_metrics, y,
+            _masked(predictions, masks), tracked)
 
   def _first_replica_holds_the_sum(self, gradients):
     """The replicas' summed gradients on replica 0, zeros on the others.
@@ -171,13 +172,15 @@ class Trainer:
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
     predictions = self.model(x, training=False)
     loss = self._loss(y, predictions, sample_weight)
-    (record or self.record_eval)(y, predictions, loss.tracked)
+    (record or self.record_eval)(y, predictions, loss.tracked,
+                                 _masks(predictions))
     return loss.global_mean
 
-  def record_eval(self, y, predictions, tracked):
+  def record_eval(self, y, predictions, tracked, masks=None):
     """An evaluation step's update of the eval trackers and metrics; like
     `update`, compiled alone by the eager loop."""
-    _record(self.eval_trackers, self.eval_metrics, y, predictions, tracked)
+    _record(self.eval_trackers, self.eval_metrics, y,
+            _masked(predictions, masks), tracked)
 
   # -- distributed ---------------------------------------------------------
 
@@ -233,7 +236,7 @@ class Trainer:
       y_true, y_pred = _pick(y, output.key), _pick(predictions, output.key)
       values = output.per_example(y_true, y_pred, sample_weight)
       local_sum = tf.reduce_sum(values)
-      local_count = tf.cast(tf.size(values), local_sum.dtype)
+      local_count = _count(values, y_pred)
       replica_share = tf.math.divide_no_nan(
           local_sum, self._sum_over_replicas(local_count))
       local_mean = (replica_share if self.strategy.num_replicas_in_sync == 1
@@ -280,6 +283,35 @@ def _record(trackers, metrics, y, predictions, tracked):
   # Unweighted, as Keras treats `metrics` (sample weights weigh the loss).
   for (output, _), metric in metrics.items():
     metric.update_state(_pick(y, output), _pick(predictions, output))
+
+
+def _count(values, y_pred):
+  """The number of per-example losses the mean divides by: all of them, or
+  with a Keras mask on the output, the unmasked ones (the loss zeroes the
+  masked), as Keras' `sum_over_batch_size` does."""
+  mask = getattr(y_pred, "_keras_mask", None)
+  if mask is None:
+    return tf.cast(tf.size(values), values.dtype)
+  return tf.reduce_sum(tf.cast(mask, values.dtype))
+
+
+def _masks(predictions):
+  """The Keras masks of `predictions` (None where unmasked). `update` takes
+  them apart from the predictions: Keras keeps a mask as a Python attribute
+  of its tensor, which does not cross into a compiled function, and the
+  metrics weigh by it."""
+  return tf.nest.map_structure(
+      lambda tensor: getattr(tensor, "_keras_mask", None), predictions)
+
+
+def _masked(predictions, masks):
+  """`predictions` with `masks` (from `_masks`) set on them again."""
+  if masks is not None:
+    for tensor, mask in zip(tf.nest.flatten(predictions),
+                            tf.nest.flatten(masks)):
+      if mask is not None:
+        tensor._keras_mask = mask  # pylint: disable=protected-access
+  return predictions
 
 
 def _weighted(weight, loss):
