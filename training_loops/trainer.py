@@ -6,7 +6,6 @@ steps are run (eagerly, one `tf.function` call a step, or many a call).
 """
 
 import dataclasses
-import re
 
 import keras
 import tensorflow as tf
@@ -42,10 +41,7 @@ def _cause_of(error):
            if line.strip() and not line[0].isspace()
            and not line.startswith(("Graph execution error",
                                     "Detected at node", "[["))]
-  cause = lines[-1] if lines else str(error)
-  # A `tf.debugging.Assert` (e.g. the loss's label check) wraps its message.
-  asserted = re.fullmatch(r"assertion failed: \[(.*)\]", cause)
-  return asserted.group(1) if asserted else cause
+  return lines[-1] if lines else str(error)
 
 
 @dataclasses.dataclass(frozen=True)
