@@ -77,7 +77,7 @@ def _sparse_cross_entropy(labels, logits):
   log_probs = log_softmax(logits)
 
   def gradient(upstream):
-    one_hot = tf.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    one_hot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
     return None, upstream[..., tf.newaxis] * (tf.exp(log_probs) - one_hot)
   picked = tf.gather(log_probs, labels, axis=-1,
                      batch_dims=labels.shape.rank)

@@ -222,9 +222,10 @@ def measure_peers(peers_python, batch_size, steps, repeats, seed):
     results = json.loads(finished.stdout.strip().splitlines()[-1])
   except (OSError, subprocess.CalledProcessError, ValueError,
           IndexError) as error:
-    detail = getattr(error, "stderr", "") or str(error)
+    detail = (getattr(error, "stderr", "") or str(error)).strip()
     raise PeersError(f"--peers_python {peers_python} could not run "
-                     f"research/peers.py: {detail.strip().splitlines()[-1:]}"
+                     f"research/peers.py: "
+                     f"{detail.splitlines()[-1] if detail else error}"
                      ) from None
   return {name: rates for name, rates in results.items()
           if name in PEERS}
@@ -327,6 +328,9 @@ def _ratio(row, reference):
 def paired_ratio(rounds, reference_rounds):
   """The median over rounds of the ratio of two variants' median steps/s in
   the same round (`rounds`: one list of epoch rates per round)."""
+  if len(rounds) != len(reference_rounds):
+    raise ValueError(f"Cannot pair {len(rounds)} rounds with "
+                     f"{len(reference_rounds)}.")
   return statistics.median(
       statistics.median(rates) / statistics.median(reference)
       for rates, reference in zip(rounds, reference_rounds))

@@ -17,7 +17,8 @@ interpreter that has them, as research.benchmark's `--peers_python` does:
 
 It imports nothing of the project. It prints one JSON object: variant ->
 steps/s of each of `--epochs` epochs after a warm-up epoch, or
-`{"unavailable": reason}` for a framework that does not import.
+`{"unavailable": reason}` for a framework that does not import and
+`{"failed": error}` for one that fails.
 """
 
 import argparse
@@ -130,6 +131,9 @@ def main():
       results.update(variants(x, y, args.epochs, args.seed))
     except ImportError as error:
       results[name] = {"unavailable": str(error)}
+    except Exception as error:  # pylint: disable=broad-except
+      # One framework failing leaves the other's figures standing.
+      results[name] = {"failed": f"{type(error).__name__}: {error}"}
   print(json.dumps(results))
 
 

@@ -40,6 +40,23 @@ def test_mirrored_two_replicas_equal_one_device(mirrored):
                                  err_msg=f"{loop} {key}")
 
 
+@pytest.mark.parametrize("strategy", [
+    lambda: tf.distribute.MirroredStrategy(["/cpu:0"]),
+    lambda: tf.distribute.OneDeviceStrategy("/cpu:0")],
+    ids=["mirrored_one_replica", "one_device"])
+def test_one_replica_strategies_run_every_loop_as_the_default(strategy):
+  """One replica under a strategy trains as without one, in every loop
+  (the eager loop compiles its update only where `strategy.run` stays in
+  the caller's thread: a mirrored strategy's replica thread cannot)."""
+  model_fn = lambda: classifier(batch_norm=False)
+  for loop in training_loops.LOOPS:
+    default = run_loop(loop, model_fn=model_fn).history
+    under = run_loop(loop, model_fn=model_fn, strategy=strategy()).history
+    for key, values in under.items():
+      np.testing.assert_allclose(values, default[key], rtol=1e-5,
+                                 err_msg=f"{loop} {key}")
+
+
 def test_make_strategy_names():
   with pytest.raises(ValueError, match="default, one_device, mirrored"):
     training_loops.make_strategy("tpu")

@@ -151,6 +151,26 @@ def test_softmax_output_uses_the_logits_behind_it():
       rtol=RTOL)
 
 
+def test_sparse_gradient_with_an_unknown_class_count_in_a_graph(rng):
+  """A graph traced for any number of classes: the closed-form gradient
+  takes the count from the logits at run time."""
+  labels = np.array([2, 0])
+  logits = rng.normal(size=(2, 4)).astype("float32")
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.int64),
+                                tf.TensorSpec([None, None], tf.float32)])
+  def gradient(labels, logits):
+    with tf.GradientTape() as tape:
+      tape.watch(logits)
+      loss = tf.reduce_sum(
+          losses.sparse_categorical_crossentropy(labels, logits, True))
+    return tape.gradient(loss, logits)
+  softmax = np.exp(_numpy_log_softmax(logits.astype("float64")))
+  np.testing.assert_allclose(gradient(labels, logits),
+                             softmax - np.eye(4)[labels], rtol=1e-5,
+                             atol=1e-7)
+
+
 def test_sparse_labels_out_of_range_are_a_clear_error():
   probs = np.full((3, 4), 0.25, "float32")
   with pytest.raises(ValueError, match=r"labels must be integers in \[0, 4\)"

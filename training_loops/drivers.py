@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from training_loops import xla_chunks
+from training_loops import strategies, xla_chunks
 from training_loops.trainer import NonFiniteLossError
 
 DRIVERS = {}
@@ -154,10 +154,12 @@ class EagerDriver(StepDriver):
 
   What follows the gradient (`Trainer.update`: the optimizer's update and
   the metrics; `Trainer.record_eval` in evaluation) runs as one compiled
-  call a step when there is one replica: the same ops, but dispatched op by
-  op they cost more than the rest of the step together. With several
-  replicas it stays eager (a compiled call inside each replica's thread
-  would have to join the replicas' `merge_call`s).
+  call a step: the same ops, but dispatched op by op they cost more than
+  the rest of the step together. So a metric's or an optimizer's own code
+  runs traced, not eagerly; `tf.config.run_functions_eagerly(True)` runs it
+  eagerly too. Under a mirrored strategy it stays eager, since
+  `strategy.run` calls each replica in a thread of its own, where a
+  compiled call could not join the replicas' `merge_call`s.
   """
 
   def __init__(self, trainer, options=LoopOptions()):
@@ -166,10 +168,9 @@ class EagerDriver(StepDriver):
       raise ValueError("jit_compile needs loop='function', 'graph' or "
                        "'keras_fit'.")
     self.train_update, self.record_eval = trainer.update, trainer.record_eval
-    if trainer.strategy.num_replicas_in_sync == 1:
+    if not strategies.runs_replicas_in_threads(trainer.strategy):
+      self.train_update = CompiledUpdate(trainer)
       # A last, smaller batch traces once more, then reuses that trace.
-      self.train_update = tf.function(self.train_update,
-                                      reduce_retracing=True)
       self.record_eval = tf.function(self.record_eval, reduce_retracing=True)
     self.train_step = trainer.distribute(
         lambda batch: trainer.train_replica_step(batch, self.train_update))
@@ -191,6 +192,25 @@ class EagerDriver(StepDriver):
       self.eval_step(batch)
       return 1
     return run
+
+
+class CompiledUpdate:
+  """`trainer.update` compiled, with a trace for each set of trainable
+  variables: a trace keeps the variables it was traced with, while the
+  eager gradient follows the model's current ones (a layer frozen or
+  unfrozen between steps), as Keras' `run_eagerly` does."""
+
+  def __init__(self, trainer):
+    self.trainer = trainer
+    self.functions = {}  # ids of the trainable variables -> tf.function
+
+  def __call__(self, *args):
+    variables = tuple(map(id, self.trainer.model.trainable_variables))
+    if variables not in self.functions:
+      # A last, smaller batch traces once more, then reuses that trace.
+      self.functions[variables] = tf.function(self.trainer.update,
+                                              reduce_retracing=True)
+    return self.functions[variables](*args)
 
 
 @register("function")

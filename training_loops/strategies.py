@@ -36,6 +36,14 @@ def is_multi_worker(strategy):
   return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def runs_replicas_in_threads(strategy):
+  """Whether `strategy.run` calls the replica function in a thread of each
+  replica's, as the mirrored strategies do even with one replica; a
+  function compiled inside such a call cannot `merge_call`."""
+  return isinstance(strategy, (tf.distribute.MirroredStrategy,
+                               tf.distribute.MultiWorkerMirroredStrategy))
+
+
 def make_strategy(name, cpu_replicas=None):
   """Returns the `tf.distribute.Strategy` called `name`.
 
