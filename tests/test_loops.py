@@ -267,6 +267,31 @@ def test_graph_loop_xla_chunks_match_the_graph_loop(monkeypatch,
   assert_same_run(fused, reference, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_steps, stop_above, expected", [
+    (4, None, (4, 6, 4)),    # the limit: the iterator stands after batch 3
+    (99, None, (10, 45, 99)),  # the end of the data
+    (99, 5, (4, 6, 4)),      # go_on false after batch 3: nothing more read
+    (0, None, (0, 0, 0)),
+])
+def test_graph_loop_reads_exactly_the_batches_it_steps_on(max_steps,
+                                                          stop_above,
+                                                          expected):
+  """`over_batches` fetches each batch after the step before, so the step
+  sits in no `tf.cond`; it must still read no batch it does not train on."""
+  iterator = iter(tf.data.Dataset.range(10))
+  go_on = None if stop_above is None else (lambda total: total <= stop_above)
+
+  @tf.function
+  def run(max_steps):
+    return drivers.over_batches(iterator, max_steps,
+                                lambda batch, total: total + batch,
+                                tf.constant(0, tf.int64), go_on)
+
+  steps, total = run(tf.constant(max_steps))
+  following = next(iterator, tf.constant(99, tf.int64))
+  assert (int(steps), int(total), int(following)) == expected
+
+
 def _recording(function, calls):
   def recorded(*args):
     calls.append(args)

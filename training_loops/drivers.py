@@ -291,26 +291,17 @@ class GraphDriver(StepDriver):
       if train_chunk and xla_chunks.applies(iterator, trainer.strategy):
         return xla_chunks.train_in_chunks(train_chunk, chunk_size, iterator,
                                           max_steps)
-      steps, loss = tf.constant(0), tf.constant(0.0)
-      for _ in tf.range(max_steps):
-        batch = iterator.get_next_as_optional()
-        if not batch.has_value():
-          break
-        loss = train_step(batch.get_value())
-        steps += 1
-        if not tf.math.is_finite(loss):
-          break
-      return steps, loss
+      return over_batches(iterator, max_steps,
+                          lambda batch, loss: train_step(batch),
+                          tf.constant(0.0), tf.math.is_finite)
+
+    def eval_one(batch, nothing):
+      eval_step(batch)
+      return nothing
 
     @tf.function
     def eval_steps(iterator, max_steps):
-      steps = tf.constant(0)
-      for _ in tf.range(max_steps):
-        batch = iterator.get_next_as_optional()
-        if not batch.has_value():
-          break
-        eval_step(batch.get_value())
-        steps += 1
+      steps, _ = over_batches(iterator, max_steps, eval_one, ())
       return steps
 
     self.train_steps = train_steps
@@ -330,6 +321,39 @@ class GraphDriver(StepDriver):
   def eval_stepper(self, iterator):
     max_steps = tf.constant(self.steps_per_call)
     return lambda: int(self.eval_steps(iterator, max_steps))
+
+
+def over_batches(iterator, max_steps, step, state, go_on=None):
+  """In a graph: `state = step(batch, state)` on each of up to `max_steps`
+  next batches of `iterator`, stopping early at the end of the data or once
+  `go_on(state)` is false. Returns (steps run, state).
+
+  The step sits in no `tf.cond`: a branch would route every tensor the step
+  captures (each variable) through a `Switch`, about a tenth of a small
+  step. So the loop carries the next batch as an optional, fetched after
+  each step, and only while a step is due: the iterator stops exactly after
+  the batches trained on.
+  """
+  def fetch(steps, state):
+    due = steps < max_steps
+    if go_on is not None:
+      due = tf.logical_and(due, go_on(state))
+    return tf.cond(due, iterator.get_next_as_optional,
+                   lambda: tf.experimental.Optional.empty(
+                       iterator.element_spec))
+
+  def has_batch(steps, batch, state):
+    del steps, state
+    return batch.has_value()
+
+  def one_step(steps, batch, state):
+    state = step(batch.get_value(), state)
+    return steps + 1, fetch(steps + 1, state), state
+
+  start = tf.constant(0)
+  steps, _, state = tf.while_loop(has_batch, one_step,
+                                  (start, fetch(start, state), state))
+  return steps, state
 
 
 def _distributed_steps(trainer, jit_compile):
