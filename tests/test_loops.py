@@ -13,7 +13,7 @@ import tensorflow as tf
 import layers
 import losses
 import training_loops
-from training_loops import drivers, xla_chunks
+from training_loops import drivers, graph_loops, xla_chunks
 from training_loops.controller import BatchHooks, Cadence, Epoch
 from loop_models import (CUSTOM_LOOPS, accuracy, assert_same_run,
                          classification_data, classifier, run_loop, sgd)
@@ -283,7 +283,7 @@ def test_graph_loop_reads_exactly_the_batches_it_steps_on(max_steps,
 
   @tf.function
   def run(max_steps):
-    return drivers.over_batches(iterator, max_steps,
+    return graph_loops.over_batches(iterator, max_steps,
                                 lambda batch, total: total + batch,
                                 tf.constant(0, tf.int64), go_on)
 

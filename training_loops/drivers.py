@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from training_loops import strategies, xla_chunks
+from training_loops.graph_loops import over_batches
 from training_loops.trainer import NonFiniteLossError
 
 DRIVERS = {}
@@ -321,39 +322,6 @@ class GraphDriver(StepDriver):
   def eval_stepper(self, iterator):
     max_steps = tf.constant(self.steps_per_call)
     return lambda: int(self.eval_steps(iterator, max_steps))
-
-
-def over_batches(iterator, max_steps, step, state, go_on=None):
-  """In a graph: `state = step(batch, state)` on each of up to `max_steps`
-  next batches of `iterator`, stopping early at the end of the data or once
-  `go_on(state)` is false. Returns (steps run, state).
-
-  The step sits in no `tf.cond`: a branch would route every tensor the step
-  captures (each variable) through a `Switch`, about a tenth of a small
-  step. So the loop carries the next batch as an optional, fetched after
-  each step, and only while a step is due: the iterator stops exactly after
-  the batches trained on.
-  """
-  def fetch(steps, state):
-    due = steps < max_steps
-    if go_on is not None:
-      due = tf.logical_and(due, go_on(state))
-    return tf.cond(due, iterator.get_next_as_optional,
-                   lambda: tf.experimental.Optional.empty(
-                       iterator.element_spec))
-
-  def has_batch(steps, batch, state):
-    del steps, state
-    return batch.has_value()
-
-  def one_step(steps, batch, state):
-    state = step(batch.get_value(), state)
-    return steps + 1, fetch(steps + 1, state), state
-
-  start = tf.constant(0)
-  steps, _, state = tf.while_loop(has_batch, one_step,
-                                  (start, fetch(start, state), state))
-  return steps, state
 
 
 def _distributed_steps(trainer, jit_compile):
