@@ -163,6 +163,26 @@ def test_eager_loop_runs_the_model_and_loss_eagerly_and_compiles_the_rest():
   assert update.experimental_get_tracing_count() == 2
 
 
+def test_eager_loop_runs_the_update_eagerly_when_functions_run_eagerly():
+  eager_updates = []
+
+  class Accuracy(keras.metrics.SparseCategoricalAccuracy):
+    def update_state(self, y_true, y_pred, sample_weight=None):
+      eager_updates.append(tf.executing_eagerly())
+      return super().update_state(y_true, y_pred, sample_weight)
+
+  tf.config.run_functions_eagerly(True)
+  try:
+    training_loops.train(classifier, sgd(),
+                         losses.SparseCategoricalCrossentropy(),
+                         classification_data(), loop="eager",
+                         metrics=[Accuracy()], verbose=0)
+  finally:
+    tf.config.run_functions_eagerly(False)
+  # Four batches; the calls before are Keras building the metric.
+  assert eager_updates[-4:] == [True] * 4
+
+
 def test_eager_loop_trains_the_layers_trainable_now():
   """Freezing one layer, then unfreezing it and freezing another of the
   same shapes: the eager loop's compiled update follows each change, as

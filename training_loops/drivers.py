@@ -170,9 +170,8 @@ class EagerDriver(StepDriver):
                        "'keras_fit'.")
     self.train_update, self.record_eval = trainer.update, trainer.record_eval
     if not strategies.runs_replicas_in_threads(trainer.strategy):
-      self.train_update = CompiledUpdate(trainer)
-      # A last, smaller batch traces once more, then reuses that trace.
-      self.record_eval = tf.function(self.record_eval, reduce_retracing=True)
+      self.train_update = Compiled(trainer.update, trainer.model)
+      self.record_eval = Compiled(trainer.record_eval, trainer.model)
     self.train_step = trainer.distribute(
         lambda batch: trainer.train_replica_step(batch, self.train_update))
     self.eval_step = trainer.distribute(
@@ -195,23 +194,44 @@ class EagerDriver(StepDriver):
     return run
 
 
-class CompiledUpdate:
-  """`trainer.update` compiled, with a trace for each set of trainable
-  variables: a trace keeps the variables it was traced with, while the
-  eager gradient follows the model's current ones (a layer frozen or
-  unfrozen between steps), as Keras' `run_eagerly` does."""
+class Compiled:
+  """`function` compiled, with a trace for each set of trainable variables
+  and each signature of its arguments.
 
-  def __init__(self, trainer):
-    self.trainer = trainer
+  A trace keeps the variables it was traced with, while the eager gradient
+  follows the model's current ones (a layer frozen or unfrozen between
+  steps), as Keras' `run_eagerly` does. Each trace is called through its
+  concrete function: `tf.function`'s own lookup of the trace for the
+  arguments (a list of gradients, the predictions, a dict of losses) costs
+  about 0.3 ms, a twentieth of an eager step of the course's network.
+  """
+
+  def __init__(self, function, model):
+    self.function, self.model = function, model
     self.functions = {}  # ids of the trainable variables -> tf.function
+    self.concrete = {}  # (those ids, argument signature) -> its trace
 
   def __call__(self, *args):
-    variables = tuple(map(id, self.trainer.model.trainable_variables))
-    if variables not in self.functions:
-      # A last, smaller batch traces once more, then reuses that trace.
-      self.functions[variables] = tf.function(self.trainer.update,
-                                              reduce_retracing=True)
-    return self.functions[variables](*args)
+    if tf.config.functions_run_eagerly():  # as a tf.function would
+      return self.function(*args)
+    variables = tuple(map(id, self.model.trainable_variables))
+    key = (variables, _signature(args))
+    concrete = self.concrete.get(key)
+    if concrete is None:
+      if variables not in self.functions:
+        # A last, smaller batch traces once more, then reuses that trace.
+        self.functions[variables] = tf.function(self.function,
+                                                reduce_retracing=True)
+      concrete = self.functions[variables].get_concrete_function(*args)
+      self.concrete[key] = concrete
+    return concrete(*args)
+
+
+def _signature(arguments):
+  """What picks a trace for `arguments` (of one call site, so of one
+  nesting): each tensor's dtype and shape, and where there is None."""
+  return tuple(None if value is None else (value.dtype, tuple(value.shape))
+               for value in tf.nest.flatten(arguments))
 
 
 @register("function")
