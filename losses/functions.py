@@ -77,8 +77,11 @@ def _sparse_cross_entropy(labels, logits):
   log_probs = log_softmax(logits)
 
   def gradient(upstream):
-    one_hot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
-    return None, upstream[..., tf.newaxis] * (tf.exp(log_probs) - one_hot)
+    classes = logits.shape[-1]  # eagerly a number; ops are what cost there
+    if classes is None:
+      classes = tf.shape(logits)[-1]
+    one_hot = tf.one_hot(labels, classes, dtype=logits.dtype)
+    return None, tf.expand_dims(upstream, -1) * (tf.exp(log_probs) - one_hot)
   picked = tf.gather(log_probs, labels, axis=-1,
                      batch_dims=labels.shape.rank)
   return -picked, gradient

@@ -240,7 +240,7 @@ class Trainer:
       replica_loss = _plus(replica_loss, _weighted(output.weight,
                                                    replica_share))
       local_loss = _plus(local_loss, _weighted(output.weight, local_mean))
-      local_examples = tf.cast(tf.shape(values)[0], local_sum.dtype)
+      local_examples = _examples(values)
       if output.key is not None:  # multi-output: a tracker per output
         tracked[output.report_name] = (local_mean, local_examples)
     if self.model.losses:  # regularization, counted once across replicas
@@ -286,9 +286,23 @@ def _count(values, y_pred):
   with a Keras mask on the output, the unmasked ones (the loss zeroes the
   masked), as Keras' `sum_over_batch_size` does."""
   mask = getattr(y_pred, "_keras_mask", None)
-  if mask is None:
-    return tf.cast(tf.size(values), values.dtype)
-  return tf.reduce_sum(tf.cast(mask, values.dtype))
+  if mask is not None:
+    return tf.reduce_sum(tf.cast(mask, values.dtype))
+  return _number(values.shape.num_elements(), tf.size, values)
+
+
+def _examples(values):
+  """The number of examples in `values` (per-example losses)."""
+  return _number(values.shape[0], lambda values: tf.shape(values)[0], values)
+
+
+def _number(static, compute, values):
+  """`static` (from `values`' static shape) as a constant of their dtype,
+  or if unknown, `compute(values)` cast to it: a constant is no op in an
+  eager step, where each op costs tens of microseconds."""
+  if static is None:
+    return tf.cast(compute(values), values.dtype)
+  return tf.constant(static, values.dtype)
 
 
 def _masks(predictions):
