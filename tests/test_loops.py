@@ -15,6 +15,7 @@ import losses
 import training_loops
 from training_loops import drivers, graph_loops, xla_chunks
 from training_loops.controller import BatchHooks, Cadence, Epoch
+from training_loops.trainer import Trainer
 from loop_models import (CUSTOM_LOOPS, accuracy, assert_same_run,
                          classification_data, classifier, run_loop, sgd)
 
@@ -69,6 +70,26 @@ def test_loss_is_the_example_weighted_epoch_mean():
   history = run_loop("graph", epochs=1, model_fn=classifier, metrics=[])
   np.testing.assert_allclose(history.history["loss"][0], total / examples,
                              rtol=1e-5)
+
+
+def test_the_loss_differentiates_and_reports_as_the_sum_over_the_count():
+  """The step differentiates `sum * (1 / count)`, whose gradient is one op
+  where the division's is ten: the gradients must be the division's to the
+  bit, and the reported mean is the division itself."""
+  model = classifier()
+  trainer = Trainer(model, sgd()(), losses.SparseCategoricalCrossentropy())
+  x, y = next(iter(classification_data()))
+  with tf.GradientTape(persistent=True) as tape:
+    predictions = model(x, training=True)
+    loss = trainer._loss(y, predictions, None)
+    values = trainer.output_losses[0].per_example(y, predictions)
+    divided = tf.math.divide_no_nan(tf.reduce_sum(values),
+                                    tf.cast(tf.size(values), tf.float32))
+  for ours, reference in zip(
+      tape.gradient(loss.replica, model.trainable_variables),
+      tape.gradient(divided, model.trainable_variables)):
+    np.testing.assert_array_equal(ours, reference)
+  assert float(loss.tracked["loss"][0]) == float(divided)
 
 
 def test_unknown_loop_names_the_choices():
