@@ -88,13 +88,21 @@ class BatchNormalization(keras.layers.Layer):
       mean, variance = self.moving_mean, self.moving_variance
     multiplier = tf.math.rsqrt(variance + self.epsilon)
     if self.scale:
-      multiplier = multiplier * self.gamma
+      multiplier = multiplier * self.gamma.value
     offset = -mean * multiplier
     if self.center:
-      offset = offset + self.beta
-    outputs = (inputs * tf.reshape(multiplier, self._broadcast_shape)
-               + tf.reshape(offset, self._broadcast_shape))
+      offset = offset + self.beta.value
+    outputs = (inputs * self._broadcastable(multiplier)
+               + self._broadcastable(offset))
     return tf.cast(outputs, self.compute_dtype)
+
+  def _broadcastable(self, statistic):
+    """`statistic` `[features]` shaped to broadcast against the inputs: as
+    it is for the last axis, where a reshape would only add ops (and their
+    gradients) to an eager step."""
+    if self._axis == len(self._broadcast_shape) - 1:
+      return statistic
+    return tf.reshape(statistic, self._broadcast_shape)
 
   def _moments(self, inputs):
     """Returns the batch `(mean, variance)`, each `[input_shape[axis]]`."""
@@ -107,9 +115,8 @@ class BatchNormalization(keras.layers.Layer):
     mean = tf.reduce_mean(inputs, self._reduction_axes)
     # Biased variance about the mean (not E[x^2] - E[x]^2, which cancels
     # catastrophically when |mean| >> std).
-    variance = tf.reduce_mean(
-        tf.square(inputs - tf.reshape(mean, self._broadcast_shape)),
-        self._reduction_axes)
+    variance = tf.reduce_mean(tf.square(inputs - self._broadcastable(mean)),
+                              self._reduction_axes)
     return mean, variance
 
   def _global_moments(self, inputs, context):
@@ -127,18 +134,18 @@ class BatchNormalization(keras.layers.Layer):
     mean = total / count
     squared_deviations = context.all_reduce(
         tf.distribute.ReduceOp.SUM,
-        tf.reduce_sum(
-            tf.square(inputs - tf.reshape(mean, self._broadcast_shape)),
-            self._reduction_axes))
+        tf.reduce_sum(tf.square(inputs - self._broadcastable(mean)),
+                      self._reduction_axes))
     return mean, squared_deviations / count
 
   def _update_moving_statistics(self, mean, variance):
     """Moves the moving statistics towards a batch's `mean` and `variance`."""
-    self.moving_mean.assign(
-        self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-    self.moving_variance.assign(
-        self.moving_variance * self.momentum
-        + variance * (1.0 - self.momentum))
+    # On the `tf.Variable`s (`.value`): a Keras variable's arithmetic and
+    # assignment take a slow path in every eager step.
+    for moving, batch in ((self.moving_mean, mean),
+                          (self.moving_variance, variance)):
+      moving.value.assign(moving.value * self.momentum
+                          + batch * (1.0 - self.momentum))
 
   def compute_output_shape(self, input_shape):
     return input_shape
