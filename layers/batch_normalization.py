@@ -140,12 +140,13 @@ class BatchNormalization(keras.layers.Layer):
 
   def _update_moving_statistics(self, mean, variance):
     """Moves the moving statistics towards a batch's `mean` and `variance`."""
-    # On the `tf.Variable`s (`.value`): a Keras variable's arithmetic and
-    # assignment take a slow path in every eager step.
+    # Arithmetic on the values: on a Keras variable it takes Keras ops'
+    # slow path in every eager step. The assignment stays the variable's
+    # (a Keras stateless scope collects it).
     for moving, batch in ((self.moving_mean, mean),
                           (self.moving_variance, variance)):
-      moving.value.assign(moving.value * self.momentum
-                          + batch * (1.0 - self.momentum))
+      moving.assign(moving.value * self.momentum
+                    + batch * (1.0 - self.momentum))
 
   def compute_output_shape(self, input_shape):
     return input_shape

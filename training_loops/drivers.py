@@ -229,9 +229,11 @@ class Compiled:
 
 def _signature(arguments):
   """What picks a trace for `arguments` (of one call site, so of one
-  nesting): each tensor's dtype and shape, and where there is None."""
+  nesting): each tensor's dtype and shape, and where there is None. A
+  composite tensor counts by its components (an `IndexedSlices` gradient
+  by the shape of its rows, not only the dense shape)."""
   return tuple(None if value is None else (value.dtype, tuple(value.shape))
-               for value in tf.nest.flatten(arguments))
+               for value in tf.nest.flatten(arguments, expand_composites=True))
 
 
 @register("function")
