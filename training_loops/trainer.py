@@ -6,6 +6,7 @@ steps are run (eagerly, one `tf.function` call a step, or many a call).
 """
 
 import dataclasses
+import math
 
 import keras
 import tensorflow as tf
@@ -233,12 +234,10 @@ class Trainer:
       values = output.per_example(y_true, y_pred, sample_weight)
       local_sum = tf.reduce_sum(values)
       local_count = _count(values, y_pred)
-      # Differentiated as the sum times 1 / count, not divided by count: the
-      # same gradient (1 / count per example, to the bit), but a product by
-      # a constant differentiates in one op, a division in about ten (both
-      # operands', and their broadcast), a sixth of an eager step's ops.
-      replica_share = local_sum * tf.math.reciprocal_no_nan(
-          self._sum_over_replicas(local_count))
+      replica_share = _differentiable_share(
+          local_sum, self._sum_over_replicas(local_count),
+          _power_of_two(output.weight)
+          and _scales_by_powers_of_two(self.optimizer))
       # Reported as Keras divides, so the loss is fit's to the bit.
       local_mean = tf.math.divide_no_nan(local_sum, local_count)
       replica_loss = _plus(replica_loss, _weighted(output.weight,
@@ -283,6 +282,36 @@ def _record(trackers, metrics, y, predictions, tracked):
   # Unweighted, as Keras treats `metrics` (sample weights weigh the loss).
   for (output, _), metric in metrics.items():
     metric.update_state(_pick(y, output), _pick(predictions, output))
+
+
+def _differentiable_share(local_sum, global_count, exact_as_product):
+  """`local_sum / global_count`, to differentiate.
+
+  As `local_sum * (1 / global_count)` where that is the division's gradient
+  to the bit: a product by a constant differentiates in one op, a division
+  in about ten (both operands', and their broadcast), a sixth of an eager
+  step's ops. The gradient reaching the sum is then `upstream * (1 /
+  count)` where the division's is `upstream / count`, the same number when
+  the upstream (the output's loss weight times the optimizer's loss scale)
+  is a power of two, as 1 is; `exact_as_product` says whether it is.
+  """
+  if exact_as_product:
+    return local_sum * tf.math.reciprocal_no_nan(global_count)
+  return tf.math.divide_no_nan(local_sum, global_count)
+
+
+def _power_of_two(number):
+  return number > 0 and math.frexp(number)[0] == 0.5
+
+
+def _scales_by_powers_of_two(optimizer):
+  """Whether `optimizer.scale_loss` multiplies the loss by powers of two
+  only: by nothing, by a power-of-two `loss_scale_factor`, or by a
+  `LossScaleOptimizer`'s scale from an initial power of two (it only
+  doubles and halves)."""
+  factors = [getattr(optimizer, "loss_scale_factor", None),
+             getattr(optimizer, "initial_scale", None)]
+  return all(factor is None or _power_of_two(factor) for factor in factors)
 
 
 def _count(values, y_pred):
