@@ -365,8 +365,8 @@ def test_graph_loop_reads_exactly_the_batches_it_steps_on(max_steps,
   @tf.function
   def run(max_steps):
     return graph_loops.over_batches(iterator, max_steps,
-                                lambda batch, total: total + batch,
-                                tf.constant(0, tf.int64), go_on)
+                                    lambda batch, total: total + batch,
+                                    tf.constant(0, tf.int64), go_on)
 
   steps, total = run(tf.constant(max_steps))
   following = next(iterator, tf.constant(99, tf.int64))
