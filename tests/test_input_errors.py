@@ -1,9 +1,11 @@
 """Bad input to `train` is one clear error naming the problem, before or
 instead of a TensorFlow traceback."""
 
+import keras
 import pytest
 import tensorflow as tf
 
+import layers
 import losses
 import training_loops
 from loop_models import classification_data, classifier, run_loop
@@ -47,3 +49,29 @@ def test_a_loss_reduction_the_loops_would_replace_is_refused():
   with pytest.raises(ValueError, match=r"reduction='sum'\) is not "
                                        "supported.*'sum_over_batch_size'"):
     _train(loss=losses.SparseCategoricalCrossentropy(reduction="sum"))
+
+
+
+def _two_outputs():
+  inputs = keras.Input((4,))
+  return keras.Model(inputs, {"a": layers.Dense(1, name="a")(inputs),
+                              "b": layers.Dense(1, name="b")(inputs)})
+
+
+def test_per_output_sample_weights_must_name_every_output():
+  data = tf.data.Dataset.from_tensor_slices(
+      (tf.zeros([8, 4]), {"a": tf.zeros([8, 1]), "b": tf.zeros([8, 1])},
+       {"a": tf.ones([8])})).batch(4)
+  loss = {"a": losses.MeanSquaredError(), "b": losses.MeanSquaredError()}
+  with pytest.raises(ValueError, match=r"train_data's sample weights are "
+                                       r"per output \(\['a'\]\) but miss "
+                                       r"\['b'\]"):
+    _train(model_fn=_two_outputs, data=data, loss=loss, metrics={})
+
+
+def test_per_output_sample_weights_for_one_loss_are_refused():
+  data = classification_data().map(lambda x, y: (x, y, {"a": tf.ones_like(
+      y, tf.float32)}))
+  with pytest.raises(ValueError, match="per output .* but the loss is one"):
+    _train(data=data)
+

@@ -420,6 +420,50 @@ def test_multi_input_multi_output_agree_with_model_fit():
                                  err_msg=f"{loop} {key}")
 
 
+def _two_regressions():
+  inputs = keras.Input((4,))
+  return keras.Model(inputs, {"a": layers.Dense(1, name="a")(inputs),
+                              "b": layers.Dense(1, name="b")(inputs)})
+
+
+@pytest.mark.parametrize("structure", ["dict", "list"])
+def test_per_output_sample_weights_weigh_their_own_output_as_in_fit(
+    structure):
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(48, 4)).astype("float32")
+  targets = [(x @ rng.normal(size=(4, 1))).astype("float32")
+             for _ in range(2)]
+  # Output a's weights are zero on half the examples: given to b too (the
+  # bug this guards against), they would change b's loss as well.
+  weights = [np.repeat([0.0, 2.0], 24).astype("float32"),
+             rng.uniform(0.5, 1.5, size=48).astype("float32")]
+  if structure == "dict":
+    loss = {"a": losses.MeanSquaredError(), "b": losses.MeanSquaredError()}
+    elements = (x, dict(zip("ab", targets)), dict(zip("ab", weights)))
+    model_fn = _two_regressions
+  else:
+    loss = [losses.MeanSquaredError(), losses.MeanSquaredError()]
+    elements = (x, tuple(targets), tuple(weights))
+    def model_fn():
+      model = _two_regressions()
+      return keras.Model(model.inputs, [model.outputs[0], model.outputs[1]])
+  data = tf.data.Dataset.from_tensor_slices(elements).batch(16)
+  results = {loop: run_loop(loop, data=data, model_fn=model_fn, loss=loss,
+                            metrics={}, optimizer_fn=sgd(0.01),
+                            validation_data=data).history
+             for loop in training_loops.LOOPS}
+  for loop, history in results.items():
+    for key, values in results["keras_fit"].items():
+      np.testing.assert_allclose(history[key], values, rtol=1e-5,
+                                 err_msg=f"{loop} {key}")
+  unweighted = run_loop("graph", data=data.map(lambda x, y, w: (x, y)),
+                        model_fn=model_fn, loss=loss, metrics={},
+                        optimizer_fn=sgd(0.01)).history
+  first, second = sorted(key for key in unweighted if key.endswith("_loss"))
+  for key in (first, second):
+    assert not np.allclose(results["graph"][key], unweighted[key]), key
+
+
 def test_progress_bar_and_silence():
   for verbose, expect_output in ((1, True), (0, False)):
     out = io.StringIO()

@@ -231,7 +231,8 @@ class Trainer:
     tracked = {}
     for output in self.output_losses:
       y_true, y_pred = _pick(y, output.key), _pick(predictions, output.key)
-      values = output.per_example(y_true, y_pred, sample_weight)
+      values = output.per_example(y_true, y_pred,
+                                  _output_weights(sample_weight, output.key))
       local_sum = tf.reduce_sum(values)
       local_count = _count(values, y_pred)
       replica_share = _differentiable_share(
@@ -374,6 +375,15 @@ def _clips_gradients(optimizer):
 
 def _pick(structure, key):
   return structure if key is None else structure[key]
+
+
+def _output_weights(sample_weight, key):
+  """An output's sample weights: its own from a dict or list of them (one
+  per output, as the losses are given), else the same for every output, as
+  fit's loss picks them."""
+  if tf.nest.is_nested(sample_weight):
+    return _pick(sample_weight, key)
+  return sample_weight
 
 
 def _output_names(model):

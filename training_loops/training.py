@@ -32,9 +32,11 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
     loss: a `keras.losses.Loss` (e.g. from `losses`), or a dict/list of them
       for a multi-output model, combined with `loss_weights`.
     train_data, validation_data: `tf.data.Dataset`s of `(x, y)` or
-      `(x, y, sample_weight)` batches; `x` and `y` may be nested. Pass a
-      freshly built dataset to each run: a reshuffling dataset continues its
-      sequence of orders across runs, so two runs would see different data.
+      `(x, y, sample_weight)` batches; `x` and `y` may be nested, and for
+      a multi-output model `sample_weight` may be a dict or list with one
+      per output, as fit takes them. Pass a freshly built dataset to each
+      run: a reshuffling dataset continues its sequence of orders across
+      runs, so two runs would see different data.
     loop: one of `LOOPS`, or a loop added with `drivers.register`.
     epochs: the total number of epochs, counting those a resumed run did.
     metrics: `keras.metrics.Metric` objects (a dict output -> list for a
@@ -76,6 +78,9 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
   driver = _build(loop, drivers.LoopOptions(steps_per_loop, jit_compile),
                   model_fn, optimizer_fn, loss, train_data, metrics=metrics,
                   loss_weights=loss_weights, strategy=strategy, seed=seed)
+  for name, data in (("train_data", train_data),
+                     ("validation_data", validation_data)):
+    _check_sample_weights(name, data, driver.trainer.output_losses)
   with (run_lock.held_by_chief(checkpoint_dir, driver.trainer.strategy)
         if checkpoint_dir else contextlib.nullcontext()):
     return Controller(
@@ -173,6 +178,28 @@ def _check_model_fits_data(model, loss, data):
         f"targets {_shapes(y_spec)} under {type(loss).__name__}: "
         f"{_first_line(error)}") from None
   return targets, predictions
+
+
+def _check_sample_weights(name, data, output_losses):
+  """Nested sample weights must hold one entry per output with a loss,
+  under its key (a dict) or at its index (a list), as fit picks them."""
+  if data is None or len(data.element_spec) < 3:
+    return
+  weights = data.element_spec[2]
+  if not tf.nest.is_nested(weights):
+    return  # one weight per example, for every output
+  given = list(weights) if isinstance(weights, dict) else list(
+      range(len(weights)))
+  keys = [output.key for output in output_losses]
+  if keys == [None]:
+    raise ValueError(f"{name}'s sample weights are per output ({given}), "
+                     f"but the loss is one: give one array of weights.")
+  missing = [key for key in keys if key not in given]
+  if missing:
+    raise ValueError(
+        f"{name}'s sample weights are per output ({given}) but miss "
+        f"{missing}: give one entry per output with a loss ({keys}), or "
+        f"one array of weights for all.")
 
 
 def _zero_example(spec):
