@@ -75,3 +75,8 @@ def test_per_output_sample_weights_for_one_loss_are_refused():
   with pytest.raises(ValueError, match="per output .* but the loss is one"):
     _train(data=data)
 
+
+def test_a_metric_that_does_not_fit_the_outputs_names_both_shapes():
+  with pytest.raises(ValueError, match=r"Metric 'f1_score' does not fit the "
+                                       r"targets \(1,\) and outputs \(1, 3\)"):
+    _train(metrics=[keras.metrics.F1Score()])

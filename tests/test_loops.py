@@ -464,6 +464,32 @@ def test_per_output_sample_weights_weigh_their_own_output_as_in_fit(
     assert not np.allclose(results["graph"][key], unweighted[key]), key
 
 
+def test_metrics_that_build_at_their_first_update_work_as_in_fit():
+  """Keras' `F1Score` and `R2Score` create their state at their first
+  update; the loops reset (and checkpoint) metrics before any."""
+  data = classification_data(sample_weights=True).map(
+      lambda x, y, w: (x, tf.one_hot(y, 3), w))
+  def metrics():
+    return [keras.metrics.F1Score(average="macro"), keras.metrics.R2Score()]
+  results = {loop: run_loop(loop, data=data, metrics=metrics(),
+                            loss=losses.CategoricalCrossentropy(),
+                            validation_data=data).history
+             for loop in training_loops.LOOPS}
+  assert {"f1_score", "r2_score", "val_f1_score"} <= set(results["graph"])
+  for loop, history in results.items():
+    for key, values in results["keras_fit"].items():
+      np.testing.assert_allclose(history[key], values, rtol=1e-5,
+                                 err_msg=f"{loop} {key}")
+  model = classifier()
+  model.compile(loss="categorical_crossentropy", metrics=metrics())
+  expected = model.evaluate(data, verbose=0, return_dict=True)
+  ours = training_loops.evaluate(model, losses.CategoricalCrossentropy(),
+                                 data, metrics=metrics())
+  assert ours.keys() == expected.keys()
+  for key, value in expected.items():
+    np.testing.assert_allclose(ours[key], value, rtol=1e-5, err_msg=key)
+
+
 def test_progress_bar_and_silence():
   for verbose, expect_output in ((1, True), (0, False)):
     out = io.StringIO()

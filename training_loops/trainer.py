@@ -35,6 +35,12 @@ class TrainingDataError(ValueError):
     self.epoch = epoch
 
 
+def first_line(error):
+  """An error's message cut to its first line, for one-line reports of
+  bad input."""
+  return str(error).strip().splitlines()[0]
+
+
 def _cause_of(error):
   """The line of a TensorFlow error that says what went wrong, without the
   "Graph execution error:" banner, the Python stack or the node names."""
@@ -89,6 +95,25 @@ class Trainer:
     self.eval_metrics = _copied_metrics(metrics, multi_output)
     self.eval_trackers = {name: keras.metrics.Mean(name=name)
                           for name in self.train_trackers}
+
+  def build_metrics(self, targets, predictions):
+    """Updates each metric copy once on an example's `targets` and
+    `predictions`, then resets it, as fit builds its metrics before its
+    first step: metrics that create state at their first update (Keras'
+    `F1Score`, `R2Score`, multi-label `AUC`) have it before the loops reset,
+    checkpoint or restore them, and a metric that does not fit the model's
+    outputs says so before training. Call inside the strategy's scope."""
+    for (output, name), metric in (*self.train_metrics.items(),
+                                   *self.eval_metrics.items()):
+      y_true, y_pred = _pick(targets, output), _pick(predictions, output)
+      try:
+        metric.update_state(y_true, y_pred)
+      except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+        raise ValueError(
+            f"Metric {name!r} does not fit the targets {tuple(y_true.shape)} "
+            f"and outputs {tuple(y_pred.shape)}: {first_line(error)}"
+        ) from None
+      metric.reset_state()
 
   # -- per replica ---------------------------------------------------------
 

@@ -10,7 +10,7 @@ from training_loops import drivers, keras_fit  # noqa: F401
 from training_loops import run_lock
 from training_loops.controller import (Cadence, Controller, as_floats,
                                        known_length)
-from training_loops.trainer import Trainer
+from training_loops.trainer import Trainer, first_line
 
 # The loops that ship, in the registry's order; `drivers.register` adds more.
 LOOPS = tuple(drivers.DRIVERS)
@@ -103,6 +103,7 @@ def _build(loop, options, model_fn, optimizer_fn, loss, data, *, metrics,
     example = _check_model_fits_data(model, loss, data)
     trainer = Trainer(model, optimizer, loss, loss_weights, metrics,
                       strategy)
+    trainer.build_metrics(*example)
     _compile(trainer, options, example)
   return drivers.DRIVERS[loop](trainer, options)
 
@@ -145,6 +146,7 @@ def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
   strategy = strategy or tf.distribute.get_strategy()
   with strategy.scope():
     trainer = Trainer(model, None, loss, loss_weights, metrics, strategy)
+    trainer.build_metrics(*_check_model_fits_data(model, loss, data))
   driver = drivers.GraphDriver(trainer)
   driver.evaluate(iter(strategy.experimental_distribute_dataset(data)))
   return as_floats(trainer.eval_logs(prefix=""))
@@ -166,7 +168,7 @@ def _check_model_fits_data(model, loss, data):
   except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
     raise ValueError(
         f"The model does not accept the data's inputs "
-        f"{_shapes(x_spec)}: {_first_line(error)}") from None
+        f"{_shapes(x_spec)}: {first_line(error)}") from None
   targets = _zero_example(y_spec)
   if not isinstance(loss, keras.losses.Loss):
     return targets, predictions  # multi-output: checked when each runs
@@ -176,7 +178,7 @@ def _check_model_fits_data(model, loss, data):
     raise ValueError(
         f"The model's outputs {_shapes(predictions)} do not fit the data's "
         f"targets {_shapes(y_spec)} under {type(loss).__name__}: "
-        f"{_first_line(error)}") from None
+        f"{first_line(error)}") from None
   return targets, predictions
 
 
@@ -211,10 +213,6 @@ def _zero_example(spec):
 def _shapes(structure):
   shapes = tf.nest.map_structure(lambda t: tuple(t.shape), structure)
   return shapes
-
-
-def _first_line(error):
-  return str(error).strip().splitlines()[0]
 
 
 def _check_arguments(loop, epochs, train_data, validation_data):
