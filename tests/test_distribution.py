@@ -10,7 +10,7 @@ import training_loops
 from loop_models import (assert_same_run, classification_data, classifier,
                          run_loop)
 
-SYNCHRONIZED_LOOPS = ("graph", "function")
+SYNCHRONIZED_LOOPS = training_loops.LOOPS
 
 
 def _batch_norm_classifier(synchronized):

@@ -85,6 +85,7 @@ SPECS = [
       for axis, shape in [(-1, (8, 3)), (1, (4, 3, 5)), (-1, (4, 2, 3))]
       for synchronized in (False, True)),
     _batch_norm((4, 3, 5), axis=1, momentum=0.9, epsilon=1e-4, center=False),
+    _batch_norm((6, 4), scale=False, center=False),
     _dropout(layers.Dropout, keras.layers.Dropout, rate=0.3, seed=4),
     _dropout(layers.AlphaDropout, keras.layers.AlphaDropout, rate=0.1,
              seed=2),
@@ -159,6 +160,32 @@ def test_batch_normalization_against_numpy(rng):
   layer.trainable = False  # a frozen layer runs in inference mode (Keras).
   np.testing.assert_allclose(layer(x, training=True),
                              layer(x, training=False))
+
+
+@pytest.mark.parametrize("axis, shape", [(-1, (16, 3)), (1, (4, 3, 5))])
+def test_batch_normalization_second_derivatives_match_keras(rng, axis,
+                                                            shape):
+  """Its closed-form gradient is differentiable again, through the batch
+  statistics, as Keras' differentiated ops are: a gradient penalty (the
+  gradient of the squared input gradient) on Keras' layer and ours."""
+  x = tf.constant((rng.normal(size=shape) * 3 + 1).astype("float32"))
+  upstream = tf.constant(rng.normal(size=shape).astype("float32"))
+  weights = [rng.normal(size=shape[axis]).astype("float32") + 1.5
+             for _ in range(4)]
+  results = []
+  for layer in (layers.BatchNormalization(axis=axis),
+                keras.layers.BatchNormalization(axis=axis)):
+    layer.build(shape)
+    layer.set_weights(weights)
+    with tf.GradientTape() as outer:
+      outer.watch(x)
+      with tf.GradientTape() as inner:
+        inner.watch(x)
+        loss = tf.reduce_sum(tf.sin(layer(x, training=True)) * upstream)
+      penalty = tf.reduce_sum(tf.square(inner.gradient(loss, x)))
+    results.append(outer.gradient(penalty, [x, *layer.trainable_variables]))
+  for ours, theirs in zip(*results):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- Dropout
