@@ -47,6 +47,13 @@ def classifier(features=4, classes=3, dropout_seed=None, batch_norm=True):
   return keras.Sequential(stack)
 
 
+def two_regressions(features=4):
+  """A functional model with two outputs, "a" and "b": one Dense each."""
+  inputs = keras.Input((features,))
+  return keras.Model(inputs, {"a": layers.Dense(1, name="a")(inputs),
+                              "b": layers.Dense(1, name="b")(inputs)})
+
+
 def sgd(learning_rate=0.1):
   return lambda: keras.optimizers.SGD(learning_rate, momentum=0.9)
 

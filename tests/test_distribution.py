@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import layers
+import losses
 import training_loops
 from loop_models import (assert_same_run, classification_data, classifier,
                          run_loop)
@@ -111,3 +112,18 @@ def test_synchronized_moments_are_those_of_the_concatenated_shards(
     mean, variance = layer._moments(tf.constant(shards[0]))
   np.testing.assert_allclose(mean, expected[:split[0]].mean(0), rtol=1e-6)
   np.testing.assert_allclose(variance, expected[:split[0]].var(0), rtol=1e-5)
+
+
+def test_metrics_that_build_at_their_first_update_under_two_replicas(
+    mirrored):
+  """F1Score creates its state at its first update: built under the
+  strategy, as mirrored variables, in every loop."""
+  data = classification_data().map(lambda x, y: (x, tf.one_hot(y, 3)))
+  for loop in training_loops.LOOPS:
+    runs = [run_loop(loop, model_fn=lambda: classifier(batch_norm=False),
+                     data=data, loss=losses.CategoricalCrossentropy(),
+                     metrics=[keras.metrics.F1Score(average="macro")],
+                     strategy=strategy).history
+            for strategy in (None, mirrored)]
+    np.testing.assert_allclose(runs[1]["f1_score"], runs[0]["f1_score"],
+                               rtol=1e-5, err_msg=loop)

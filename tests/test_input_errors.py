@@ -5,10 +5,10 @@ import keras
 import pytest
 import tensorflow as tf
 
-import layers
 import losses
 import training_loops
-from loop_models import classification_data, classifier, run_loop
+from loop_models import (classification_data, classifier, run_loop,
+                         two_regressions)
 
 
 def _train(loop="graph", **kwargs):
@@ -52,12 +52,6 @@ def test_a_loss_reduction_the_loops_would_replace_is_refused():
 
 
 
-def _two_outputs():
-  inputs = keras.Input((4,))
-  return keras.Model(inputs, {"a": layers.Dense(1, name="a")(inputs),
-                              "b": layers.Dense(1, name="b")(inputs)})
-
-
 def test_per_output_sample_weights_must_name_every_output():
   data = tf.data.Dataset.from_tensor_slices(
       (tf.zeros([8, 4]), {"a": tf.zeros([8, 1]), "b": tf.zeros([8, 1])},
@@ -66,7 +60,17 @@ def test_per_output_sample_weights_must_name_every_output():
   with pytest.raises(ValueError, match=r"train_data's sample weights are "
                                        r"per output \(\['a'\]\) but miss "
                                        r"\['b'\]"):
-    _train(model_fn=_two_outputs, data=data, loss=loss, metrics={})
+    _train(model_fn=two_regressions, data=data, loss=loss, metrics={})
+
+
+def test_evaluate_checks_per_output_sample_weights_too():
+  data = tf.data.Dataset.from_tensor_slices(
+      (tf.zeros([8, 4]), {"a": tf.zeros([8, 1]), "b": tf.zeros([8, 1])},
+       {"a": tf.ones([8])})).batch(4)
+  loss = {"a": losses.MeanSquaredError(), "b": losses.MeanSquaredError()}
+  with pytest.raises(ValueError, match=r"data's sample weights are per "
+                                       r"output \(\['a'\]\) but miss"):
+    training_loops.evaluate(two_regressions(), loss, data)
 
 
 def test_per_output_sample_weights_for_one_loss_are_refused():
@@ -78,5 +82,5 @@ def test_per_output_sample_weights_for_one_loss_are_refused():
 
 def test_a_metric_that_does_not_fit_the_outputs_names_both_shapes():
   with pytest.raises(ValueError, match=r"Metric 'f1_score' does not fit the "
-                                       r"targets \(1,\) and outputs \(1, 3\)"):
+                                       r"targets \(None,\) and outputs \(None, 3\)"):
     _train(metrics=[keras.metrics.F1Score()])

@@ -17,7 +17,8 @@ from training_loops import drivers, graph_loops, xla_chunks
 from training_loops.controller import BatchHooks, Cadence, Epoch
 from training_loops.trainer import Trainer
 from loop_models import (CUSTOM_LOOPS, accuracy, assert_same_run,
-                         classification_data, classifier, run_loop, sgd)
+                         classification_data, classifier, run_loop, sgd,
+                         two_regressions)
 
 
 @pytest.fixture(scope="module")
@@ -420,12 +421,6 @@ def test_multi_input_multi_output_agree_with_model_fit():
                                  err_msg=f"{loop} {key}")
 
 
-def _two_regressions():
-  inputs = keras.Input((4,))
-  return keras.Model(inputs, {"a": layers.Dense(1, name="a")(inputs),
-                              "b": layers.Dense(1, name="b")(inputs)})
-
-
 @pytest.mark.parametrize("structure", ["dict", "list"])
 def test_per_output_sample_weights_weigh_their_own_output_as_in_fit(
     structure):
@@ -440,12 +435,12 @@ def test_per_output_sample_weights_weigh_their_own_output_as_in_fit(
   if structure == "dict":
     loss = {"a": losses.MeanSquaredError(), "b": losses.MeanSquaredError()}
     elements = (x, dict(zip("ab", targets)), dict(zip("ab", weights)))
-    model_fn = _two_regressions
+    model_fn = two_regressions
   else:
     loss = [losses.MeanSquaredError(), losses.MeanSquaredError()]
     elements = (x, tuple(targets), tuple(weights))
     def model_fn():
-      model = _two_regressions()
+      model = two_regressions()
       return keras.Model(model.inputs, [model.outputs[0], model.outputs[1]])
   data = tf.data.Dataset.from_tensor_slices(elements).batch(16)
   results = {loop: run_loop(loop, data=data, model_fn=model_fn, loss=loss,
@@ -488,6 +483,39 @@ def test_metrics_that_build_at_their_first_update_work_as_in_fit():
   assert ours.keys() == expected.keys()
   for key, value in expected.items():
     np.testing.assert_allclose(ours[key], value, rtol=1e-5, err_msg=key)
+
+
+class _OneHotAccuracy(keras.metrics.Metric):
+  """Accuracy that first asserts its targets are one-hot rows."""
+
+  def __init__(self, name="one_hot_accuracy", **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.hits = self.add_variable(shape=(), initializer="zeros", name="hits")
+    self.seen = self.add_variable(shape=(), initializer="zeros", name="seen")
+
+  def update_state(self, y_true, y_pred, sample_weight=None):
+    tf.debugging.assert_near(tf.reduce_sum(y_true, -1), 1.0,
+                             message="targets are not one-hot")
+    hits = tf.cast(tf.equal(tf.argmax(y_true, -1), tf.argmax(y_pred, -1)),
+                   "float32")
+    self.hits.assign_add(tf.reduce_sum(hits))
+    self.seen.assign_add(tf.cast(tf.size(hits), "float32"))
+
+  def result(self):
+    return self.hits / self.seen
+
+
+def test_a_metric_that_checks_its_targets_sees_only_real_batches():
+  """Fit builds its metrics on symbolic tensors; an update on a made-up
+  zero example would fail this metric's check before training."""
+  data = classification_data().map(lambda x, y: (x, tf.one_hot(y, 3)))
+  results = {loop: run_loop(loop, data=data, metrics=[_OneHotAccuracy()],
+                            loss=losses.CategoricalCrossentropy()).history
+             for loop in training_loops.LOOPS}
+  for loop, history in results.items():
+    np.testing.assert_allclose(history["one_hot_accuracy"],
+                               results["keras_fit"]["one_hot_accuracy"],
+                               rtol=1e-6, err_msg=loop)
 
 
 def test_progress_bar_and_silence():

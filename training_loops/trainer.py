@@ -97,23 +97,36 @@ class Trainer:
                           for name in self.train_trackers}
 
   def build_metrics(self, targets, predictions):
-    """Updates each metric copy once on an example's `targets` and
-    `predictions`, then resets it, as fit builds its metrics before its
-    first step: metrics that create state at their first update (Keras'
-    `F1Score`, `R2Score`, multi-label `AUC`) have it before the loops reset,
-    checkpoint or restore them, and a metric that does not fit the model's
-    outputs says so before training. Call inside the strategy's scope."""
+    """Traces each metric copy's update once on the specs of an example's
+    `targets` and `predictions`, as fit builds its metrics before its first
+    step: metrics that create state at their first update
+    (Keras' `F1Score`, `R2Score`, multi-label `AUC`) have it before the
+    loops reset, checkpoint or restore them, and a metric that does not fit
+    the model's outputs says so before training. Traced, not run, as fit's
+    are built on symbolic tensors: a metric that checks its targets' values
+    sees only real batches. Call inside the strategy's scope."""
     for (output, name), metric in (*self.train_metrics.items(),
                                    *self.eval_metrics.items()):
-      y_true, y_pred = _pick(targets, output), _pick(predictions, output)
       try:
-        metric.update_state(y_true, y_pred)
-      except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+        y_true, y_pred = (_batch_spec(_pick(structure, output))
+                          for structure in (targets, predictions))
+      except KeyError:
+        raise ValueError(
+            f"Metric {name!r} is for output {output!r}, which the targets "
+            f"or the model's outputs do not have.") from None
+      try:
+        # A stateless scope defers the variables the trace creates and
+        # creates them eagerly at its end, inside the strategy's scope (a
+        # mirrored variable cannot be lifted out of a trace), as fit's
+        # symbolic build does; it also keeps the trace's updates off them.
+        with keras.StatelessScope():
+          tf.function(metric.update_state,
+                      autograph=False).get_concrete_function(y_true, y_pred)
+      except (ValueError, TypeError) as error:
         raise ValueError(
             f"Metric {name!r} does not fit the targets {tuple(y_true.shape)} "
             f"and outputs {tuple(y_pred.shape)}: {first_line(error)}"
         ) from None
-      metric.reset_state()
 
   # -- per replica ---------------------------------------------------------
 
@@ -400,6 +413,11 @@ def _clips_gradients(optimizer):
 
 def _pick(structure, key):
   return structure if key is None else structure[key]
+
+
+def _batch_spec(tensor):
+  """The spec of a batch shaped as `tensor`, of any size."""
+  return tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype)
 
 
 def _output_weights(sample_weight, key):

@@ -115,10 +115,11 @@ def _compile(trainer, options, example):
   `LossScaleOptimizer` under a `mixed_float16` policy, fit's
   `auto_scale_loss`), and every loop must step with the same one.
 
-  The metrics are the trainer's copies, built on `example` (zero targets
-  and predictions): fit builds them at its first step, and Keras' monitoring
-  callbacks (`EarlyStopping(monitor="val_accuracy")` in mode "auto") read
-  them at the first epoch's end. XLA is the drivers' business
+  The metrics are the trainer's copies (`Trainer.build_metrics`); Keras'
+  container of them is built on `example` (zero targets and predictions),
+  as fit builds it at its first step: Keras' monitoring callbacks
+  (`EarlyStopping(monitor="val_accuracy")` in mode "auto") read it at the
+  first epoch's end. XLA is the drivers' business
   (`LoopOptions.jit_compile`), so the model is compiled without it; the
   `keras_fit` driver sets it.
   """
@@ -147,6 +148,7 @@ def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
   with strategy.scope():
     trainer = Trainer(model, None, loss, loss_weights, metrics, strategy)
     trainer.build_metrics(*_check_model_fits_data(model, loss, data))
+  _check_sample_weights("data", data, trainer.output_losses)
   driver = drivers.GraphDriver(trainer)
   driver.evaluate(iter(strategy.experimental_distribute_dataset(data)))
   return as_floats(trainer.eval_logs(prefix=""))
