@@ -84,3 +84,12 @@ def test_a_metric_that_does_not_fit_the_outputs_names_both_shapes():
   with pytest.raises(ValueError, match=r"Metric 'f1_score' does not fit the "
                                        r"targets \(None,\) and outputs \(None, 3\)"):
     _train(metrics=[keras.metrics.F1Score()])
+
+
+def test_a_metric_with_a_vector_result_is_refused():
+  one_hot = classification_data().map(lambda x, y: (x, tf.one_hot(y, 3)))
+  with pytest.raises(ValueError, match=r"Metric 'f1_score' gives a result "
+                                       r"of shape \(3,\); the loops log one "
+                                       r"number per metric"):
+    _train(data=one_hot, loss=losses.CategoricalCrossentropy(),
+           metrics=[keras.metrics.F1Score(average=None)])

@@ -122,11 +122,20 @@ class Trainer:
         with keras.StatelessScope():
           tf.function(metric.update_state,
                       autograph=False).get_concrete_function(y_true, y_pred)
+          result = tf.function(metric.result, autograph=False
+                               ).get_concrete_function().structured_outputs
       except (ValueError, TypeError) as error:
         raise ValueError(
             f"Metric {name!r} does not fit the targets {tuple(y_true.shape)} "
             f"and outputs {tuple(y_pred.shape)}: {first_line(error)}"
         ) from None
+      if not (tf.is_tensor(result) and result.shape.rank == 0):
+        # The history, progress bar, TensorBoard scalars and history.json
+        # hold one number per metric and epoch.
+        raise ValueError(
+            f"Metric {name!r} gives {_described(result)}; the loops log one "
+            f"number per metric: give one metric per threshold or class, or "
+            f"an averaged one (e.g. F1Score(average='macro')).")
 
   # -- per replica ---------------------------------------------------------
 
@@ -413,6 +422,12 @@ def _clips_gradients(optimizer):
 
 def _pick(structure, key):
   return structure if key is None else structure[key]
+
+
+def _described(result):
+  if tf.is_tensor(result):
+    return f"a result of shape {tuple(result.shape)}"
+  return f"a {type(result).__name__} of results"
 
 
 def _batch_spec(tensor):
