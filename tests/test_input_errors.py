@@ -51,26 +51,29 @@ def test_a_loss_reduction_the_loops_would_replace_is_refused():
     _train(loss=losses.SparseCategoricalCrossentropy(reduction="sum"))
 
 
+# Two outputs with losses, sample weights for "a" only.
+_TWO_LOSSES = {"a": losses.MeanSquaredError(), "b": losses.MeanSquaredError()}
 
-def test_per_output_sample_weights_must_name_every_output():
-  data = tf.data.Dataset.from_tensor_slices(
+
+def _weights_for_a_only():
+  return tf.data.Dataset.from_tensor_slices(
       (tf.zeros([8, 4]), {"a": tf.zeros([8, 1]), "b": tf.zeros([8, 1])},
        {"a": tf.ones([8])})).batch(4)
-  loss = {"a": losses.MeanSquaredError(), "b": losses.MeanSquaredError()}
+
+
+def test_per_output_sample_weights_must_name_every_output():
   with pytest.raises(ValueError, match=r"train_data's sample weights are "
                                        r"per output \(\['a'\]\) but miss "
                                        r"\['b'\]"):
-    _train(model_fn=two_regressions, data=data, loss=loss, metrics={})
+    _train(model_fn=two_regressions, data=_weights_for_a_only(),
+           loss=_TWO_LOSSES, metrics={})
 
 
 def test_evaluate_checks_per_output_sample_weights_too():
-  data = tf.data.Dataset.from_tensor_slices(
-      (tf.zeros([8, 4]), {"a": tf.zeros([8, 1]), "b": tf.zeros([8, 1])},
-       {"a": tf.ones([8])})).batch(4)
-  loss = {"a": losses.MeanSquaredError(), "b": losses.MeanSquaredError()}
   with pytest.raises(ValueError, match=r"data's sample weights are per "
                                        r"output \(\['a'\]\) but miss"):
-    training_loops.evaluate(two_regressions(), loss, data)
+    training_loops.evaluate(two_regressions(), _TWO_LOSSES,
+                            _weights_for_a_only())
 
 
 def test_per_output_sample_weights_for_one_loss_are_refused():
