@@ -147,8 +147,10 @@ def test_a_misreported_loss_is_named_in_its_epoch(register):
   assert divergence.variable is None and divergence.element == ()
   np.testing.assert_allclose(
       divergence.value / divergence.reference_value, 1 + NUDGE, rtol=1e-6)
+  # Up to the two loops' own rounding: unperturbed, their losses may differ
+  # in the last bits of float32 (about 1e-7 relative).
   np.testing.assert_allclose(divergence.relative_difference, NUDGE,
-                             rtol=1e-4)
+                             rtol=0, atol=1e-6)
   assert " the loss is " in str(report)
   # Within a looser tolerance, the same loops agree.
   assert _compare(loops=("eager", "misreporting"), steps=8,
