@@ -25,7 +25,9 @@ class BatchNormalization(keras.layers.Layer):
   (Ioffe & Szegedy, section 3), through the batch statistics:
   `dx = gamma / std * (dy - mean(dy) - x_hat * mean(dy * x_hat))`, with
   `x_hat` the normalized inputs. It is differentiable again, through the
-  statistics too (a gradient penalty's second derivatives are Keras').
+  statistics too: second derivatives are exact (a gradient penalty's equal
+  Keras'; Keras' layer cuts the gradient through the mean inside its
+  variance, so its Hessian-vector products along most directions differ).
 
   Subclasses change which examples the statistics cover by overriding the
   hook `_batch_mean(values) -> [features]` (the forward and backward passes
@@ -124,9 +126,9 @@ class BatchNormalization(keras.layers.Layer):
 
     Differentiating the ops instead costs about forty gradient ops a layer,
     most of the layer's time in an eager step. The backward pass uses the
-    forward pass's statistics: TensorFlow records the ops inside a custom
-    gradient's forward pass on any tape, so a tape recording the backward
-    pass differentiates through them as well.
+    forward pass's statistics: `tf.GradientTape` still watches the forward
+    pass of a `tf.custom_gradient` (its documentation says so), so a tape
+    recording the backward pass differentiates through them as well.
     """
     mean, variance = self._moments(inputs)
     self._update_moving_statistics(mean, variance)

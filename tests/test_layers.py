@@ -188,6 +188,48 @@ def test_batch_normalization_second_derivatives_match_keras(rng, axis,
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("axis, shape", [(-1, (8, 3)), (1, (4, 3, 5))])
+def test_batch_normalization_hessian_vector_products_are_exact(rng, axis,
+                                                               shape):
+  """Against the textbook formula differentiated twice in float64 (Keras'
+  layer cuts the gradient through the mean inside its variance, so its
+  Hessian-vector products along most directions are not these)."""
+  x = (rng.normal(size=shape) * 3 + 1).astype("float32")
+  upstream, direction = (rng.normal(size=shape).astype("float32")
+                         for _ in range(2))
+  layer = layers.BatchNormalization(axis=axis)
+  layer.build(shape)
+  layer.set_weights([rng.normal(size=shape[axis]).astype("float32") + 1.5
+                     for _ in range(4)])
+  broadcast = [1] * len(shape)
+  broadcast[axis] = -1
+  gamma, beta = (tf.reshape(tf.cast(weight, tf.float64), broadcast)
+                 for weight in (layer.gamma, layer.beta))
+
+  def textbook(x):
+    axes = [i for i in range(len(shape)) if i != axis % len(shape)]
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.square(x - mean), axes, keepdims=True)
+    return (x - mean) * tf.math.rsqrt(variance + 1e-3) * gamma + beta
+
+  def hessian_vector_product(normalize, x, dtype):
+    x = tf.constant(x, dtype)
+    with tf.GradientTape() as outer:
+      outer.watch(x)
+      with tf.GradientTape() as inner:
+        inner.watch(x)
+        loss = tf.reduce_sum(tf.sin(normalize(x)) * tf.cast(upstream, dtype))
+      along = tf.reduce_sum(inner.gradient(loss, x) * tf.cast(direction,
+                                                              dtype))
+    return outer.gradient(along, x).numpy()
+
+  expected = hessian_vector_product(textbook, x, tf.float64)
+  ours = hessian_vector_product(lambda x: layer(x, training=True), x,
+                                tf.float32)
+  np.testing.assert_allclose(ours, expected, rtol=1e-4,
+                             atol=1e-5 * np.abs(expected).max())
+
+
 # ---------------------------------------------------------------- Dropout
 
 
