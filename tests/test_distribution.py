@@ -127,3 +127,14 @@ def test_metrics_that_build_at_their_first_update_under_two_replicas(
             for strategy in (None, mirrored)]
     np.testing.assert_allclose(runs[1]["f1_score"], runs[0]["f1_score"],
                                rtol=1e-5, err_msg=loop)
+
+
+@pytest.mark.parametrize("loop", ["function", "graph", "keras_fit"])
+def test_xla_on_replicas_on_several_cpus_is_refused(mirrored, loop):
+  """Each XLA loop, fit's too, would fail at its first step on the
+  variables of the second CPU device."""
+  with pytest.raises(ValueError, match="jit_compile cannot train replicas "
+                                       r"on several CPU devices \(2 here\)"):
+    run_loop(loop, model_fn=lambda: classifier(batch_norm=False),
+             data=classification_data(drop_remainder=True), jit_compile=True,
+             strategy=mirrored)

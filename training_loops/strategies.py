@@ -44,6 +44,24 @@ def runs_replicas_in_threads(strategy):
                                tf.distribute.MultiWorkerMirroredStrategy))
 
 
+def check_jit_compile(strategy):
+  """XLA on the CPU reaches only the variables on the device it compiles
+  for: a strategy with replicas on several of this machine's CPU devices
+  (`split_cpu`) places theirs on each, and every XLA loop, fit's too, fails
+  at its first step (TensorFlow's XLA known issue "tf.Variable on a
+  different device"). Refused here in one line."""
+  if strategy.num_replicas_in_sync == 1:
+    return
+  devices = strategy.extended.worker_devices
+  if len(devices) > 1 and all(
+      tf.DeviceSpec.from_string(device).device_type == "CPU"
+      for device in devices):
+    raise ValueError(
+        f"jit_compile cannot train replicas on several CPU devices "
+        f"({len(devices)} here): XLA reaches only the variables of the "
+        f"device it compiles for. Use jit_compile=False, or one device.")
+
+
 def make_strategy(name, cpu_replicas=None):
   """Returns the `tf.distribute.Strategy` called `name`.
 

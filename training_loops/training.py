@@ -7,7 +7,7 @@ import tensorflow as tf
 
 # keras_fit registers the "keras_fit" loop, after the custom loops.
 from training_loops import drivers, keras_fit  # noqa: F401
-from training_loops import run_lock
+from training_loops import run_lock, strategies
 from training_loops.controller import (Cadence, Controller, as_floats,
                                        known_length)
 from training_loops.trainer import Trainer, first_line
@@ -96,6 +96,8 @@ def _build(loop, options, model_fn, optimizer_fn, loss, data, *, metrics,
   (unless None), so builds with one seed start from the same weights;
   `data` is only checked against the model."""
   strategy = strategy or tf.distribute.get_strategy()
+  if options.jit_compile:
+    strategies.check_jit_compile(strategy)
   if seed is not None:
     keras.utils.set_random_seed(seed)
   with strategy.scope():
