@@ -69,6 +69,18 @@ def test_per_output_sample_weights_must_name_every_output():
            loss=_TWO_LOSSES, metrics={})
 
 
+def test_targets_stacked_into_one_tensor_are_refused_for_two_losses():
+  """tf.data turns a Python list of targets into one stacked tensor, which
+  the losses would otherwise index (or broadcast) silently."""
+  stacked = _weights_for_a_only().map(
+      lambda x, y, w: (x, [y["a"], y["b"]]))
+  with pytest.raises(ValueError, match=r"train_data's targets are one tensor "
+                                       r"of shape \(2, None, 1\), but the "
+                                       r"losses are per output"):
+    _train(model_fn=two_regressions, data=stacked, loss=_TWO_LOSSES,
+           metrics={})
+
+
 def test_evaluate_checks_per_output_sample_weights_too():
   with pytest.raises(ValueError, match=r"data's sample weights are per "
                                        r"output \(\['a'\]\) but miss"):

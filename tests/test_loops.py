@@ -485,6 +485,38 @@ def test_metrics_that_build_at_their_first_update_work_as_in_fit():
     np.testing.assert_allclose(ours[key], value, rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.parametrize("outputs", ["two", "one"])
+def test_a_loss_on_one_output_reports_as_fit(outputs):
+  """A dict loss and metrics for output "a" alone: fit reports no
+  per-output loss for a single loss, and prefixes metric names only when
+  the model has several outputs; a plain tensor of targets serves the one
+  model output."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(32, 4)).astype("float32")
+  target = (x @ rng.normal(size=(4, 1))).astype("float32")
+  if outputs == "two":
+    model_fn, targets = two_regressions, {"a": target, "b": -target}
+  else:
+    def model_fn():
+      inputs = keras.Input((4,))
+      return keras.Model(inputs, layers.Dense(1, name="a")(inputs))
+    targets = target
+  data = tf.data.Dataset.from_tensor_slices((x, targets)).batch(8)
+  results = {loop: run_loop(
+      loop, data=data, model_fn=model_fn, optimizer_fn=sgd(0.01),
+      loss={"a": losses.MeanSquaredError()}, validation_data=data,
+      metrics={"a": [keras.metrics.MeanAbsoluteError(name="mae")]}).history
+             for loop in training_loops.LOOPS}
+  mae = "a_mae" if outputs == "two" else "mae"
+  assert sorted(results["keras_fit"]) == sorted(
+      ["learning_rate", "loss", mae, "val_loss", "val_" + mae])
+  for loop, history in results.items():
+    assert history.keys() == results["keras_fit"].keys(), loop
+    for key, values in history.items():
+      np.testing.assert_allclose(values, results["keras_fit"][key],
+                                 rtol=1e-5, err_msg=f"{loop} {key}")
+
+
 class _OneHotAccuracy(keras.metrics.Metric):
   """Accuracy that first asserts its targets are one-hot rows."""
 

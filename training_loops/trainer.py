@@ -85,14 +85,17 @@ class Trainer:
     self.loss, self.loss_weights = loss, loss_weights
     self.strategy = strategy or tf.distribute.get_strategy()
     self.output_losses = _output_losses(model, loss, loss_weights)
-    multi_output = self.output_losses[0].key is not None
     self.train_trackers = {"loss": keras.metrics.Mean(name="loss")}
-    if multi_output:
+    # As fit: a tracker per output loss when there are several, and metric
+    # names prefixed by their output's when the model has several outputs.
+    if len(self.output_losses) > 1:
       for output in self.output_losses:
         self.train_trackers[output.report_name] = keras.metrics.Mean(
             name=output.report_name)
-    self.train_metrics = _copied_metrics(metrics, multi_output)
-    self.eval_metrics = _copied_metrics(metrics, multi_output)
+    keyed = self.output_losses[0].key is not None
+    prefixed = len(getattr(model, "output_names", None) or ()) > 1
+    self.train_metrics = _copied_metrics(metrics, keyed, prefixed)
+    self.eval_metrics = _copied_metrics(metrics, keyed, prefixed)
     self.eval_trackers = {name: keras.metrics.Mean(name=name)
                           for name in self.train_trackers}
 
@@ -292,7 +295,7 @@ class Trainer:
                                                    replica_share))
       local_loss = _plus(local_loss, _weighted(output.weight, local_mean))
       local_examples = _examples(values)
-      if output.key is not None:  # multi-output: a tracker per output
+      if len(self.output_losses) > 1:  # a tracker per output loss
         tracked[output.report_name] = (local_mean, local_examples)
     if self.model.losses:  # regularization, counted once across replicas
       regularization = tf.add_n(self.model.losses)
@@ -421,7 +424,11 @@ def _clips_gradients(optimizer):
 
 
 def _pick(structure, key):
-  return structure if key is None else structure[key]
+  """`structure[key]`; a single tensor is every output's, as fit gives it
+  to a loss (or metrics) keyed to the one output with a loss."""
+  if key is None or not tf.nest.is_nested(structure):
+    return structure
+  return structure[key]
 
 
 def _described(result):
@@ -494,9 +501,11 @@ def _unreduced(loss):
   return type(loss).from_config({**loss.get_config(), "reduction": "none"})
 
 
-def _copied_metrics(metrics, multi_output):
-  """`{(output_key, report_name): metric copy}` in a stable order."""
-  if multi_output and metrics and not isinstance(metrics, dict):
+def _copied_metrics(metrics, keyed, prefixed):
+  """`{(output_key, report_name): metric copy}` in a stable order; with
+  `keyed` (losses per output) metrics are given per output too, and with
+  `prefixed` their names start with their output's."""
+  if keyed and metrics and not isinstance(metrics, dict):
     raise ValueError("For a multi-output model, give metrics as a dict: "
                      "output name -> list of metrics.")
   if isinstance(metrics, dict):
@@ -509,8 +518,8 @@ def _copied_metrics(metrics, multi_output):
     if not isinstance(metric, keras.metrics.Metric):
       raise ValueError(f"metrics must be keras.metrics.Metric objects, got "
                        f"{metric!r}.")
-    name = metric.name if key is None or not multi_output else (
-        f"{key}_{metric.name}")
+    name = f"{key}_{metric.name}" if key is not None and prefixed else (
+        metric.name)
     copies[(key, name)] = type(metric).from_config(metric.get_config())
   return copies
 

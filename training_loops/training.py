@@ -80,7 +80,7 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
                   loss_weights=loss_weights, strategy=strategy, seed=seed)
   for name, data in (("train_data", train_data),
                      ("validation_data", validation_data)):
-    _check_sample_weights(name, data, driver.trainer.output_losses)
+    _check_per_output_data(name, data, driver.trainer.output_losses)
   with (run_lock.held_by_chief(checkpoint_dir, driver.trainer.strategy)
         if checkpoint_dir else contextlib.nullcontext()):
     return Controller(
@@ -150,7 +150,7 @@ def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
   with strategy.scope():
     trainer = Trainer(model, None, loss, loss_weights, metrics, strategy)
     trainer.build_metrics(*_check_model_fits_data(model, loss, data))
-  _check_sample_weights("data", data, trainer.output_losses)
+  _check_per_output_data("data", data, trainer.output_losses)
   driver = drivers.GraphDriver(trainer)
   driver.evaluate(iter(strategy.experimental_distribute_dataset(data)))
   return as_floats(trainer.eval_logs(prefix=""))
@@ -186,26 +186,45 @@ def _check_model_fits_data(model, loss, data):
   return targets, predictions
 
 
-def _check_sample_weights(name, data, output_losses):
-  """Nested sample weights must hold one entry per output with a loss,
-  under its key (a dict) or at its index (a list), as fit picks them."""
-  if data is None or len(data.element_spec) < 3:
+def _check_per_output_data(name, data, output_losses):
+  """With a loss per output, the targets, and sample weights given per
+  output, must hold an entry for each output with a loss: under its key (a
+  dict) or at its index (a tuple), as fit picks them."""
+  if data is None:
     return
-  weights = data.element_spec[2]
-  if not tf.nest.is_nested(weights):
-    return  # one weight per example, for every output
-  given = list(weights) if isinstance(weights, dict) else list(
-      range(len(weights)))
   keys = [output.key for output in output_losses]
+  targets = data.element_spec[1]
+  if tf.nest.is_nested(targets):
+    if keys != [None]:
+      _check_entries(f"{name}'s targets", targets, keys)
+  elif len(keys) > 1:
+    raise ValueError(
+        f"{name}'s targets are one tensor of shape {tuple(targets.shape)}, "
+        f"but the losses are per output ({keys}): give a dict or a tuple of "
+        f"targets (tf.data stacks a Python list into one tensor).")
+  weights = data.element_spec[2] if len(data.element_spec) == 3 else None
+  if not tf.nest.is_nested(weights):
+    return  # none, or one weight per example for every output
   if keys == [None]:
-    raise ValueError(f"{name}'s sample weights are per output ({given}), "
-                     f"but the loss is one: give one array of weights.")
+    raise ValueError(f"{name}'s sample weights are per output "
+                     f"({_entries(weights)}), but the loss is one: give one "
+                     f"array of weights.")
+  _check_entries(f"{name}'s sample weights", weights, keys)
+
+
+def _check_entries(what, structure, keys):
+  given = _entries(structure)
   missing = [key for key in keys if key not in given]
   if missing:
     raise ValueError(
-        f"{name}'s sample weights are per output ({given}) but miss "
-        f"{missing}: give one entry per output with a loss ({keys}), or "
-        f"one array of weights for all.")
+        f"{what} are per output ({given}) but miss {missing}: give one "
+        f"entry per output with a loss ({keys}).")
+
+
+def _entries(structure):
+  if isinstance(structure, dict):
+    return list(structure)
+  return list(range(len(structure)))
 
 
 def _zero_example(spec):
