@@ -138,3 +138,18 @@ def test_xla_on_replicas_on_several_cpus_is_refused(mirrored, loop):
     run_loop(loop, model_fn=lambda: classifier(batch_norm=False),
              data=classification_data(drop_remainder=True), jit_compile=True,
              strategy=mirrored)
+
+
+@pytest.mark.parametrize("strategy", [
+    lambda: tf.distribute.MirroredStrategy(["/cpu:0"]),
+    lambda: tf.distribute.OneDeviceStrategy("/cpu:0")],
+    ids=["mirrored_one_replica", "one_device"])
+def test_graph_loop_xla_on_one_replica_strategies_as_the_default(strategy):
+  """Batches of one static shape take the XLA chunks (or, in a mirrored
+  strategy's replica thread, XLA step by step)."""
+  runs = [run_loop("graph", model_fn=lambda: classifier(batch_norm=False),
+                   data=classification_data(drop_remainder=True),
+                   jit_compile=True, strategy=under).history
+          for under in (None, strategy())]
+  for key, values in runs[1].items():
+    np.testing.assert_allclose(values, runs[0][key], rtol=1e-5, err_msg=key)

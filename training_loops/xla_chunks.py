@@ -10,6 +10,7 @@ outside XLA: this path serves one replica with batches of one static shape.
 
 import tensorflow as tf
 
+from training_loops import strategies
 from training_loops.graph_loops import over_batches
 
 # Batches per XLA computation: enough that the call and the copy into one
@@ -23,9 +24,12 @@ CHUNK_STEPS = 64
 
 def applies(iterator, strategy):
   """Whether every batch is one plain tensor structure of one known shape,
-  on one replica."""
+  on one replica, run in the caller's thread: a mirrored strategy's
+  replica thread cannot `merge_call` (the optimizer's update) from inside
+  the compiled chunk."""
   specs = tf.nest.flatten(iterator.element_spec)
-  return strategy.num_replicas_in_sync == 1 and all(
+  return (strategy.num_replicas_in_sync == 1
+          and not strategies.runs_replicas_in_threads(strategy)) and all(
       isinstance(spec, tf.TensorSpec) and spec.shape.is_fully_defined()
       for spec in specs)
 
@@ -87,6 +91,10 @@ def _next_chunk(iterator, size, limit):
 
   def write(batch, state):
     arrays, _, count = state
+    # A distributed iterator's batches (one-device and one-replica mirrored
+    # strategies) lose the static batch size its element spec has.
+    batch = tf.nest.map_structure(
+        lambda value, spec: tf.ensure_shape(value, spec.shape), batch, specs)
     return _write(arrays, count, batch), batch, count + 1
 
   count, (arrays, last, _) = over_batches(
