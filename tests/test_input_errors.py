@@ -108,3 +108,28 @@ def test_a_metric_with_a_vector_result_is_refused():
                                        r"number per metric"):
     _train(data=one_hot, loss=losses.CategoricalCrossentropy(),
            metrics=[keras.metrics.F1Score(average=None)])
+
+
+def test_a_loss_dict_naming_an_output_the_model_lacks_is_refused():
+  with pytest.raises(ValueError, match=r"The loss dict names outputs the "
+                                       r"model does not have: \['wrong'\]"):
+    _train(model_fn=two_regressions, data=_weights_for_a_only(),
+           loss={"wrong": losses.MeanSquaredError()}, metrics={})
+
+
+def test_two_metrics_under_one_name_are_refused():
+  with pytest.raises(ValueError, match="Two metrics report as 'm'"):
+    _train(metrics=[keras.metrics.SparseCategoricalAccuracy(name="m"),
+                    keras.metrics.SparseTopKCategoricalAccuracy(name="m")])
+
+
+def test_metrics_for_an_output_without_targets_are_refused():
+  """One tensor of targets is the output's with the loss; fit drops the
+  other output's metrics without a word."""
+  one_target = _weights_for_a_only().map(lambda x, y, w: (x, y["a"]))
+  with pytest.raises(ValueError, match=r"Metric 'b_mae' is for output 'b', "
+                                       r"but the targets are one tensor"):
+    _train(model_fn=two_regressions, data=one_target,
+           loss={"a": losses.MeanSquaredError()},
+           metrics={output: [keras.metrics.MeanAbsoluteError(name="mae")]
+                    for output in "ab"})

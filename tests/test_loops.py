@@ -485,6 +485,9 @@ def test_metrics_that_build_at_their_first_update_work_as_in_fit():
     np.testing.assert_allclose(ours[key], value, rtol=1e-5, err_msg=key)
 
 
+# Output "b" of the two has no loss, so no gradient: as fit, Keras' optimizer
+# says so.
+@pytest.mark.filterwarnings("ignore:Gradients do not exist")
 @pytest.mark.parametrize("outputs", ["two", "one"])
 def test_a_loss_on_one_output_reports_as_fit(outputs):
   """A dict loss and metrics for output "a" alone: fit reports no
@@ -510,6 +513,38 @@ def test_a_loss_on_one_output_reports_as_fit(outputs):
   mae = "a_mae" if outputs == "two" else "mae"
   assert sorted(results["keras_fit"]) == sorted(
       ["learning_rate", "loss", mae, "val_loss", "val_" + mae])
+  for loop, history in results.items():
+    assert history.keys() == results["keras_fit"].keys(), loop
+    for key, values in history.items():
+      np.testing.assert_allclose(values, results["keras_fit"][key],
+                                 rtol=1e-5, err_msg=f"{loop} {key}")
+
+
+class _TwoHeads(keras.Model):
+  """Subclassed, so without output names: fit names its metrics by the
+  keys of the predictions it returns."""
+
+  def __init__(self):
+    super().__init__(name="two_heads")
+    self.a, self.b = layers.Dense(1), layers.Dense(1)
+
+  def call(self, inputs):
+    return {"a": self.a(inputs), "b": self.b(inputs)}
+
+
+def test_a_subclassed_two_output_model_names_its_metrics_as_fit():
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(32, 4)).astype("float32")
+  target = (x @ rng.normal(size=(4, 1))).astype("float32")
+  data = tf.data.Dataset.from_tensor_slices(
+      (x, {"a": target, "b": -target})).batch(8)
+  results = {loop: run_loop(
+      loop, data=data, model_fn=_TwoHeads, optimizer_fn=sgd(0.01),
+      loss={"a": losses.MeanSquaredError(), "b": losses.MeanSquaredError()},
+      metrics={output: [keras.metrics.MeanAbsoluteError(name="mae")]
+               for output in "ab"}).history
+             for loop in training_loops.LOOPS}
+  assert {"a_mae", "b_mae"} <= set(results["keras_fit"])
   for loop, history in results.items():
     assert history.keys() == results["keras_fit"].keys(), loop
     for key, values in history.items():

@@ -86,16 +86,16 @@ class Trainer:
     self.strategy = strategy or tf.distribute.get_strategy()
     self.output_losses = _output_losses(model, loss, loss_weights)
     self.train_trackers = {"loss": keras.metrics.Mean(name="loss")}
-    # As fit: a tracker per output loss when there are several, and metric
-    # names prefixed by their output's when the model has several outputs.
+    # As fit: a tracker per output loss when there are several.
     if len(self.output_losses) > 1:
       for output in self.output_losses:
         self.train_trackers[output.report_name] = keras.metrics.Mean(
             name=output.report_name)
     keyed = self.output_losses[0].key is not None
-    prefixed = len(getattr(model, "output_names", None) or ()) > 1
-    self.train_metrics = _copied_metrics(metrics, keyed, prefixed)
-    self.eval_metrics = _copied_metrics(metrics, keyed, prefixed)
+    if isinstance(metrics, dict):
+      _check_output_names("metrics", list(metrics), model)
+    self.train_metrics = _copied_metrics(metrics, keyed)
+    self.eval_metrics = _copied_metrics(metrics, keyed)
     self.eval_trackers = {name: keras.metrics.Mean(name=name)
                           for name in self.train_trackers}
 
@@ -107,9 +107,20 @@ class Trainer:
     loops reset, checkpoint or restore them, and a metric that does not fit
     the model's outputs says so before training. Traced, not run, as fit's
     are built on symbolic tensors: a metric that checks its targets' values
-    sees only real batches. Call inside the strategy's scope."""
+    sees only real batches. Also settles the names they report under,
+    prefixed by their output's where the model gives several outputs, as
+    fit names them. Call inside the strategy's scope."""
+    several_outputs = len(tf.nest.flatten(predictions)) > 1
+    self.train_metrics = _reported(self.train_metrics, several_outputs)
+    self.eval_metrics = _reported(self.eval_metrics, several_outputs)
+    loss_keys = [output.key for output in self.output_losses]
     for (output, name), metric in (*self.train_metrics.items(),
                                    *self.eval_metrics.items()):
+      if not tf.nest.is_nested(targets) and output not in (None, *loss_keys):
+        # One tensor of targets is the output's with the loss.
+        raise ValueError(
+            f"Metric {name!r} is for output {output!r}, but the targets are "
+            f"one tensor, for {loss_keys}: give the targets as a dict.")
       try:
         y_true, y_pred = (_batch_spec(_pick(structure, output))
                           for structure in (targets, predictions))
@@ -466,6 +477,7 @@ def _output_losses(model, loss, loss_weights):
     return [_OutputLoss(None, "loss", _unreduced(loss), 1.0)]
   if isinstance(loss, dict):
     keys, names = list(loss), [str(k) for k in loss]
+    _check_output_names("loss", keys, model)
     weights = loss_weights or {}
     unknown = set(weights) - set(loss)
     if unknown:
@@ -487,6 +499,17 @@ def _output_losses(model, loss, loss_weights):
           in zip(keys, names, [loss[k] for k in keys], weights)]
 
 
+def _check_output_names(what, keys, model):
+  """Refuses `what` (a loss or metrics dict) naming an output the model
+  does not have, as fit does; a model without output names (subclassed)
+  is taken at its word."""
+  outputs = getattr(model, "output_names", None)
+  unknown = [key for key in keys if outputs and key not in outputs]
+  if unknown:
+    raise ValueError(f"The {what} dict names outputs the model does not "
+                     f"have: {unknown}; its outputs are {list(outputs)}.")
+
+
 def _unreduced(loss):
   """A copy of `loss` returning weighted per-example values."""
   if not isinstance(loss, keras.losses.Loss):
@@ -501,13 +524,14 @@ def _unreduced(loss):
   return type(loss).from_config({**loss.get_config(), "reduction": "none"})
 
 
-def _copied_metrics(metrics, keyed, prefixed):
-  """`{(output_key, report_name): metric copy}` in a stable order; with
-  `keyed` (losses per output) metrics are given per output too, and with
-  `prefixed` their names start with their output's."""
+def _copied_metrics(metrics, keyed):
+  """`{(output_key, metric name): metric copy}` in a stable order; with
+  `keyed` (losses per output) metrics are given per output too.
+  `Trainer.build_metrics` settles the names they report under."""
   if keyed and metrics and not isinstance(metrics, dict):
-    raise ValueError("For a multi-output model, give metrics as a dict: "
-                     "output name -> list of metrics.")
+    raise ValueError("With losses given per output (a dict or list), give "
+                     "metrics as a dict too: output name -> list of "
+                     "metrics.")
   if isinstance(metrics, dict):
     entries = [(key, metric) for key, group in metrics.items()
                for metric in group]
@@ -518,10 +542,19 @@ def _copied_metrics(metrics, keyed, prefixed):
     if not isinstance(metric, keras.metrics.Metric):
       raise ValueError(f"metrics must be keras.metrics.Metric objects, got "
                        f"{metric!r}.")
-    name = f"{key}_{metric.name}" if key is not None and prefixed else (
-        metric.name)
-    copies[(key, name)] = type(metric).from_config(metric.get_config())
+    if (key, metric.name) in copies:  # one entry of the logs for two
+      raise ValueError(f"Two metrics report as {metric.name!r}: give them "
+                       f"distinct names.")
+    copies[(key, metric.name)] = type(metric).from_config(
+        metric.get_config())
   return copies
+
+
+def _reported(metrics, prefixed):
+  """`metrics` keyed by the names they report under: prefixed by their
+  output's where the model has several outputs, as fit names them."""
+  return {(key, f"{key}_{name}" if key is not None and prefixed else name):
+          metric for (key, name), metric in metrics.items()}
 
 
 def _results(trackers, metrics):
