@@ -128,28 +128,7 @@ class Trainer:
         raise ValueError(
             f"Metric {name!r} is for output {output!r}, which the targets "
             f"or the model's outputs do not have.") from None
-      try:
-        # A stateless scope defers the variables the trace creates and
-        # creates them eagerly at its end, inside the strategy's scope (a
-        # mirrored variable cannot be lifted out of a trace), as fit's
-        # symbolic build does; it also keeps the trace's updates off them.
-        with keras.StatelessScope():
-          tf.function(metric.update_state,
-                      autograph=False).get_concrete_function(y_true, y_pred)
-          result = tf.function(metric.result, autograph=False
-                               ).get_concrete_function().structured_outputs
-      except (ValueError, TypeError) as error:
-        raise ValueError(
-            f"Metric {name!r} does not fit the targets {tuple(y_true.shape)} "
-            f"and outputs {tuple(y_pred.shape)}: {first_line(error)}"
-        ) from None
-      if not (tf.is_tensor(result) and result.shape.rank == 0):
-        # The history, progress bar, TensorBoard scalars and history.json
-        # hold one number per metric and epoch.
-        raise ValueError(
-            f"Metric {name!r} gives {_described(result)}; the loops log one "
-            f"number per metric: give one metric per threshold or class, or "
-            f"an averaged one (e.g. F1Score(average='macro')).")
+      _build_metric(name, metric, y_true, y_pred)
 
   # -- per replica ---------------------------------------------------------
 
@@ -440,6 +419,33 @@ def _pick(structure, key):
   if key is None or not tf.nest.is_nested(structure):
     return structure
   return structure[key]
+
+
+def _build_metric(name, metric, y_true, y_pred):
+  """Traces `metric`'s update on the specs `y_true`, `y_pred` and its
+  result, refusing in one line a metric that does not fit them or whose
+  result is not one number."""
+  try:
+    # A stateless scope defers the variables the trace creates and creates
+    # them eagerly at its end, inside the strategy's scope (a mirrored
+    # variable cannot be lifted out of a trace), as fit's symbolic build
+    # does; it also keeps the trace's updates off them.
+    with keras.StatelessScope():
+      tf.function(metric.update_state,
+                  autograph=False).get_concrete_function(y_true, y_pred)
+      result = tf.function(metric.result, autograph=False
+                           ).get_concrete_function().structured_outputs
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f"Metric {name!r} does not fit the targets {tuple(y_true.shape)} "
+        f"and outputs {tuple(y_pred.shape)}: {first_line(error)}") from None
+  if not (tf.is_tensor(result) and result.shape.rank == 0):
+    # The history, progress bar, TensorBoard scalars and history.json hold
+    # one number per metric and epoch.
+    raise ValueError(
+        f"Metric {name!r} gives {_described(result)}; the loops log one "
+        f"number per metric: give one metric per threshold or class, or an "
+        f"averaged one (e.g. F1Score(average='macro')).")
 
 
 def _described(result):
