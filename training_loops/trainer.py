@@ -272,7 +272,7 @@ class Trainer:
     for output in self.output_losses:
       y_true, y_pred = _pick(y, output.key), _pick(predictions, output.key)
       values = output.per_example(y_true, y_pred,
-                                  _output_weights(sample_weight, output.key))
+                                  _pick(sample_weight, output.key))
       local_sum = tf.reduce_sum(values)
       local_count = _count(values, y_pred)
       replica_share = _differentiable_share(
@@ -414,8 +414,10 @@ def _clips_gradients(optimizer):
 
 
 def _pick(structure, key):
-  """`structure[key]`; a single tensor is every output's, as fit gives it
-  to a loss (or metrics) keyed to the one output with a loss."""
+  """`structure[key]`: an output's targets, predictions or sample weights
+  from a dict or tuple of them. A single tensor (or None) is every
+  output's, as fit gives one array of sample weights to each loss, and
+  one tensor of targets to the one output with a loss."""
   if key is None or not tf.nest.is_nested(structure):
     return structure
   return structure[key]
@@ -457,15 +459,6 @@ def _described(result):
 def _batch_spec(tensor):
   """The spec of a batch shaped as `tensor`, of any size."""
   return tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype)
-
-
-def _output_weights(sample_weight, key):
-  """An output's sample weights: its own from a dict or list of them (one
-  per output, as the losses are given), else the same for every output, as
-  fit's loss picks them."""
-  if tf.nest.is_nested(sample_weight):
-    return _pick(sample_weight, key)
-  return sample_weight
 
 
 def _output_names(model):
