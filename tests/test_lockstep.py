@@ -45,7 +45,7 @@ def _compare(**kwargs):
 
 def _perturbed(base, at_step, perturb):
   """The loop `base`, but after step `at_step` (from 1, across epochs)
-  `perturb(trainer, loss)` runs and gives the loss it reports."""
+  `perturb(trainer, logs)` runs and gives the logs it reports."""
 
   class Perturbed(base):
 
@@ -57,24 +57,24 @@ def _perturbed(base, at_step, perturb):
       run = super().stepper(iterator)
 
       def perturbed_run(limit):
-        steps, loss = run(limit)
+        steps, logs = run(limit)
         self.steps_run += steps
         if steps and self.steps_run == at_step:
-          loss = perturb(self.trainer, loss)
-        return steps, loss
+          logs = perturb(self.trainer, logs)
+        return steps, logs
       return perturbed_run
   return Perturbed
 
 
-def _nudge_output_bias(trainer, loss):
+def _nudge_output_bias(trainer, logs):
   bias = trainer.model.get_layer("output").bias
   bias.assign(bias + [0.0, NUDGE, 0.0])
-  return loss
+  return logs
 
 
-def _misreport_loss(trainer, loss):
+def _misreport_loss(trainer, logs):
   del trainer
-  return loss * (1 + NUDGE)
+  return {**logs, "loss": logs["loss"] * (1 + NUDGE)}
 
 
 @pytest.fixture

@@ -206,12 +206,12 @@ def test_eager_loop_runs_the_model_and_loss_eagerly_and_compiles_the_rest():
   def model_fn():
     return keras.Sequential([keras.Input((4,)), probe,
                              layers.Dense(3, "softmax")])
-  driver_update = []
+  trainers = []
   original = drivers.EagerDriver.__init__
 
   def remember(self, trainer, options=training_loops.LoopOptions()):
     original(self, trainer, options)
-    driver_update.append(self)
+    trainers.append(trainer)
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(drivers.EagerDriver, "__init__", remember)
     training_loops.train(model_fn, sgd(), Loss(), data, loop="eager",
@@ -221,7 +221,7 @@ def test_eager_loop_runs_the_model_and_loss_eagerly_and_compiles_the_rest():
   assert probe.seen[-len(expected):] == pytest.approx(expected)
   assert seen_labels[-len(expected):] == [y.numpy().tolist()
                                           for _, y in data] * 2
-  [update] = driver_update[0].train_update.functions.values()
+  [update] = trainers[0]._compiled_update.functions.values()
   assert update.experimental_get_tracing_count() == 2
 
 
@@ -608,30 +608,29 @@ class _TwoStepsACall(training_loops.StepDriver):
 
     @tf.function
     def train_two(iterator, limit):
-      steps, loss = tf.constant(0), tf.constant(0.0)
+      steps, logs = tf.constant(0), {"loss": tf.constant(0.0)}
       for _ in tf.range(limit):
         batch = iterator.get_next_as_optional()
         if not batch.has_value():
           break
-        loss = train_step(batch.get_value())
+        logs = train_step(batch.get_value())
         steps += 1
-      return steps, loss
+      return steps, logs
 
     self.train_two = train_two
 
   def stepper(self, iterator):
     def run(limit):
-      steps, loss = self.train_two(iterator, tf.constant(limit))
-      return int(steps), loss
+      steps, logs = self.train_two(iterator, tf.constant(limit))
+      return int(steps), logs
     return run
 
   def eval_stepper(self, iterator):
     def run():
       batches = [batch for _, batch in zip(range(self.steps_per_call),
                                            iterator)]
-      for batch in batches:
-        self.eval_step(batch)
-      return len(batches)
+      logs = [self.eval_step(batch) for batch in batches]
+      return len(batches), logs[-1] if logs else None
     return run
 
 

@@ -50,7 +50,9 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(
              checkpoint_dir=tmp_path, jit_compile=jit_compile)
   model, optimizer = model_fn(), keras.optimizers.SGD()
   optimizer.build(model.trainable_variables)
-  position = RunCheckpoint(tmp_path, model, optimizer,
+  objects = {"model_variables": list(model.variables),
+             "optimizer": optimizer}
+  position = RunCheckpoint(tmp_path, model, objects,
                            tf.distribute.get_strategy(),
                            training_loops.History()).restore()
   # After epoch 0 (4 steps), not the poisoned epoch 1.

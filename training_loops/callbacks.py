@@ -120,20 +120,23 @@ class ProfileEpoch(keras.callbacks.Callback):
 class EpochRecorder(keras.callbacks.Callback):
   """Fills a `History` and writes TensorBoard summaries, for every loop.
 
-  Steps are the batches the optimizer was applied to, counted by the
-  optimizer, so `model.fit` and the custom loops are timed the same way.
-  The history also gets the learning rate at each epoch's end
-  (`learning_rate`). Summaries use the tags of
+  Steps are the training steps the run counted (`steps_done()`, over the
+  run), so `model.fit` and the custom loops are timed the same way, and a
+  step that applies two optimizers, or one several times, is one step.
+  The history also gets each optimizer's learning rate at each epoch's end
+  (`learning_rate` for one optimizer, `<name>_learning_rate` for several).
+  Summaries use the tags of
   Keras' TensorBoard callback (`epoch_loss`, `epoch_<metric>` in `train/`
   and `validation/`; `evaluation_<metric>_vs_iterations` in `validation/`
   for validations by step) plus `epoch_learning_rate` and
   `epoch_steps_per_second`.
   """
 
-  def __init__(self, history, optimizer, log_dir=None):
+  def __init__(self, history, optimizers, steps_done, log_dir=None):
     super().__init__()
     self.history = history
-    self.optimizer = optimizer
+    self.optimizers = optimizers
+    self.steps_done = steps_done
     self.log_dir = log_dir
     self._writers = None
 
@@ -146,7 +149,7 @@ class EpochRecorder(keras.callbacks.Callback):
 
   def on_epoch_begin(self, epoch, logs=None):
     self._start = self._train_end = time.perf_counter()
-    self._start_step = _current_step(self.optimizer)
+    self._start_step = self.steps_done()
     self._validating = False
     self._step_validation_seconds = 0.0
 
@@ -168,10 +171,13 @@ class EpochRecorder(keras.callbacks.Callback):
     end = time.perf_counter()
     train_seconds = (self._train_end if self._validating else end) - (
         self._start) - self._step_validation_seconds
-    steps = _current_step(self.optimizer) - self._start_step
+    steps = self.steps_done() - self._start_step
     steps_per_second = steps / train_seconds if train_seconds > 0 else 0.0
     logs = {key: float(value) for key, value in (logs or {}).items()}
-    logs["learning_rate"] = float(np.asarray(self.optimizer.learning_rate))
+    for name, optimizer in self.optimizers.items():
+      key = ("learning_rate" if len(self.optimizers) == 1
+             else f"{name}_learning_rate")
+      logs[key] = float(np.asarray(optimizer.learning_rate))
     self.history.append(epoch, logs, steps_per_second, end - self._start)
     if self._writers:
       self._write_summaries(epoch, logs, steps_per_second)
@@ -190,15 +196,6 @@ class EpochRecorder(keras.callbacks.Callback):
       with self._writers[split].as_default(step=epoch):
         for key, value in values.items():
           tf.summary.scalar("epoch_" + key, value)
-
-
-def _current_step(optimizer):
-  # `_iterations`, not `iterations`: under gradient accumulation the public
-  # count is of updates, one per `gradient_accumulation_steps` batches. (A
-  # `LossScaleOptimizer` keeps the count in its inner optimizer.) `.numpy()`
-  # reads a mirrored variable too, where `int()` cannot.
-  counting = getattr(optimizer, "inner_optimizer", optimizer)
-  return int(counting._iterations.numpy())
 
 
 def _improvement_sign(monitor, mode):

@@ -33,8 +33,10 @@ _CALLBACK_STATE_KEY = "callback_state/.ATTRIBUTES/py_state"
 
 
 class RunCheckpoint:
-  """Model, optimizer (slots and step counter; a `LossScaleOptimizer`'s
-  loss scale and count of good steps too), the position in training (and
+  """The training step's state (`TrainingStep.checkpoint_objects`: the
+  model's variables and every optimizer, with slots and step counter; a
+  `LossScaleOptimizer`'s loss scale and count of good steps too), the
+  position in training (and
   the run's step count) and the `History` so far, saved after every epoch,
   every `checkpoint_every_steps` and on a stop request (the
   variables by a `tf.train.CheckpointManager`, numbered by save; the history
@@ -54,7 +56,7 @@ class RunCheckpoint:
   chief writes to `directory`, the others to a scratch copy they delete.
   """
 
-  def __init__(self, directory, model, optimizer, strategy, history,
+  def __init__(self, directory, model, objects, strategy, history,
                progress_variables=(), max_to_keep=3, callback_state=None):
     with strategy.scope():
       self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -63,10 +65,8 @@ class RunCheckpoint:
                                         name="steps_in_epoch")
       self.steps_done = tf.Variable(0, dtype=tf.int64, trainable=False,
                                     name="steps_done")
-    # `model.variables`, not `model`: Keras' object graph does not reach the
-    # dropout layers' seed-generator state, which a resume needs.
     state = dict(
-        model_variables=list(model.variables), optimizer=optimizer,
+        **objects,
         epochs_done=self.epochs_done, steps_in_epoch=self.steps_in_epoch,
         steps_done=self.steps_done, progress_variables=list(progress_variables))
     # Checkpoints saved before callback state was are read without it.

@@ -34,6 +34,7 @@ class Epoch:
     iterator: its distributed batches, past those a resumed run trained.
     steps: steps done in it, counting those of a resumed run; the driver
       reports the ones it runs with `advance`.
+    last_logs: the logs of its last step (None before the first).
     hooks: `BatchHooks` to run around each driver call.
     progress_bar: the epoch's `keras.utils.Progbar`, finalized at its end.
   """
@@ -42,6 +43,7 @@ class Epoch:
                progress_bar=None):
     self.index, self.iterator, self.steps = index, iterator, steps
     self.hooks, self.progress_bar = hooks, progress_bar
+    self.last_logs = None
     self._controller = controller
 
   def stop_requested(self):
@@ -59,11 +61,13 @@ class Epoch:
     due."""
     return self._controller.cadence.steps_before_event(steps_per_call)
 
-  def advance(self, steps):
-    """Reports `steps` more steps trained (their loss checked): the batch
-    hooks' end, then any validation or checkpoint that falls due."""
+  def advance(self, steps, logs):
+    """Reports `steps` more steps trained (their losses checked), the last
+    one's `logs`: the batch hooks' end, then any validation or checkpoint
+    that falls due."""
     self.steps += steps
-    self.hooks.end(self.steps)
+    self.last_logs = logs
+    self.hooks.end(self.steps, logs)
     self._controller.steps_ran(steps, self.index, self.steps)
 
 
@@ -128,9 +132,10 @@ class BatchHooks:
 
   def __init__(self, kind, callback_list, logs, batches=None,
                progress=None):
-    """`logs()`: the running results; `batches`: how many the data has, if
-    known (fit never begins a batch past the end); `progress(done, logs)`,
-    the progress bar's update, runs at every `end`."""
+    """`logs(last_logs)`: the running results, given the last step's logs;
+    `batches`: how many the data has, if known (fit never begins a batch
+    past the end); `progress(done, logs)`, the progress bar's update, runs
+    at every `end`."""
     self.active = any(
         not getattr(getattr(callback, name), "_is_default", False)
         for callback in callback_list.callbacks
@@ -143,10 +148,10 @@ class BatchHooks:
     if self.active and (self._batches is None or done < self._batches):
       self._begin(done)
 
-  def end(self, done):
+  def end(self, done, last_logs):
     if not (self.active or self._progress):
       return
-    logs = as_floats(self._logs())
+    logs = as_floats(self._logs(last_logs))
     if self._progress:
       self._progress(done, logs)
     if self.active:
@@ -158,7 +163,7 @@ class Controller:
   callback order.
 
   Args:
-    driver: a `drivers.Driver` around the run's `Trainer`.
+    driver: a `drivers.Driver` around the run's `step.TrainingStep`.
     train_data, validation_data: `tf.data.Dataset`s of batches.
     epochs: the total number of epochs, counting those a resumed run did.
     checkpoint_dir: save every epoch there (and at `cadence` steps, and
@@ -180,14 +185,16 @@ class Controller:
     self.epochs_total, self.verbose = epochs, verbose
     self.cadence = cadence or Cadence()
     self.history = History(model=self.model)
-    self.recorder = EpochRecorder(self.history, trainer.optimizer, log_dir)
+    self.recorder = EpochRecorder(
+        self.history, trainer.optimizers(),
+        lambda: self.cadence.steps_done, log_dir)
     self.callbacks = [self.recorder, *callbacks]
     self.callback_state = (CallbackState(self.callbacks, self.model)
                            if checkpoint_dir else None)
     self.checkpoint = (
-        RunCheckpoint(checkpoint_dir, self.model, trainer.optimizer,
-                      trainer.strategy, self.history,
-                      trainer.progress_variables(),
+        RunCheckpoint(checkpoint_dir, self.model,
+                      trainer.checkpoint_objects(), trainer.strategy,
+                      self.history, trainer.progress_variables(),
                       callback_state=self.callback_state)
         if checkpoint_dir else None)
     # (epoch, steps done in it): where the run is, and where a stop saves.
@@ -264,7 +271,8 @@ class Controller:
         self.callbacks, model=self.model, verbose=self.verbose,
         epochs=self.epochs_total, steps=train_length)
     test_hooks = BatchHooks(
-        "test", callbacks, lambda: self.trainer.eval_logs(prefix=""),
+        "test", callbacks,
+        lambda last_logs: self.trainer.eval_logs(last_logs, prefix=""),
         known_length(self.validation_data))
     self.model.stop_training = False
     callbacks.on_train_begin()
@@ -293,11 +301,13 @@ class Controller:
         return
       if epoch.steps == 0:  # a dataset of unknown length that was empty
         raise ValueError("train_data yielded no batches.")
-      logs = self.trainer.train_logs()
+      logs = self.trainer.train_logs(epoch.last_logs)
       if self.validation_data is not None:
         callbacks.on_test_begin()
-        self.driver.evaluate(iter(self._validation_batches()), test_hooks)
-        validation_logs = as_floats(self.trainer.eval_logs(prefix=""))
+        last_logs = self.driver.evaluate(iter(self._validation_batches()),
+                                         test_hooks)
+        validation_logs = as_floats(
+            self.trainer.eval_logs(last_logs, prefix=""))
         callbacks.on_test_end(validation_logs)
         logs.update({f"val_{key}": value
                      for key, value in validation_logs.items()})
@@ -307,18 +317,17 @@ class Controller:
       self.epoch_done(index, logs)
       if self.model.stop_training:
         break
-    # As fit: with `use_ema`, training ends on the moving averages.
-    self.trainer.optimizer.finalize_variable_values(
-        self.model.trainable_weights)
+    self.trainer.finish()
     callbacks.on_train_end(logs)
 
   def _begin_epoch(self, index, first_step, train_batches, batches,
                    callbacks):
     if not first_step:
       self.trainer.reset()  # else: the running metrics were restored
-    progress_bar = keras.utils.Progbar(
-        batches, verbose=self.verbose,
-        stateful_metrics=list(self.trainer.train_logs()) + ["val_loss"])
+    # Every log is shown as it is, not averaged again, as fit's progress
+    # bar shows them.
+    progress_bar = keras.utils.Progbar(batches, verbose=self.verbose,
+                                       stateless_metrics=set())
     hooks = BatchHooks(
         "train", callbacks, self.trainer.train_logs, batches,
         (lambda done, logs: progress_bar.update(done, logs.items()))
@@ -371,10 +380,15 @@ class Controller:
     """Validation at a step, logged by step; Keras has no callback event
     for it, so none is called."""
     started = time.perf_counter()
-    self.driver.evaluate(iter(self._validation_batches()))
+    # A step whose evaluation shares the training results (a Keras model's
+    # metrics serve both) would lose the epoch's running results.
+    running = [v.numpy() for v in self.trainer.progress_variables()]
+    last_logs = self.driver.evaluate(iter(self._validation_batches()))
+    logs = as_floats(self.trainer.eval_logs(last_logs))
+    for variable, value in zip(self.trainer.progress_variables(), running):
+      variable.assign(value)
     self.recorder.step_validated(
-        self.cadence.steps_done, epoch,
-        as_floats(self.trainer.eval_logs()),
+        self.cadence.steps_done, epoch, logs,
         seconds=time.perf_counter() - started)
 
   def _validation_batches(self):

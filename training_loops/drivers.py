@@ -3,10 +3,10 @@ and the three custom loops.
 
 A `Controller` owns everything around the epochs (callbacks, validation,
 checkpoints, stop requests, history, progress, errors); a driver only runs
-steps. The custom loops share `StepDriver`, which owns an epoch's
-bookkeeping (stop checks, step counting, the finite-loss check, the
-batch-level hooks around each call); each supplies only how many steps one
-Python call runs and how.
+the steps of a `step.TrainingStep`. The custom loops share `StepDriver`,
+which owns an epoch's bookkeeping (stop checks, step counting, the
+finite-loss check, the batch-level hooks around each call); each supplies
+only how many steps one Python call runs and how.
 """
 
 import abc
@@ -15,7 +15,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from training_loops import strategies, xla_chunks
+from training_loops import step as step_lib
+from training_loops import xla_chunks
 from training_loops.graph_loops import over_batches
 from training_loops.trainer import NonFiniteLossError
 
@@ -30,6 +31,13 @@ def register(name):
     DRIVERS[name] = driver_class
     return driver_class
   return add
+
+
+def check_loop(name):
+  """Refuses in one line a loop that is not registered."""
+  if name not in DRIVERS:
+    raise ValueError(f"Unknown loop {name!r}; expected one of "
+                     f"{', '.join(DRIVERS)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +62,8 @@ class Driver(abc.ABC):
   """The protocol between a `Controller` and one way of running steps.
 
   Args:
-    trainer: the `Trainer` whose steps (or, for `model.fit`, whose model,
-      optimizer, losses and metrics) it runs.
+    trainer: the `step.TrainingStep` whose steps (for `model.fit`, whose
+      model) it runs.
     options: `LoopOptions`; a driver refuses the ones it cannot honour.
   """
 
@@ -75,8 +83,9 @@ class Driver(abc.ABC):
 
   @abc.abstractmethod
   def evaluate(self, iterator, hooks=None):
-    """Evaluates every batch of `iterator` into the trainer's eval metrics,
-    reset first; `hooks` (test-batch `BatchHooks`) run around each call."""
+    """Evaluates every batch of `iterator` into the step's eval results,
+    reset first; `hooks` (test-batch `BatchHooks`) run around each call.
+    Returns the last batch's logs (None for no batch)."""
 
 
 class StepDriver(Driver):
@@ -110,72 +119,60 @@ class StepDriver(Driver):
     while not epoch.stop_requested():
       limit = epoch.steps_before_event(self.steps_per_call)
       epoch.hooks.begin(epoch.steps)
-      steps, loss = run_steps(limit)
+      steps, logs = run_steps(limit)
       if steps:
-        _check_finite(loss, epoch.index, epoch.steps + steps)
-        epoch.advance(steps)
+        _check_finite(logs, epoch.index, epoch.steps + steps)
+        epoch.advance(steps, logs)
       if steps < limit or epoch.stop_training():
         return
 
   def evaluate(self, iterator, hooks=None):
     """Runs the eval step on every batch of `iterator`, from reset eval
-    metrics; `hooks` (the controller's test-batch `BatchHooks`) run around
-    each call."""
+    results; `hooks` (the controller's test-batch `BatchHooks`, given the
+    last logs) run around each call. Returns the last batch's logs."""
     self.trainer.reset_eval()
     run_steps = self.eval_stepper(iterator)
-    done = 0
+    done, last_logs = 0, None
     while True:
       if hooks:
         hooks.begin(done)
-      steps = run_steps()
+      steps, logs = run_steps()
       done += steps
-      if steps and hooks:
-        hooks.end(done)
+      if steps:
+        last_logs = logs
+        if hooks:
+          hooks.end(done, last_logs)
       if steps < self.steps_per_call:
-        return
+        return last_logs
 
   @abc.abstractmethod
   def stepper(self, iterator):
     """Returns `run(limit)`: trains up to `limit` (<= `steps_per_call`)
-    steps on `iterator`'s next batches and returns `(steps run, last
-    loss)`; fewer steps than `limit` mean the data ended (or the loss is
-    not finite)."""
+    steps on `iterator`'s next batches and returns `(steps run, the last
+    step's logs)`; fewer steps than `limit` mean the data ended (or a loss
+    is not finite)."""
 
   @abc.abstractmethod
   def eval_stepper(self, iterator):
     """Returns `run()`: evaluates up to `steps_per_call` batches of
-    `iterator` and returns how many; fewer mean the data ended."""
+    `iterator` and returns `(how many, the last one's logs)`; fewer mean
+    the data ended."""
 
 
 @register("eager")
 class EagerDriver(StepDriver):
-  """The model's forward pass, the loss and the tape's gradient run op by op
-  in Python, so a breakpoint or a print in a layer's `call` or in the loss
-  sees every step's real tensors.
-
-  What follows the gradient (`Trainer.update`: the optimizer's update and
-  the metrics; `Trainer.record_eval` in evaluation) runs as one compiled
-  call a step: the same ops, but dispatched op by op they cost more than
-  the rest of the step together. So a metric's or an optimizer's own code
-  runs traced, not eagerly; `tf.config.run_functions_eagerly(True)` runs it
-  eagerly too. Under a mirrored strategy it stays eager, since
-  `strategy.run` calls each replica in a thread of its own, where a
-  compiled call could not join the replicas' `merge_call`s.
-  """
+  """The step runs op by op in Python, so a breakpoint or a print in a
+  layer's `call`, the loss or a model's own `train_step` sees every step's
+  real tensors (the supervised step compiles its update: see
+  `Trainer.train_replica_step`)."""
 
   def __init__(self, trainer, options=LoopOptions()):
     super().__init__(trainer, options)
     if options.jit_compile:
       raise ValueError("jit_compile needs loop='function', 'graph' or "
                        "'keras_fit'.")
-    self.train_update, self.record_eval = trainer.update, trainer.record_eval
-    if not strategies.runs_replicas_in_threads(trainer.strategy):
-      self.train_update = Compiled(trainer.update, trainer.model)
-      self.record_eval = Compiled(trainer.record_eval, trainer.model)
-    self.train_step = trainer.distribute(
-        lambda batch: trainer.train_replica_step(batch, self.train_update))
-    self.eval_step = trainer.distribute(
-        lambda batch: trainer.eval_replica_step(batch, self.record_eval))
+    self.train_step = trainer.distribute(trainer.train_replica_step)
+    self.eval_step = trainer.distribute(trainer.eval_replica_step)
 
   def stepper(self, iterator):
     def run(limit):
@@ -187,53 +184,8 @@ class EagerDriver(StepDriver):
   def eval_stepper(self, iterator):
     def run():
       batch = next(iterator, None)
-      if batch is None:
-        return 0
-      self.eval_step(batch)
-      return 1
+      return (0, None) if batch is None else (1, self.eval_step(batch))
     return run
-
-
-class Compiled:
-  """`function` compiled, with a trace for each set of trainable variables
-  and each signature of its arguments.
-
-  A trace keeps the variables it was traced with, while the eager gradient
-  follows the model's current ones (a layer frozen or unfrozen between
-  steps), as Keras' `run_eagerly` does. Each trace is called through its
-  concrete function: `tf.function`'s own lookup of the trace for the
-  arguments (a list of gradients, the predictions, a dict of losses) costs
-  about 0.3 ms, a twentieth of an eager step of the course's network.
-  """
-
-  def __init__(self, function, model):
-    self.function, self.model = function, model
-    self.functions = {}  # ids of the trainable variables -> tf.function
-    self.concrete = {}  # (those ids, argument signature) -> its trace
-
-  def __call__(self, *args):
-    if tf.config.functions_run_eagerly():  # as a tf.function would
-      return self.function(*args)
-    variables = tuple(map(id, self.model.trainable_variables))
-    key = (variables, _signature(args))
-    concrete = self.concrete.get(key)
-    if concrete is None:
-      if variables not in self.functions:
-        # A last, smaller batch traces once more, then reuses that trace.
-        self.functions[variables] = tf.function(self.function,
-                                                reduce_retracing=True)
-      concrete = self.functions[variables].get_concrete_function(*args)
-      self.concrete[key] = concrete
-    return concrete(*args)
-
-
-def _signature(arguments):
-  """What picks a trace for `arguments` (of one call site, so of one
-  nesting): each tensor's dtype and shape, and where there is None. A
-  composite tensor counts by its components (an `IndexedSlices` gradient
-  by the shape of its rows, not only the dense shape)."""
-  return tuple(None if value is None else (value.dtype, tuple(value.shape))
-               for value in tf.nest.flatten(arguments, expand_composites=True))
 
 
 @register("function")
@@ -258,7 +210,7 @@ class FunctionDriver(StepDriver):
 
     @tf.function
     def eval_next(iterator):
-      eval_step(next(iterator))
+      return eval_step(next(iterator))
 
     self.train_next = train_next
     self.eval_next = eval_next
@@ -279,10 +231,9 @@ class FunctionDriver(StepDriver):
 
     def run():
       try:
-        eval_next(iterator)
+        return 1, eval_next(iterator)
       except tf.errors.OutOfRangeError:
-        return 0
-      return 1
+        return 0, None
     return run
 
 
@@ -309,23 +260,21 @@ class GraphDriver(StepDriver):
 
     @tf.function
     def train_steps(iterator, max_steps):
-      """Returns (steps run, last loss); stops early at the end of the data
+      """Returns (steps run, last logs); stops early at the end of the data
       or at a non-finite loss, so the caller can name the step."""
+      no_logs = step_lib.zeros_like_spec(trainer.logs_spec(training=True))
       if train_chunk and xla_chunks.applies(iterator, trainer.strategy):
         return xla_chunks.train_in_chunks(train_chunk, chunk_size, iterator,
-                                          max_steps)
+                                          max_steps, no_logs)
       return over_batches(iterator, max_steps,
-                          lambda batch, loss: train_step(batch),
-                          tf.constant(0.0), tf.math.is_finite)
-
-    def eval_one(batch, nothing):
-      eval_step(batch)
-      return nothing
+                          lambda batch, logs: train_step(batch),
+                          no_logs, step_lib.all_finite)
 
     @tf.function
     def eval_steps(iterator, max_steps):
-      steps, _ = over_batches(iterator, max_steps, eval_one, ())
-      return steps
+      return over_batches(
+          iterator, max_steps, lambda batch, logs: eval_step(batch),
+          step_lib.zeros_like_spec(trainer.logs_spec(training=False)))
 
     self.train_steps = train_steps
     self.eval_steps = eval_steps
@@ -337,13 +286,17 @@ class GraphDriver(StepDriver):
       # A tensor argument: a shorter call does not retrace.
       max_steps = full_call if limit == self.steps_per_call else (
           tf.constant(limit))
-      steps, loss = self.train_steps(iterator, max_steps)
-      return int(steps), loss
+      steps, logs = self.train_steps(iterator, max_steps)
+      return int(steps), logs
     return run
 
   def eval_stepper(self, iterator):
     max_steps = tf.constant(self.steps_per_call)
-    return lambda: int(self.eval_steps(iterator, max_steps))
+
+    def run():
+      steps, logs = self.eval_steps(iterator, max_steps)
+      return int(steps), logs
+    return run
 
 
 def _distributed_steps(trainer, jit_compile):
@@ -356,7 +309,9 @@ def _distributed_steps(trainer, jit_compile):
           trainer.distribute(compile_replica_step(trainer.eval_replica_step)))
 
 
-def _check_finite(loss, epoch, step):
-  value = float(loss)
-  if not np.isfinite(value):
-    raise NonFiniteLossError(epoch, step, value)
+def _check_finite(logs, epoch, step):
+  non_finite = step_lib.first_non_finite(logs)
+  if non_finite:
+    name, value = non_finite
+    raise NonFiniteLossError(epoch, step, value,
+                             None if name == "loss" else name)

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from training_loops import drivers, training
 from training_loops.controller import Controller
+from training_loops.step import losses_of
 from training_loops.trainer import NonFiniteLossError, TrainingDataError
 
 
@@ -38,8 +39,10 @@ class Divergence:
     epoch, step_in_epoch: the same step as the 0-based epoch and the step
       in it, from 1 (as `NonFiniteLossError` names them).
     variable: the path (`v.path`) of the first variable beyond the
-      tolerance, in the reference's model or optimizer; None when the
-      step's loss already was (losses are compared first).
+      tolerance, in the reference's model or optimizers; None when a
+      logged loss of the step already was (losses are compared first).
+    log: that loss's name in the step's logs (e.g. "loss", "d_loss"), or
+      None.
     element: the index of the element with the largest difference beyond
       the tolerance; () for a scalar.
     reference_value, value: that element in the two loops.
@@ -53,6 +56,7 @@ class Divergence:
   epoch: int
   step_in_epoch: int
   variable: str | None
+  log: str | None
   element: tuple
   reference_value: float
   value: float
@@ -90,7 +94,8 @@ class LockstepReport:
       return (f"{names} agree over {_steps(self.steps_compared)}: every "
               f"loss and variable within {tolerance} of {self.loops[0]}'s.")
     d = self.first_divergence
-    what = "the loss" if d.variable is None else d.variable
+    what = (d.variable if d.variable is not None
+            else "the loss" if d.log == "loss" else f"the log {d.log!r}")
     if d.element:
       what += f"[{', '.join(map(str, d.element))}]"
     before = (f"{names} agreed over the {_steps(d.step - 1)} before."
@@ -107,18 +112,19 @@ def _steps(count):
   return f"{count} step{'' if count == 1 else 's'}"
 
 
-def compare(model_fn, optimizer_fn, loss, data, *, loops=None, steps=None,
-            rtol=1e-5, atol=1e-6, metrics=(), loss_weights=None,
-            strategy=None, seed=0, jit_compile=False,
+def compare(model_fn, optimizer_fn=None, loss=None, data=None, *,
+            loops=None, steps=None, rtol=1e-5, atol=1e-6, metrics=(),
+            loss_weights=None, strategy=None, seed=0, jit_compile=False,
             optimizer_variables=False):
   """Trains `loops` in lockstep on the first `steps` batches of `data` and
-  reports the first step where a loss or variable parts from the first
-  loop's.
+  reports the first step where a logged loss or a variable parts from the
+  first loop's.
 
   Args:
     model_fn, optimizer_fn, loss, metrics, loss_weights, strategy,
-      jit_compile: as `train` takes them; every loop builds its own model
-      and optimizer from them.
+      jit_compile: as `train` takes them (a model with its own training
+      step, or a `TrainingStep`, takes no optimizer_fn, loss, metrics or
+      loss_weights); every loop builds its own step from them.
     data: a `tf.data.Dataset` of batches, read once; pass a freshly built
       one, as to `train`.
     loops: two or more of `LOOPS` (or registered loops: `StepDriver`s and
@@ -130,22 +136,25 @@ def compare(model_fn, optimizer_fn, loss, data, *, loops=None, steps=None,
     rtol, atol: an element agrees when `|value - reference| <= atol + rtol
       * |reference|` (NaN agrees with NaN).
     seed: seeds every build alike, so the loops start from equal weights.
-    optimizer_variables: compare the optimizers' variables (e.g. momentum)
-      too, after the models'.
+    optimizer_variables: compare the variables of every optimizer the step
+      applies (e.g. momentum) too, after the model's.
 
   Returns:
     A `LockstepReport`.
   """
   loops = _checked_loops(training.LOOPS if loops is None else loops)
   _check_arguments(steps, rtol, atol, seed)
-  training._check_data("data", data)
+  if not isinstance(data, tf.data.Dataset):
+    raise ValueError(f"data must be a batched tf.data.Dataset, got "
+                     f"{type(data).__name__}.")
   batches = _first_batches(data, steps)
-  options = drivers.LoopOptions(jit_compile=jit_compile)
+  supervised = training.SupervisedOptions(optimizer_fn, loss, metrics,
+                                          loss_weights)
   built = [
-      training._build(
-          name, options, model_fn, optimizer_fn, loss, data,
-          metrics=metrics, loss_weights=loss_weights, strategy=strategy,
-          seed=seed)
+      training.build_driver(
+          name, model_fn, data, supervised=supervised,
+          options=drivers.LoopOptions(jit_compile=jit_compile),
+          strategy=strategy, seed=seed)
       for name in loops]
   lockstep = _Lockstep(loops, built, batches, data, rtol, atol,
                        optimizer_variables)
@@ -170,7 +179,7 @@ def _checked_loops(loops):
     raise ValueError(f"compare needs two or more loops, got {loops!r}; "
                      f"choose from {', '.join(drivers.DRIVERS)}.")
   for name in loops:
-    training._check_loop(name)
+    drivers.check_loop(name)
   if len(set(loops)) < len(loops):
     raise ValueError(f"loops must differ, got {loops!r}.")
   own_epochs = [name for name in loops if not issubclass(
@@ -248,38 +257,45 @@ class _Lockstep:
     return (self.divergence is not None
             or self.steps_done == len(self.batches))
 
-  def step(self, losses):
+  def step(self, logs):
     """Trains every `StepDriver` loop on the next batch and compares all;
-    `losses` holds the step's loss of any loop that stepped itself. Returns
+    `logs` holds the step's logs of any loop that stepped itself. Returns
     whether there are steps left to compare."""
     next_batch = self.replay.skip(self.steps_done).take(1)
     for name, driver in self.stepped:
       iterator = iter(driver.trainer.strategy.experimental_distribute_dataset(
           next_batch))
-      _, losses[name] = driver.stepper(iterator)(1)
+      # Running results start afresh, so the logs are this step's alone,
+      # as the loop that steps itself reports them.
+      driver.trainer.reset()
+      _, logs[name] = driver.stepper(iterator)(1)
     self.steps_done += 1
-    self.divergence = self._first_difference(losses)
+    self.divergence = self._first_difference(logs)
     return not self.finished
 
-  def _first_difference(self, losses):
+  def _first_difference(self, logs):
     epoch, step_in_epoch, _ = self.batches[self.steps_done - 1]
     reference_name = self.names[0]
     where = dict(reference=reference_name, step=self.steps_done, epoch=epoch,
                  step_in_epoch=step_in_epoch)
-    reference_loss = float(losses[reference_name])
+    # The losses every loop logs (fit logs the metrics too).
+    names = [key for key in losses_of(logs[reference_name])
+             if all(key in logs[name] for name in self.names)]
     reference_values = [v.numpy() for v in self.variables[0]]
     for name, variables in zip(self.names[1:], self.variables[1:]):
-      parted = _parting(reference_loss, float(losses[name]), self.rtol,
-                        self.atol)
-      if parted:
-        return Divergence(loop=name, variable=None, **where, **parted)
+      for key in names:
+        parted = _parting(float(logs[reference_name][key]),
+                          float(logs[name][key]), self.rtol, self.atol)
+        if parted:
+          return Divergence(loop=name, variable=None, log=key, **where,
+                            **parted)
       for reference_variable, reference_value, variable in zip(
           self.variables[0], reference_values, variables):
         parted = _parting(reference_value, variable.numpy(), self.rtol,
                           self.atol)
         if parted:
           return Divergence(loop=name, variable=reference_variable.path,
-                            **where, **parted)
+                            log=None, **where, **parted)
     return None
 
 
@@ -312,8 +328,9 @@ def _replayed(batches, data):
 
 
 def _variables(trainer, optimizer_variables):
+  optimizers = trainer.optimizers().values() if optimizer_variables else ()
   return [*trainer.model.variables,
-          *(trainer.optimizer.variables if optimizer_variables else ())]
+          *(v for optimizer in optimizers for v in optimizer.variables)]
 
 
 def _parting(reference, value, rtol, atol):
@@ -373,5 +390,5 @@ class _StepTheOthers(keras.callbacks.Callback):
     self.model.reset_metrics()
 
   def on_train_batch_end(self, batch, logs=None):
-    if not self.lockstep.step({self.name: logs["loss"]}):
+    if not self.lockstep.step({self.name: logs}):
       self.model.stop_training = True

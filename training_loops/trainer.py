@@ -1,8 +1,10 @@
-"""The step functions of a training run, apart from the loops that drive them.
+"""The supervised training step: `(x, y[, sample_weight])` -> forward -> the
+losses -> one optimizer, as `model.fit`'s default `train_step`.
 
 As in Orbit, `Trainer` owns the model, optimizer, losses and metrics and
-defines what one step does, per replica and distributed; `drivers` decide how
-steps are run (eagerly, one `tf.function` call a step, or many a call).
+defines what one step does on a replica (`step.TrainingStep`); `drivers`
+decide how steps are run (eagerly, one `tf.function` call a step, or many a
+call).
 """
 
 import dataclasses
@@ -11,17 +13,21 @@ import math
 import keras
 import tensorflow as tf
 
+from training_loops import strategies
+from training_loops.step import TrainingStep
+
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
-  def __init__(self, epoch, step, loss):
+  def __init__(self, epoch, step, loss, name=None):
     where = (f"step {step} of that epoch" if step is not None
              else "model.fit reports no step")
+    what = "Training loss" if name is None else f"Training log {name!r}"
     super().__init__(
-        f"Training loss became {loss} at epoch {epoch} (0-based), {where}; "
+        f"{what} became {loss} at epoch {epoch} (0-based), {where}; "
         "stopped. The last checkpoint, if any, is the last good state.")
-    self.epoch, self.step, self.loss = epoch, step, loss
+    self.epoch, self.step, self.loss, self.name = epoch, step, loss, name
 
 
 class TrainingDataError(ValueError):
@@ -61,8 +67,8 @@ class _OutputLoss:
   weight: float
 
 
-class Trainer:
-  """Replica and distributed train/eval steps for one model.
+class Trainer(TrainingStep):
+  """The supervised `TrainingStep` of one model, optimizer and loss.
 
   Build inside `strategy.scope()`: metric copies create variables there.
 
@@ -80,10 +86,9 @@ class Trainer:
 
   def __init__(self, model, optimizer, loss, loss_weights=None, metrics=(),
                strategy=None):
-    self.model = model
+    super().__init__(model, strategy)
     self.optimizer = optimizer
     self.loss, self.loss_weights = loss, loss_weights
-    self.strategy = strategy or tf.distribute.get_strategy()
     self.output_losses = _output_losses(model, loss, loss_weights)
     self.train_trackers = {"loss": keras.metrics.Mean(name="loss")}
     # As fit: a tracker per output loss when there are several.
@@ -98,6 +103,7 @@ class Trainer:
     self.eval_metrics = _copied_metrics(metrics, keyed)
     self.eval_trackers = {name: keras.metrics.Mean(name=name)
                           for name in self.train_trackers}
+    self._compiled_update = self._compiled_record_eval = None
 
   def build_metrics(self, targets, predictions):
     """Traces each metric copy's update once on the specs of an example's
@@ -132,12 +138,19 @@ class Trainer:
 
   # -- per replica ---------------------------------------------------------
 
-  def train_replica_step(self, batch, update=None):
-    """One optimizer step on this replica's shard; returns the global
-    batch loss (identical on every replica).
+  def train_replica_step(self, batch):
+    """One optimizer step on this replica's shard; returns `{"loss": the
+    global batch loss}` (identical on every replica).
 
-    `update` (default: `self.update`) applies the gradients and records the
-    step; the eager loop passes it compiled.
+    Eagerly, the step after the gradient (`update`) runs as one compiled
+    call (`Compiled`): the same ops, but dispatched one by one the
+    optimizer's per-variable updates and the metrics' bookkeeping cost more
+    than the model's forward and backward passes. So a metric's or an
+    optimizer's own code runs traced, not eagerly;
+    `tf.config.run_functions_eagerly(True)` runs it eagerly too. Under a
+    mirrored strategy it stays eager, since `strategy.run` calls each
+    replica in a thread of its own, where a compiled call could not join
+    the replicas' `merge_call`s.
     """
     # State that does not depend on the batch (e.g. dropout's seed) must not
     # change without it: in a graph, a step whose fetch fails (the function
@@ -146,7 +159,15 @@ class Trainer:
     # own thread, which a control-dependency scope outside `strategy.run`
     # does not reach. Ops that already read the batch get no extra edge.
     with tf.control_dependencies(tf.nest.flatten(batch)):
-      return self._train_on(batch, update or self.update)
+      return {"loss": _as_float32(self._train_on(batch, self._updater()))}
+
+  def _updater(self):
+    if not tf.executing_eagerly() or (
+        strategies.runs_replicas_in_threads(self.strategy)):
+      return self.update
+    if self._compiled_update is None:
+      self._compiled_update = Compiled(self.update, self.model)
+    return self._compiled_update
 
   def _train_on(self, batch, update):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
@@ -202,16 +223,23 @@ class Trainer:
     return [None if g is None else next(sums) * tf.cast(first, g.dtype)
             for g in gradients]
 
-  def eval_replica_step(self, batch, record=None):
+  def eval_replica_step(self, batch):
     """Evaluates this replica's shard into the eval trackers and metrics
-    (through `record`, default `self.record_eval`); returns the global batch
-    loss."""
+    (eagerly, their update compiled as `train_replica_step`'s); returns
+    `{"loss": the global batch loss}`."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
     predictions = self.model(x, training=False)
     loss = self._loss(y, predictions, sample_weight)
-    (record or self.record_eval)(y, predictions, loss.tracked,
-                                 _masks(predictions))
-    return loss.global_mean
+    self._eval_recorder()(y, predictions, loss.tracked, _masks(predictions))
+    return {"loss": _as_float32(loss.global_mean)}
+
+  def _eval_recorder(self):
+    if not tf.executing_eagerly() or (
+        strategies.runs_replicas_in_threads(self.strategy)):
+      return self.record_eval
+    if self._compiled_record_eval is None:
+      self._compiled_record_eval = Compiled(self.record_eval, self.model)
+    return self._compiled_record_eval
 
   def record_eval(self, y, predictions, tracked, masks=None):
     """An evaluation step's update of the eval trackers and metrics; like
@@ -219,15 +247,9 @@ class Trainer:
     _record(self.eval_trackers, self.eval_metrics, y,
             _masked(predictions, masks), tracked)
 
-  # -- distributed ---------------------------------------------------------
-
-  def distribute(self, replica_step):
-    """Returns `step(distributed_batch)`: `replica_step` on every replica,
-    giving the (replica-identical) global batch loss."""
-    def step(distributed_batch):
-      per_replica = self.strategy.run(replica_step, args=(distributed_batch,))
-      return self.strategy.experimental_local_results(per_replica)[0]
-    return step
+  def logs_spec(self, training=True):
+    del training  # the same for both
+    return {"loss": tf.TensorSpec([], tf.float32)}
 
   # -- results -------------------------------------------------------------
 
@@ -243,13 +265,22 @@ class Trainer:
     for metric in (*self.eval_trackers.values(), *self.eval_metrics.values()):
       metric.reset_state()
 
-  def train_logs(self):
+  def train_logs(self, last_logs=None):
     """This epoch's running results under Keras' keys."""
+    del last_logs  # the trackers hold them
     return _results(self.train_trackers, self.train_metrics)
 
-  def eval_logs(self, prefix="val_"):
+  def eval_logs(self, last_logs=None, prefix="val_"):
+    del last_logs
     return {prefix + key: value for key, value in
             _results(self.eval_trackers, self.eval_metrics).items()}
+
+  def optimizers(self):
+    return {"optimizer": self.optimizer}
+
+  def finish(self):
+    # As fit: with `use_ema`, training ends on the moving averages.
+    self.optimizer.finalize_variable_values(self.model.trainable_weights)
 
   def progress_variables(self):
     """The running loss and metric state of a partial training epoch."""
@@ -302,6 +333,54 @@ class Trainer:
       return value
     return tf.distribute.get_replica_context().all_reduce(
         tf.distribute.ReduceOp.SUM, value)
+
+
+def _as_float32(loss):
+  # A `mixed_float16` model's loss may come in its compute dtype; the loops
+  # carry and check float32 logs. Decided while tracing: no op otherwise.
+  return loss if loss.dtype == tf.float32 else tf.cast(loss, tf.float32)
+
+
+class Compiled:
+  """`function` compiled, with a trace for each set of trainable variables
+  and each signature of its arguments.
+
+  A trace keeps the variables it was traced with, while the eager gradient
+  follows the model's current ones (a layer frozen or unfrozen between
+  steps), as Keras' `run_eagerly` does. Each trace is called through its
+  concrete function: `tf.function`'s own lookup of the trace for the
+  arguments (a list of gradients, the predictions, a dict of losses) is a
+  noticeable share of a small model's eager step.
+  """
+
+  def __init__(self, function, model):
+    self.function, self.model = function, model
+    self.functions = {}  # ids of the trainable variables -> tf.function
+    self.concrete = {}  # (those ids, argument signature) -> its trace
+
+  def __call__(self, *args):
+    if tf.config.functions_run_eagerly():  # as a tf.function would
+      return self.function(*args)
+    variables = tuple(map(id, self.model.trainable_variables))
+    key = (variables, _signature(args))
+    concrete = self.concrete.get(key)
+    if concrete is None:
+      if variables not in self.functions:
+        # A last, smaller batch traces once more, then reuses that trace.
+        self.functions[variables] = tf.function(self.function,
+                                                reduce_retracing=True)
+      concrete = self.functions[variables].get_concrete_function(*args)
+      self.concrete[key] = concrete
+    return concrete(*args)
+
+
+def _signature(arguments):
+  """What picks a trace for `arguments` (of one call site, so of one
+  nesting): each tensor's dtype and shape, and where there is None. A
+  composite tensor counts by its components (an `IndexedSlices` gradient
+  by the shape of its rows, not only the dense shape)."""
+  return tuple(None if value is None else (value.dtype, tuple(value.shape))
+               for value in tf.nest.flatten(arguments, expand_composites=True))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`train`: one training run, four interchangeable ways; `evaluate`."""
+"""`train`: one training run, four interchangeable ways; `evaluate`;
+`build_driver`, the assembly both use."""
 
 import contextlib
 
@@ -10,33 +11,47 @@ from training_loops import drivers, keras_fit  # noqa: F401
 from training_loops import run_lock, strategies
 from training_loops.controller import (Cadence, Controller, as_floats,
                                        known_length)
+from training_loops.keras_step import KerasStep, overrides_step
+from training_loops.step import TrainingStep
 from training_loops.trainer import Trainer, first_line
 
 # The loops that ship, in the registry's order; `drivers.register` adds more.
 LOOPS = tuple(drivers.DRIVERS)
 
 
-def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
-          epochs=1, validation_data=None, metrics=(), loss_weights=None,
-          strategy=None, steps_per_loop=None, jit_compile=False,
-          checkpoint_dir=None, log_dir=None, callbacks=(), seed=None,
-          verbose=1, eval_every_steps=None, checkpoint_every_steps=None):
-  """Trains `model_fn()` with `optimizer_fn()` on `train_data`.
+def train(model_fn, optimizer_fn=None, loss=None, train_data=None, *,
+          loop="graph", epochs=1, validation_data=None, metrics=(),
+          loss_weights=None, strategy=None, steps_per_loop=None,
+          jit_compile=False, checkpoint_dir=None, log_dir=None, callbacks=(),
+          seed=None, verbose=1, eval_every_steps=None,
+          checkpoint_every_steps=None):
+  """Trains the model (or step) `model_fn()` builds on `train_data`.
 
-  Checks the arguments, builds the model, optimizer and `Trainer` under
-  the strategy, and hands the run to a `Controller` with the loop's driver.
+  Three kinds of training step, told apart by what `model_fn` returns:
+  - a plain `keras.Model`: the supervised step, `(x, y[, sample_weight])`
+    batches, the loss `loss` and the optimizer `optimizer_fn()`; the model
+    is compiled with them (so `model.fit` and Keras' callbacks find them);
+  - a compiled `keras.Model` whose class overrides `train_step` (and
+    optionally `test_step`) or `compute_loss`: its own step, on batches of
+    any structure, as `model.fit` runs it; give no `optimizer_fn`, `loss`,
+    `metrics` or `loss_weights` (compile them into the model);
+  - a `step.TrainingStep`: the protocol itself, the same way.
+
+  Checks the arguments, builds the step and the loop's driver under the
+  strategy (`build_driver`), and hands the run to a `Controller`.
 
   Args:
-    model_fn, optimizer_fn: build the model and optimizer; called inside
-      `strategy.scope()`.
+    model_fn: builds the model or step; called inside `strategy.scope()`.
+    optimizer_fn: builds the supervised step's optimizer, likewise.
     loss: a `keras.losses.Loss` (e.g. from `losses`), or a dict/list of them
       for a multi-output model, combined with `loss_weights`.
-    train_data, validation_data: `tf.data.Dataset`s of `(x, y)` or
-      `(x, y, sample_weight)` batches; `x` and `y` may be nested, and for
-      a multi-output model `sample_weight` may be a dict or list with one
-      per output, as fit takes them. Pass a freshly built dataset to each
-      run: a reshuffling dataset continues its sequence of orders across
-      runs, so two runs would see different data.
+    train_data, validation_data: batched `tf.data.Dataset`s: `(x, y)` or
+      `(x, y, sample_weight)` batches for the supervised step, where `x`
+      and `y` may be nested, and for a multi-output model `sample_weight`
+      may be a dict or list with one per output, as fit takes them; any
+      structure a model's own step takes. Pass a freshly built dataset to
+      each run: a reshuffling dataset continues its sequence of orders
+      across runs, so two runs would see different data.
     loop: one of `LOOPS`, or a loop added with `drivers.register`.
     epochs: the total number of epochs, counting those a resumed run did.
     metrics: `keras.metrics.Metric` objects (a dict output -> list for a
@@ -75,12 +90,11 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
   cadence = Cadence(eval_every_steps, checkpoint_every_steps)
   _check_cadence(cadence, loop, steps_per_loop, train_data, validation_data,
                  checkpoint_dir)
-  driver = _build(loop, drivers.LoopOptions(steps_per_loop, jit_compile),
-                  model_fn, optimizer_fn, loss, train_data, metrics=metrics,
-                  loss_weights=loss_weights, strategy=strategy, seed=seed)
-  for name, data in (("train_data", train_data),
-                     ("validation_data", validation_data)):
-    _check_per_output_data(name, data, driver.trainer.output_losses)
+  driver = build_driver(
+      loop, model_fn, train_data, validation_data,
+      supervised=SupervisedOptions(optimizer_fn, loss, metrics, loss_weights),
+      options=drivers.LoopOptions(steps_per_loop, jit_compile),
+      strategy=strategy, seed=seed)
   with (run_lock.held_by_chief(checkpoint_dir, driver.trainer.strategy)
         if checkpoint_dir else contextlib.nullcontext()):
     return Controller(
@@ -89,25 +103,89 @@ def train(model_fn, optimizer_fn, loss, train_data, *, loop="graph",
         verbose=verbose, cadence=cadence).run()
 
 
-def _build(loop, options, model_fn, optimizer_fn, loss, data, *, metrics,
-           loss_weights, strategy, seed):
-  """The driver of `loop` around a new `Trainer`: model and optimizer built
-  under `strategy` (default: the current one) after seeding with `seed`
-  (unless None), so builds with one seed start from the same weights;
-  `data` is only checked against the model."""
+class SupervisedOptions:
+  """What the supervised step is built from, as `train` takes it:
+  `optimizer_fn`, `loss`, `metrics`, `loss_weights`. A model's own step
+  takes none of them."""
+
+  def __init__(self, optimizer_fn=None, loss=None, metrics=(),
+               loss_weights=None):
+    self.optimizer_fn, self.loss = optimizer_fn, loss
+    self.metrics, self.loss_weights = metrics, loss_weights
+
+  def given(self):
+    """The names of the options given."""
+    return [name for name, value in (
+        ("optimizer_fn", self.optimizer_fn), ("loss", self.loss),
+        ("metrics", self.metrics), ("loss_weights", self.loss_weights))
+            if value is not None and value != ()]
+
+
+def build_driver(loop, model_fn, train_data, validation_data=None, *,
+                 supervised=SupervisedOptions(),
+                 options=drivers.LoopOptions(), strategy=None, seed=None):
+  """The driver of `loop` around the training step `model_fn()` builds
+  (see `train`), built under `strategy` (default: the current one) after
+  seeding with `seed` (unless None), so builds with one seed start from the
+  same weights. The data is only checked against the step and traced, not
+  read."""
+  drivers.check_loop(loop)
   strategy = strategy or tf.distribute.get_strategy()
   if options.jit_compile:
     strategies.check_jit_compile(strategy)
   if seed is not None:
     keras.utils.set_random_seed(seed)
   with strategy.scope():
-    model, optimizer = model_fn(), optimizer_fn()
-    example = _check_model_fits_data(model, loss, data)
-    trainer = Trainer(model, optimizer, loss, loss_weights, metrics,
-                      strategy)
-    trainer.build_metrics(*example)
-    _compile(trainer, options, example)
-  return drivers.DRIVERS[loop](trainer, options)
+    built = model_fn()
+    if isinstance(built, TrainingStep) or overrides_step(built):
+      step = _own_step(built, supervised, strategy)
+      step.build(train_data.element_spec, validation_data and
+                 validation_data.element_spec)
+    else:
+      step = _supervised_step(built, supervised, options, train_data,
+                              validation_data, strategy)
+  return drivers.DRIVERS[loop](step, options)
+
+
+def _own_step(built, supervised, strategy):
+  """A model's own step, or a `TrainingStep` given whole: refuses the
+  supervised step's options in one line."""
+  given = supervised.given()
+  if given:
+    what = (type(built).__name__ if isinstance(built, TrainingStep)
+            else f"{type(built).__name__}, whose class defines its own step,")
+    raise ValueError(
+        f"{what} takes no {', '.join(given)}: give the optimizers, losses "
+        "and metrics to the model's compile() (loss weights, metrics and "
+        "clipnorm are compile's and the optimizer's arguments), or build "
+        "them into the step.")
+  return built if isinstance(built, TrainingStep) else KerasStep(
+      built, strategy)
+
+
+def _supervised_step(model, supervised, options, train_data,
+                     validation_data, strategy):
+  missing = [name for name in ("optimizer_fn", "loss")
+             if getattr(supervised, name) is None]
+  if missing:
+    raise ValueError(
+        f"train needs {' and '.join(missing)} for a model without a "
+        f"training step of its own (a class overriding train_step or "
+        f"compute_loss); got a {type(model).__name__}.")
+  for name, data in (("train_data", train_data),
+                     ("validation_data", validation_data)):
+    if data is not None:
+      _check_supervised_data(name, data)
+  optimizer = supervised.optimizer_fn()
+  example = _check_model_fits_data(model, supervised.loss, train_data)
+  trainer = Trainer(model, optimizer, supervised.loss,
+                    supervised.loss_weights, supervised.metrics, strategy)
+  trainer.build_metrics(*example)
+  _compile(trainer, options, example)
+  for name, data in (("train_data", train_data),
+                     ("validation_data", validation_data)):
+    _check_per_output_data(name, data, trainer.output_losses)
+  return trainer
 
 
 def _compile(trainer, options, example):
@@ -147,13 +225,16 @@ def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
   """Returns `{"loss": ..., <metric>: ...}` of `model` on `data`, computed
   with `training=False` exactly as the loops' validation is."""
   strategy = strategy or tf.distribute.get_strategy()
+  _check_data("data", data)
+  _check_supervised_data("data", data)
   with strategy.scope():
     trainer = Trainer(model, None, loss, loss_weights, metrics, strategy)
     trainer.build_metrics(*_check_model_fits_data(model, loss, data))
   _check_per_output_data("data", data, trainer.output_losses)
   driver = drivers.GraphDriver(trainer)
-  driver.evaluate(iter(strategy.experimental_distribute_dataset(data)))
-  return as_floats(trainer.eval_logs(prefix=""))
+  last_logs = driver.evaluate(
+      iter(strategy.experimental_distribute_dataset(data)))
+  return as_floats(trainer.eval_logs(last_logs, prefix=""))
 
 
 def _check_model_fits_data(model, loss, data):
@@ -239,7 +320,7 @@ def _shapes(structure):
 
 
 def _check_arguments(loop, epochs, train_data, validation_data):
-  _check_loop(loop)
+  drivers.check_loop(loop)
   if not isinstance(epochs, int) or epochs < 1:
     raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
   _check_data("train_data", train_data)
@@ -270,19 +351,18 @@ def _check_cadence(cadence, loop, steps_per_loop, train_data,
           "epoch's beginning.")
 
 
-def _check_loop(loop):
-  if loop not in drivers.DRIVERS:
-    raise ValueError(f"Unknown loop {loop!r}; expected one of "
-                     f"{', '.join(drivers.DRIVERS)}.")
-
-
 def _check_data(name, data):
   if not isinstance(data, tf.data.Dataset):
-    raise ValueError(f"{name} must be a batched tf.data.Dataset of (x, y) "
-                     f"or (x, y, sample_weight), got {type(data).__name__}.")
+    raise ValueError(f"{name} must be a batched tf.data.Dataset, got "
+                     f"{type(data).__name__}.")
+  if int(data.cardinality()) == 0:
+    raise ValueError(f"{name} is empty: it yields no batches.")
+
+
+def _check_supervised_data(name, data):
   if not isinstance(data.element_spec, tuple) or not (
       2 <= len(data.element_spec) <= 3):
     raise ValueError(f"{name} must yield (x, y) or (x, y, sample_weight) "
-                     f"batches, got elements {data.element_spec}.")
-  if int(data.cardinality()) == 0:
-    raise ValueError(f"{name} is empty: it yields no batches.")
+                     f"batches for the supervised step, got elements "
+                     f"{data.element_spec} (a model whose class defines "
+                     f"its own train_step takes any).")

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from training_loops import strategies
 from training_loops.graph_loops import over_batches
+from training_loops.step import all_finite, zeros_like_spec
 
 # Batches per XLA computation: enough that the call and the copy into one
 # tensor cost little per step, few enough to bound the copy's memory (64
@@ -37,26 +38,29 @@ def applies(iterator, strategy):
 def compiled_chunk(trainer):
   """`train_chunk((batches, count))`: the train step on `batches[i]` for
   `i < count`, the loop XLA-compiled with the step; stops after a
-  non-finite loss. Returns (steps run, last loss)."""
+  non-finite loss. Returns (steps run, last logs)."""
   def train_chunk(chunk):
     batches, count = chunk
 
-    def train_one(step, loss):
-      del loss
+    def train_one(step, logs):
+      del logs
       batch = tf.nest.map_structure(lambda stacked: stacked[step], batches)
       return step + 1, trainer.train_replica_step(batch)
 
-    def go_on(step, loss):
-      return tf.logical_and(step < count, tf.math.is_finite(loss))
+    def go_on(step, logs):
+      return tf.logical_and(step < count, all_finite(logs))
 
-    return tf.while_loop(go_on, train_one, (tf.constant(0), tf.constant(0.0)))
+    return tf.while_loop(
+        go_on, train_one,
+        (tf.constant(0), zeros_like_spec(trainer.logs_spec(training=True))))
   return trainer.distribute(tf.function(train_chunk, jit_compile=True))
 
 
-def train_in_chunks(train_chunk, chunk_size, iterator, max_steps):
+def train_in_chunks(train_chunk, chunk_size, iterator, max_steps, no_logs):
   """Up to `max_steps` steps from `iterator`, `chunk_size` batches per XLA
-  computation; returns (steps run, last loss), stopping early at the end of
-  the data or a non-finite loss. Traced into the graph loop's function.
+  computation; returns (steps run, last logs; `no_logs` before any),
+  stopping early at the end of the data or a non-finite loss. Traced into
+  the graph loop's function.
 
   The next chunk is read while XLA trains on this one: the two share no
   state, so the graph runs them at once, and reading the batches (an eighth
@@ -64,18 +68,18 @@ def train_in_chunks(train_chunk, chunk_size, iterator, max_steps):
   never goes past `max_steps`, so at the end of a call the iterator stands
   exactly after the steps trained (a non-finite loss ends the run anyway).
   """
-  steps, loss = tf.constant(0), tf.constant(0.0)
+  steps, logs = tf.constant(0), no_logs
   batches, count = _next_chunk(iterator, chunk_size, max_steps)
   while count > 0:
     # A short chunk means the data or `max_steps` ended: nothing to read.
     ahead = tf.where(count == chunk_size, max_steps - steps - count, 0)
     next_batches, next_count = _next_chunk(iterator, chunk_size, ahead)
-    done, loss = train_chunk((batches, count))
+    done, logs = train_chunk((batches, count))
     steps += done
-    if not tf.math.is_finite(loss):
+    if not all_finite(logs):
       break
     batches, count = next_batches, next_count
-  return steps, loss
+  return steps, logs
 
 
 def _next_chunk(iterator, size, limit):

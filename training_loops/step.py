@@ -1,0 +1,174 @@
+"""`TrainingStep`: what a loop needs from a training step.
+
+As Orbit's `StandardTrainer` and Keras' `train_step`, a step says what one
+training (and one evaluation) step does on one replica's batch and returns
+its logs; the loops (`drivers`) decide how steps are run, and the
+`Controller` everything around them. Two implementations ship:
+`trainer.Trainer`, the supervised step `train(model_fn, optimizer_fn, loss,
+...)` builds, and `keras_step.KerasStep`, a model's own `train_step` as
+`model.fit` runs it. A researcher may implement the protocol directly
+(BUILD.md, "Adding a training step").
+"""
+
+import abc
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class TrainingStep(abc.ABC):
+  """One replica's training and evaluation step, and the state around it.
+
+  Attributes:
+    model: the `keras.Model` that callbacks see (`self.model`,
+      `stop_training`); its `variables` (weights, statistics, seed state)
+      are checkpointed.
+    strategy: the `tf.distribute.Strategy` everything was built under.
+    log_reduction: how a step's logs are reduced over the replicas:
+      `"first"` (every replica returns the same logs) or `"mean"` (each its
+      own, averaged as `model.fit` averages a custom step's logs).
+  """
+
+  log_reduction = "first"
+
+  def __init__(self, model, strategy=None):
+    self.model = model
+    self.strategy = strategy or tf.distribute.get_strategy()
+
+  # -- the steps -----------------------------------------------------------
+
+  @abc.abstractmethod
+  def train_replica_step(self, batch):
+    """Trains on this replica's `batch`; returns a dict of scalar logs.
+
+    Runs inside `strategy.run`, eagerly (the eager loop) or traced (the
+    others, also inside `tf.while_loop` and XLA): no Python side effects
+    that should happen every step. A log whose name holds "loss" is checked
+    to be finite after every call (all logs when none does)."""
+
+  @abc.abstractmethod
+  def eval_replica_step(self, batch):
+    """Evaluates this replica's `batch` into the evaluation state; returns
+    a dict of scalar logs."""
+
+  @abc.abstractmethod
+  def logs_spec(self, training=True):
+    """The `tf.TensorSpec` structure of the distributed train (or eval)
+    step's logs: the graph loop carries the last ones through its
+    `tf.while_loop`. Known after `build`."""
+
+  def build(self, train_spec, eval_spec=None):
+    """Creates every variable the steps will use (optimizer slots, lazily
+    built metrics) before a checkpoint is restored into them or a step
+    runs; `train_spec`, `eval_spec` are the element specs of the training
+    and validation data. Call inside `strategy.scope()`."""
+
+  # -- state and results ---------------------------------------------------
+
+  @abc.abstractmethod
+  def reset(self):
+    """At an epoch's start: clears the running training results."""
+
+  @abc.abstractmethod
+  def reset_eval(self):
+    """Before an evaluation: it reports only its own batches."""
+
+  @abc.abstractmethod
+  def train_logs(self, last_logs=None):
+    """The epoch's results so far, given the last step's (reduced) logs
+    (None before the epoch's first step)."""
+
+  @abc.abstractmethod
+  def eval_logs(self, last_logs=None, prefix="val_"):
+    """An evaluation's results, its keys prefixed with `prefix`."""
+
+  @abc.abstractmethod
+  def optimizers(self):
+    """`{name: optimizer}`: every optimizer the step applies, checkpointed
+    and, with one, its learning rate logged."""
+
+  def checkpoint_objects(self):
+    """`{name: trackable}`: the state a checkpoint must hold to resume the
+    run exactly, beside the running results (`progress_variables`)."""
+    # `model.variables`, not `model`: Keras' object graph does not reach the
+    # seed generators' state (dropout's, a GAN's noise), which a resume
+    # needs.
+    return {"model_variables": list(self.model.variables),
+            **{_checkpoint_name(name): optimizer
+               for name, optimizer in self.optimizers().items()}}
+
+  @abc.abstractmethod
+  def progress_variables(self):
+    """The variables of a partial epoch's running results, so a run
+    stopped mid-epoch resumes its logs exactly."""
+
+  def finish(self):
+    """After the last epoch, before `on_train_end` (as `model.fit` ends
+    on an optimizer's moving averages with `use_ema`)."""
+
+  # -- distributed ---------------------------------------------------------
+
+  def distribute(self, replica_step):
+    """`step(distributed_batch)`: `replica_step` on every replica, its logs
+    reduced by `log_reduction`."""
+    strategy = self.strategy
+
+    def step(distributed_batch):
+      per_replica = strategy.run(replica_step, args=(distributed_batch,))
+      return tf.nest.map_structure(
+          lambda value: _reduced(strategy, value, self.log_reduction),
+          per_replica)
+    return step
+
+
+def _checkpoint_name(name):
+  # The supervised step's one optimizer keeps the name checkpoints have
+  # always used, so theirs still restore.
+  return "optimizer" if name == "optimizer" else f"optimizer_{name}"
+
+
+def _reduced(strategy, value, reduction):
+  results = strategy.experimental_local_results(value)
+  if len(results) == 1 or reduction == "first":
+    return results[0]
+  if strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
+    return strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+  # As fit's `reduce_per_replica(..., "mean")`: the local replicas' mean.
+  return tf.reduce_mean(tf.stack(results), axis=0)
+
+
+def losses_of(logs):
+  """The logs the finite check watches: those named like a loss, or all
+  of them when none is."""
+  named = {key: value for key, value in logs.items() if "loss" in key}
+  return named or dict(logs)
+
+
+def all_finite(logs):
+  """In a graph: whether every watched log is finite."""
+  values = [tf.reduce_all(tf.math.is_finite(tf.cast(value, tf.float32)))
+            for value in losses_of(logs).values()
+            if value.dtype.is_floating]
+  return tf.reduce_all(values) if values else tf.constant(True)
+
+
+def first_non_finite(logs):
+  """`(name, value)` of the first watched log that is not finite, or
+  None."""
+  for key, value in losses_of(logs).items():
+    number = np.asarray(value, np.float64)
+    if number.size == 1 and not np.isfinite(number).all():
+      return key, float(number.reshape(()))
+  return None
+
+
+def zeros_like_spec(spec):
+  """Zeros of every `tf.TensorSpec` in `spec`, for a loop's initial
+  state."""
+  return tf.nest.map_structure(
+      lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype), spec)
+
+
+def is_keras_optimizer(value):
+  return isinstance(value, keras.optimizers.Optimizer)
