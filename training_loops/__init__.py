@@ -2,6 +2,8 @@
 
     history = training_loops.train(model_fn, optimizer_fn, loss, dataset,
                                    loop="graph", epochs=5)
+    # A compiled model whose class has its own train_step (a GAN):
+    history = training_loops.train(gan_fn, train_data=images, loop="graph")
 """
 
 from training_loops.atomic import (WriteError, replaced_atomically,
@@ -16,20 +18,25 @@ from training_loops.controller import Controller
 from training_loops.drivers import Driver, LoopOptions, StepDriver
 from training_loops.history import History
 from training_loops.interrupts import TrainingInterrupted
+from training_loops.keras_step import KerasStep
 from training_loops.lockstep import Divergence, LockstepReport, compare
 from training_loops.run_lock import RunLock, RunLockedError
 from training_loops.strategies import (STRATEGIES, WorkerLostError,
                                        make_strategy)
+from training_loops.step import TrainingStep
 from training_loops.trainer import (NonFiniteLossError, Trainer,
                                     TrainingDataError)
-from training_loops.training import LOOPS, evaluate, train
+from training_loops.training import (LOOPS, SupervisedOptions, build_driver,
+                                     evaluate, train)
 
-__all__ = ["BestModelCheckpoint", "CallbackState", "CheckpointMismatchError",
+__all__ = ["BestModelCheckpoint", "build_driver", "CallbackState",
+           "CheckpointMismatchError",
            "CheckpointNotSharedError", "compare", "DamagedCheckpointError",
            "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
-           "History", "LockstepReport", "LoopOptions", "LOOPS",
+           "History", "KerasStep", "LockstepReport", "LoopOptions", "LOOPS",
            "make_strategy", "NonFiniteLossError", "ProfileEpoch",
            "replaced_atomically", "RunLock", "RunLockedError", "StepDriver",
-           "STRATEGIES", "train",
+           "STRATEGIES", "SupervisedOptions", "train",
            "Trainer", "TrainingDataError", "TrainingInterrupted",
+           "TrainingStep",
            "WorkerLostError", "WriteError", "write_json_atomically"]

@@ -75,8 +75,8 @@ class KerasStep(TrainingStep):
   def _traced_logs(self, replica_step, spec):
     batch_spec = tf.nest.map_structure(_any_batch_size, spec)
     try:
-      logs = tf.function(self.distribute(replica_step)).get_concrete_function(
-          batch_spec).structured_outputs
+      logs = tf.function(self.distribute(replica_step, guarded=False)
+                         ).get_concrete_function(batch_spec).structured_outputs
     except (ValueError, TypeError, KeyError) as error:
       raise ValueError(
           f"{type(self.model).__name__}'s step does not accept the data's "

@@ -109,13 +109,29 @@ class TrainingStep(abc.ABC):
 
   # -- distributed ---------------------------------------------------------
 
-  def distribute(self, replica_step):
+  def distribute(self, replica_step, guarded=True):
     """`step(distributed_batch)`: `replica_step` on every replica, its logs
-    reduced by `log_reduction`."""
+    reduced by `log_reduction`; `guarded`, every op after the batch.
+
+    A trace that creates variables (`build`'s) must not be guarded: their
+    initial values would depend on the batch, and cannot be lifted out of
+    the graph."""
     strategy = self.strategy
 
+    def guarded_step(batch):
+      # State that does not depend on the batch (a tracker's count, dropout's
+      # seed) must not change without it: in a graph, a step whose fetch
+      # fails (the function loop's end of the data) would otherwise still
+      # advance it. Here, not around that fetch: MirroredStrategy builds
+      # each replica's step in its own thread, which a control-dependency
+      # scope outside `strategy.run` does not reach. Ops that already read
+      # the batch get no extra edge.
+      with tf.control_dependencies(tf.nest.flatten(batch)):
+        return replica_step(batch)
+
     def step(distributed_batch):
-      per_replica = strategy.run(replica_step, args=(distributed_batch,))
+      per_replica = strategy.run(guarded_step if guarded else replica_step,
+                                 args=(distributed_batch,))
       return tf.nest.map_structure(
           lambda value: _reduced(strategy, value, self.log_reduction),
           per_replica)

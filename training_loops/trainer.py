@@ -152,14 +152,7 @@ class Trainer(TrainingStep):
     replica in a thread of its own, where a compiled call could not join
     the replicas' `merge_call`s.
     """
-    # State that does not depend on the batch (e.g. dropout's seed) must not
-    # change without it: in a graph, a step whose fetch fails (the function
-    # loop's end of the data) would otherwise still advance it. Here, not
-    # around that fetch: MirroredStrategy builds each replica's step in its
-    # own thread, which a control-dependency scope outside `strategy.run`
-    # does not reach. Ops that already read the batch get no extra edge.
-    with tf.control_dependencies(tf.nest.flatten(batch)):
-      return {"loss": _as_float32(self._train_on(batch, self._updater()))}
+    return {"loss": _as_float32(self._train_on(batch, self._updater()))}
 
   def _updater(self):
     if not tf.executing_eagerly() or (

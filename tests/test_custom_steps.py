@@ -1,0 +1,234 @@
+"""A model's own training step in every loop, against plain `model.fit`.
+
+Each model of `step_models` (the guide's `train_step`, a GAN, WGAN-GP, a
+VAE, Keras' `Distiller`) is trained by `train` in every loop and by
+`model.fit` on the same seed and data: the weights and every epoch's logs
+must agree.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import losses
+import training_loops
+from training_loops import drivers
+import step_models
+from loop_models import CUSTOM_LOOPS
+
+# (name, model_fn, data_fn, with validation data, tolerance)
+MODELS = [
+    ("guide", step_models.guide_fn, step_models.regression_data, True, 1e-5),
+    ("gan", step_models.gan_fn, step_models.images_data, False, 1e-4),
+    ("wgan_gp", step_models.wgan_gp_fn, step_models.images_data, False,
+     1e-4),
+    ("vae", step_models.vae_fn, step_models.images_data, True, 1e-5),
+    ("distiller", step_models.distiller_fn, step_models.classification_data,
+     True, 1e-5),
+]
+# Every loop, and the graph loop one step a call.
+LOOP_VARIANTS = [(loop, None) for loop in training_loops.LOOPS] + [
+    ("graph", 1)]
+SEED = 5
+# What the history logs beside the step's logs: each optimizer's rate.
+LEARNING_RATES = {
+    "guide": {"learning_rate"}, "vae": {"learning_rate"},
+    "distiller": {"learning_rate"},
+    "gan": {"d_optimizer_learning_rate", "g_optimizer_learning_rate"},
+    "wgan_gp": {"d_optimizer_learning_rate", "g_optimizer_learning_rate"}}
+
+
+def _plain_fit(model_fn, data_fn, validate, epochs=2, strategy=None):
+  """The oracle: the model built on the seed and trained by `model.fit`."""
+  keras.utils.set_random_seed(SEED)
+  with (strategy or tf.distribute.get_strategy()).scope():
+    model = model_fn()
+  history = model.fit(data_fn(), epochs=epochs, shuffle=False, verbose=0,
+                      validation_data=data_fn(seed=1) if validate else None)
+  return model, history.history
+
+
+def _trained(model_fn, data_fn, validate, loop, steps_per_loop=None,
+             epochs=2, **kwargs):
+  return training_loops.train(
+      model_fn, train_data=data_fn(), loop=loop, epochs=epochs, seed=SEED,
+      verbose=0, steps_per_loop=steps_per_loop,
+      validation_data=data_fn(seed=1) if validate else None, **kwargs)
+
+
+def _assert_same(history, model, logs, tolerance):
+  for weight, expected in zip(history.model.get_weights(),
+                              model.get_weights()):
+    np.testing.assert_allclose(weight, expected, rtol=tolerance,
+                               atol=tolerance)
+  for key, values in logs.items():
+    np.testing.assert_allclose(history.history[key], values,
+                               rtol=tolerance, atol=tolerance, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def oracles():
+  return {name: _plain_fit(model_fn, data_fn, validate)
+          for name, model_fn, data_fn, validate, _ in MODELS}
+
+
+@pytest.mark.parametrize("loop, steps_per_loop", LOOP_VARIANTS)
+@pytest.mark.parametrize("name, model_fn, data_fn, validate, tolerance",
+                         MODELS, ids=[model[0] for model in MODELS])
+def test_a_models_own_step_trains_as_plain_fit_in_every_loop(
+    oracles, name, model_fn, data_fn, validate, tolerance, loop,
+    steps_per_loop):
+  model, logs = oracles[name]
+  history = _trained(model_fn, data_fn, validate, loop, steps_per_loop)
+  assert set(history.history) - set(logs) == LEARNING_RATES[name]
+  _assert_same(history, model, logs, tolerance)
+
+
+def test_the_issue_example_trains_its_own_step_not_the_default_one():
+  """The override's penalty is in the loss every loop reports."""
+  model, logs = _plain_fit(step_models.guide_fn,
+                           step_models.regression_data, False, epochs=1)
+  for loop in training_loops.LOOPS:
+    history = _trained(step_models.guide_fn, step_models.regression_data,
+                       False, loop, epochs=1)
+    np.testing.assert_allclose(history.history["loss"], logs["loss"],
+                               rtol=1e-5)
+
+
+def test_the_eager_loop_runs_the_step_op_by_op():
+  seen = []
+
+  class Probe(step_models.GuideModel):
+    def train_step(self, data):
+      seen.append(tf.executing_eagerly() and float(tf.reduce_sum(data[0])))
+      return super().train_step(data)
+
+  def model_fn():
+    model = Probe()
+    model.build((None, step_models.FEATURES))
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    return model
+  data = step_models.regression_data()
+  training_loops.train(model_fn, train_data=data, loop="eager", verbose=0)
+  # The first call is the build's trace; then every batch, eagerly.
+  assert seen[0] is False
+  assert seen[1:] == pytest.approx([float(tf.reduce_sum(x))
+                                    for x, _ in data])
+
+
+def test_gan_under_mirrored_strategy_trains_as_fit_under_it(mirrored):
+  model, logs = _plain_fit(step_models.gan_fn, step_models.images_data,
+                           False, strategy=mirrored)
+  for loop in CUSTOM_LOOPS:
+    history = _trained(step_models.gan_fn, step_models.images_data, False,
+                       loop, strategy=mirrored)
+    _assert_same(history, model, logs, 1e-4)
+
+
+def test_a_resumed_gan_ends_as_an_uninterrupted_one(tmp_path):
+  """Stopped after epoch 1 and rerun: both optimizers' step counts, the
+  noise's seed state and every weight as one uninterrupted run, the rerun
+  training only the two epochs left."""
+  uninterrupted = _trained(step_models.gan_fn, step_models.images_data,
+                           False, "graph", epochs=3)
+  for loop in CUSTOM_LOOPS:
+    directory = tmp_path / loop
+    _trained(step_models.gan_fn, step_models.images_data, False, loop,
+             epochs=1, checkpoint_dir=directory)
+    begun = []
+    resumed = _trained(
+        step_models.gan_fn, step_models.images_data, False, loop, epochs=3,
+        checkpoint_dir=directory, callbacks=[keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: begun.append(epoch))])
+    assert begun == [1, 2] and resumed.epochs == [0, 1, 2]
+    _assert_same(resumed, uninterrupted.model, uninterrupted.history, 1e-4)
+    for name in ("d_optimizer", "g_optimizer"):
+      assert int(getattr(resumed.model, name).iterations) == 9
+    np.testing.assert_array_equal(
+        resumed.model.seed_generator.state.numpy(),
+        uninterrupted.model.seed_generator.state.numpy())
+
+
+def test_a_step_given_a_loss_or_optimizer_is_refused_in_one_line():
+  with pytest.raises(ValueError, match=r"^GAN, whose class defines its own "
+                     r"step, takes no optimizer_fn, loss: give"):
+    training_loops.train(step_models.gan_fn,
+                         lambda: keras.optimizers.SGD(),
+                         losses.MeanSquaredError(),
+                         step_models.images_data(), verbose=0)
+  with pytest.raises(ValueError, match="takes no metrics"):
+    training_loops.train(step_models.gan_fn,
+                         train_data=step_models.images_data(), verbose=0,
+                         metrics=[keras.metrics.Mean()])
+
+
+def test_an_uncompiled_step_and_a_missing_loss_are_one_line():
+  with pytest.raises(ValueError, match="compile it in model_fn"):
+    training_loops.train(step_models.GAN,
+                         train_data=step_models.images_data(), verbose=0)
+  with pytest.raises(ValueError, match="train needs optimizer_fn and loss"):
+    training_loops.train(lambda: keras.Sequential([keras.layers.Dense(1)]),
+                         train_data=step_models.regression_data(),
+                         verbose=0)
+
+
+def test_data_the_step_does_not_take_is_one_line():
+  with pytest.raises(ValueError, match=r"GAN's step does not accept the "
+                     r"data's batches \(\(None, 6\), \(None, 1\)\)"):
+    training_loops.train(step_models.gan_fn,
+                         train_data=step_models.regression_data(), verbose=0)
+
+
+def test_a_non_finite_step_log_names_it():
+  class Exploding(step_models.GAN):
+    def train_step(self, real):
+      super().train_step(real)
+      self.g_loss_tracker.update_state(np.inf)
+      return {tracker.name: tracker.result() for tracker in self.metrics}
+
+  def model_fn():
+    model = Exploding()
+    model.compile(keras.optimizers.Adam(), keras.optimizers.Adam(),
+                  keras.losses.BinaryCrossentropy(from_logits=True))
+    return model
+  for loop in training_loops.LOOPS:
+    with pytest.raises(training_loops.NonFiniteLossError,
+                       match="Training log 'g_loss' became inf at epoch 0"):
+      training_loops.train(model_fn, train_data=step_models.images_data(),
+                           loop=loop, verbose=0)
+
+
+def test_lockstep_traces_a_gan_through_both_optimizers():
+  report = training_loops.compare(
+      step_models.gan_fn, data=step_models.images_data(), steps=4,
+      optimizer_variables=True, rtol=1e-4, atol=1e-6)
+  assert report.agreed, str(report)
+  assert report.loops == training_loops.LOOPS
+
+
+def test_lockstep_names_a_generator_optimizer_slot_that_parts():
+  class Nudged(drivers.GraphDriver):
+    def stepper(self, iterator):
+      run = super().stepper(iterator)
+
+      def nudged(limit):
+        steps, logs = run(limit)
+        slot = self.trainer.model.g_optimizer.variables[-1]
+        slot.assign(slot + 1e-2)
+        return steps, logs
+      return nudged
+  drivers.register("nudged_slot")(Nudged)
+  try:
+    report = training_loops.compare(
+        step_models.gan_fn, data=step_models.images_data(), steps=3,
+        loops=("graph", "nudged_slot"), optimizer_variables=True)
+  finally:
+    del drivers.DRIVERS["nudged_slot"]
+  divergence = report.first_divergence
+  assert divergence.step == 1 and divergence.log is None
+  # Keras numbers optimizers per process: "adam_12/generator_..."
+  slot = divergence.variable.split("/", 1)[1]
+  assert slot.startswith("generator_dense") and slot.endswith(
+      "bias_velocity"), str(report)
+  assert f"{divergence.variable}[" in str(report)
