@@ -302,11 +302,16 @@ class GraphDriver(StepDriver):
 def _distributed_steps(trainer, jit_compile):
   """The distributed train and eval steps, their replica steps optionally
   XLA-compiled (iterators and cross-replica plumbing stay outside XLA)."""
-  compile_replica_step = (
-      (lambda step: tf.function(step, jit_compile=True)) if jit_compile
-      else (lambda step: step))
-  return (trainer.distribute(compile_replica_step(trainer.train_replica_step)),
-          trainer.distribute(compile_replica_step(trainer.eval_replica_step)))
+  if not jit_compile:
+    return (trainer.distribute(trainer.train_replica_step),
+            trainer.distribute(trainer.eval_replica_step))
+  # The batch guard inside the compiled step: around it, a mirrored
+  # strategy's replica thread could not `merge_call` from inside XLA.
+  return tuple(
+      trainer.distribute(tf.function(step_lib.guarded_by_batch(replica_step),
+                                     jit_compile=True), guarded=False)
+      for replica_step in (trainer.train_replica_step,
+                           trainer.eval_replica_step))
 
 
 def _check_finite(logs, epoch, step):

@@ -10,14 +10,16 @@ import keras
 
 from training_loops import drivers
 from training_loops.controller import known_length
+from training_loops.keras_step import KerasStep
 from training_loops.step import first_non_finite
-from training_loops.trainer import NonFiniteLossError
+from training_loops.trainer import NonFiniteLossError, Trainer
 
 
 @drivers.register("keras_fit")
 class KerasFitDriver(drivers.Driver):
-  """`model.fit` on the model `train` compiled (`steps_per_loop` became
-  `steps_per_execution`), with `jit_compile` as asked.
+  """`model.fit` on the model `train` compiled, or on a model with its own
+  `train_step` (`steps_per_loop` becomes `steps_per_execution`), with
+  `jit_compile` as asked.
 
   Fit validates at epoch ends itself; the controller's validations by step
   run the graph loop's eval step on the same model (`evaluate`), into the
@@ -28,6 +30,12 @@ class KerasFitDriver(drivers.Driver):
 
   def __init__(self, trainer, options=drivers.LoopOptions()):
     super().__init__(trainer, options)
+    if not isinstance(trainer, (Trainer, KerasStep)):
+      raise ValueError(
+          f"keras_fit runs a keras.Model's train_step; "
+          f"{type(trainer).__name__} is a TrainingStep of its own: train it "
+          f"with loop='eager', 'function' or 'graph', or write its step as "
+          f"the train_step of a keras.Model subclass.")
     self._evaluator = None
 
   def evaluate(self, iterator, hooks=None):

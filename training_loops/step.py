@@ -117,25 +117,32 @@ class TrainingStep(abc.ABC):
     initial values would depend on the batch, and cannot be lifted out of
     the graph."""
     strategy = self.strategy
-
-    def guarded_step(batch):
-      # State that does not depend on the batch (a tracker's count, dropout's
-      # seed) must not change without it: in a graph, a step whose fetch
-      # fails (the function loop's end of the data) would otherwise still
-      # advance it. Here, not around that fetch: MirroredStrategy builds
-      # each replica's step in its own thread, which a control-dependency
-      # scope outside `strategy.run` does not reach. Ops that already read
-      # the batch get no extra edge.
-      with tf.control_dependencies(tf.nest.flatten(batch)):
-        return replica_step(batch)
+    if guarded:
+      replica_step = guarded_by_batch(replica_step)
 
     def step(distributed_batch):
-      per_replica = strategy.run(guarded_step if guarded else replica_step,
-                                 args=(distributed_batch,))
+      per_replica = strategy.run(replica_step, args=(distributed_batch,))
       return tf.nest.map_structure(
           lambda value: _reduced(strategy, value, self.log_reduction),
           per_replica)
     return step
+
+
+def guarded_by_batch(replica_step):
+  """`replica_step` with every op after its batch.
+
+  State that does not depend on the batch (a tracker's count, dropout's
+  seed) must not change without it: in a graph, a step whose fetch fails
+  (the function loop's end of the data) would otherwise still advance it.
+  Inside the replica step, not around that fetch: MirroredStrategy builds
+  each replica's step in its own thread, which a control-dependency scope
+  outside `strategy.run` does not reach. Ops that already read the batch
+  get no extra edge.
+  """
+  def guarded(batch):
+    with tf.control_dependencies(tf.nest.flatten(batch)):
+      return replica_step(batch)
+  return guarded
 
 
 def _checkpoint_name(name):

@@ -185,10 +185,8 @@ class Trainer(TrainingStep):
     """What a training step changes once its gradients are known: the
     optimizer's update, then the loss trackers and training metrics.
 
-    One call with tensors in and nothing out, so that a loop may compile it
-    alone (`tf.function`): the eager loop does, because the optimizer's
-    per-variable distributed updates and the metrics' bookkeeping cost more,
-    op by op, than the model's forward and backward passes.
+    One call with tensors in and nothing out, so that an eager step can
+    compile it alone (`Compiled`).
     """
     self.optimizer.apply_gradients(
         zip(gradients, self.model.trainable_variables))
@@ -236,7 +234,7 @@ class Trainer(TrainingStep):
 
   def record_eval(self, y, predictions, tracked, masks=None):
     """An evaluation step's update of the eval trackers and metrics; like
-    `update`, compiled alone by the eager loop."""
+    `update`, compiled alone in an eager step."""
     _record(self.eval_trackers, self.eval_metrics, y,
             _masked(predictions, masks), tracked)
 

@@ -2,6 +2,7 @@
 `build_driver`, the assembly both use."""
 
 import contextlib
+import dataclasses
 
 import keras
 import tensorflow as tf
@@ -103,22 +104,25 @@ def train(model_fn, optimizer_fn=None, loss=None, train_data=None, *,
         verbose=verbose, cadence=cadence).run()
 
 
+@dataclasses.dataclass(frozen=True)
 class SupervisedOptions:
-  """What the supervised step is built from, as `train` takes it:
-  `optimizer_fn`, `loss`, `metrics`, `loss_weights`. A model's own step
-  takes none of them."""
-
-  def __init__(self, optimizer_fn=None, loss=None, metrics=(),
-               loss_weights=None):
-    self.optimizer_fn, self.loss = optimizer_fn, loss
-    self.metrics, self.loss_weights = metrics, loss_weights
+  """What the supervised step is built from, as `train` takes it. A
+  model's own step takes none of them."""
+  optimizer_fn: object = None
+  loss: object = None
+  metrics: object = ()
+  loss_weights: object = None
 
   def given(self):
     """The names of the options given."""
-    return [name for name, value in (
-        ("optimizer_fn", self.optimizer_fn), ("loss", self.loss),
-        ("metrics", self.metrics), ("loss_weights", self.loss_weights))
-            if value is not None and value != ()]
+    return [field.name for field in dataclasses.fields(self)
+            if _given(getattr(self, field.name))]
+
+
+def _given(value):
+  # An empty list or dict of metrics is none given.
+  return value is not None and not (
+      isinstance(value, (list, tuple, dict)) and not value)
 
 
 def build_driver(loop, model_fn, train_data, validation_data=None, *,
