@@ -126,11 +126,16 @@ class GAN(keras.Model):
     gradients = tape.gradient(d_loss, self.discriminator.trainable_weights)
     self.d_optimizer.apply_gradients(
         zip(gradients, self.discriminator.trainable_weights))
-    misleading = tf.zeros((batch_size, 1))
+    return self._generator_step(
+        batch_size, d_loss,
+        lambda critic: self.loss_fn(tf.zeros((batch_size, 1)), critic))
+
+  def _generator_step(self, batch_size, d_loss, g_loss_of):
+    """The generator's update, `g_loss_of(the critic of fakes)`, and the
+    logs."""
     with tf.GradientTape() as tape:
-      g_loss = self.loss_fn(
-          misleading, self.discriminator(self.generator(
-              self._noise(batch_size))))
+      g_loss = g_loss_of(self.discriminator(self.generator(
+          self._noise(batch_size))))
     gradients = tape.gradient(g_loss, self.generator.trainable_weights)
     self.g_optimizer.apply_gradients(
         zip(gradients, self.generator.trainable_weights))
@@ -183,16 +188,8 @@ class WGANGP(GAN):
       gradients = tape.gradient(d_loss, self.discriminator.trainable_weights)
       self.d_optimizer.apply_gradients(
           zip(gradients, self.discriminator.trainable_weights))
-    with tf.GradientTape() as tape:
-      g_loss = -tf.reduce_mean(self.discriminator(self.generator(
-          self._noise(batch_size))))
-    gradients = tape.gradient(g_loss, self.generator.trainable_weights)
-    self.g_optimizer.apply_gradients(
-        zip(gradients, self.generator.trainable_weights))
-    self.d_loss_tracker.update_state(d_loss)
-    self.g_loss_tracker.update_state(g_loss)
-    return {"d_loss": self.d_loss_tracker.result(),
-            "g_loss": self.g_loss_tracker.result()}
+    return self._generator_step(
+        batch_size, d_loss, lambda critic: -tf.reduce_mean(critic))
 
 
 def wgan_gp_fn():

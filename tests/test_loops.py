@@ -221,7 +221,7 @@ def test_eager_loop_runs_the_model_and_loss_eagerly_and_compiles_the_rest():
   assert probe.seen[-len(expected):] == pytest.approx(expected)
   assert seen_labels[-len(expected):] == [y.numpy().tolist()
                                           for _, y in data] * 2
-  [update] = trainers[0]._compiled_update.functions.values()
+  [update] = trainers[0].compiled["update"].functions.values()
   assert update.experimental_get_tracing_count() == 2
 
 

@@ -103,7 +103,7 @@ class Trainer(TrainingStep):
     self.eval_metrics = _copied_metrics(metrics, keyed)
     self.eval_trackers = {name: keras.metrics.Mean(name=name)
                           for name in self.train_trackers}
-    self._compiled_update = self._compiled_record_eval = None
+    self.compiled = {}  # method name -> its `Compiled`, for eager steps
 
   def build_metrics(self, targets, predictions):
     """Traces each metric copy's update once on the specs of an example's
@@ -152,15 +152,19 @@ class Trainer(TrainingStep):
     replica in a thread of its own, where a compiled call could not join
     the replicas' `merge_call`s.
     """
-    return {"loss": _as_float32(self._train_on(batch, self._updater()))}
+    return {"loss": _as_float32(
+        self._train_on(batch, self._compiled_when_eager(self.update)))}
 
-  def _updater(self):
+  def _compiled_when_eager(self, method):
+    """`method` (`update` or `record_eval`), `Compiled` in an eager step
+    outside a mirrored strategy's replica threads."""
     if not tf.executing_eagerly() or (
         strategies.runs_replicas_in_threads(self.strategy)):
-      return self.update
-    if self._compiled_update is None:
-      self._compiled_update = Compiled(self.update, self.model)
-    return self._compiled_update
+      return method
+    name = method.__name__
+    if name not in self.compiled:
+      self.compiled[name] = Compiled(method, self.model)
+    return self.compiled[name]
 
   def _train_on(self, batch, update):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
@@ -221,16 +225,9 @@ class Trainer(TrainingStep):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
     predictions = self.model(x, training=False)
     loss = self._loss(y, predictions, sample_weight)
-    self._eval_recorder()(y, predictions, loss.tracked, _masks(predictions))
+    self._compiled_when_eager(self.record_eval)(
+        y, predictions, loss.tracked, _masks(predictions))
     return {"loss": _as_float32(loss.global_mean)}
-
-  def _eval_recorder(self):
-    if not tf.executing_eagerly() or (
-        strategies.runs_replicas_in_threads(self.strategy)):
-      return self.record_eval
-    if self._compiled_record_eval is None:
-      self._compiled_record_eval = Compiled(self.record_eval, self.model)
-    return self._compiled_record_eval
 
   def record_eval(self, y, predictions, tracked, masks=None):
     """An evaluation step's update of the eval trackers and metrics; like
