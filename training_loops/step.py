@@ -12,7 +12,6 @@ its logs; the loops (`drivers`) decide how steps are run, and the
 
 import abc
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -191,7 +190,3 @@ def zeros_like_spec(spec):
   state."""
   return tf.nest.map_structure(
       lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype), spec)
-
-
-def is_keras_optimizer(value):
-  return isinstance(value, keras.optimizers.Optimizer)
