@@ -262,19 +262,19 @@ class GraphDriver(StepDriver):
     def train_steps(iterator, max_steps):
       """Returns (steps run, last logs); stops early at the end of the data
       or at a non-finite loss, so the caller can name the step."""
-      no_logs = step_lib.zeros_like_spec(trainer.logs_spec(training=True))
       if train_chunk and xla_chunks.applies(iterator, trainer.strategy):
-        return xla_chunks.train_in_chunks(train_chunk, chunk_size, iterator,
-                                          max_steps, no_logs)
+        return xla_chunks.train_in_chunks(
+            train_chunk, chunk_size, iterator, max_steps,
+            step_lib.no_logs(trainer))
       return over_batches(iterator, max_steps,
                           lambda batch, logs: train_step(batch),
-                          no_logs, step_lib.all_finite)
+                          step_lib.no_logs(trainer), step_lib.all_finite)
 
     @tf.function
     def eval_steps(iterator, max_steps):
       return over_batches(
           iterator, max_steps, lambda batch, logs: eval_step(batch),
-          step_lib.zeros_like_spec(trainer.logs_spec(training=False)))
+          step_lib.no_logs(trainer, training=False))
 
     self.train_steps = train_steps
     self.eval_steps = eval_steps

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from training_loops.step import TrainingStep
-from training_loops.trainer import first_line
+from training_loops.trainer import first_line, shapes
 
 # The methods whose override makes a model's training its own.
 STEP_METHODS = ("train_step", "test_step", "compute_loss")
@@ -80,7 +80,7 @@ class KerasStep(TrainingStep):
     except (ValueError, TypeError, KeyError) as error:
       raise ValueError(
           f"{type(self.model).__name__}'s step does not accept the data's "
-          f"batches {_shapes(spec)}: {first_line(error)}") from None
+          f"batches {shapes(spec)}: {first_line(error)}") from None
     return tf.nest.map_structure(
         lambda value: tf.TensorSpec(value.shape, value.dtype), logs)
 
@@ -146,7 +146,3 @@ def _any_batch_size(spec):
   if isinstance(spec, tf.TensorSpec) and spec.shape.rank:
     return tf.TensorSpec([None, *spec.shape[1:]], spec.dtype)
   return spec
-
-
-def _shapes(spec):
-  return tf.nest.map_structure(lambda s: tuple(s.shape), spec)

@@ -144,9 +144,7 @@ def compare(model_fn, optimizer_fn=None, loss=None, data=None, *,
   """
   loops = _checked_loops(training.LOOPS if loops is None else loops)
   _check_arguments(steps, rtol, atol, seed)
-  if not isinstance(data, tf.data.Dataset):
-    raise ValueError(f"data must be a batched tf.data.Dataset, got "
-                     f"{type(data).__name__}.")
+  training.check_data("data", data)
   batches = _first_batches(data, steps)
   supervised = training.SupervisedOptions(optimizer_fn, loss, metrics,
                                           loss_weights)

@@ -15,6 +15,8 @@ import abc
 import numpy as np
 import tensorflow as tf
 
+from training_loops.strategies import is_multi_worker
+
 
 class TrainingStep(abc.ABC):
   """One replica's training and evaluation step, and the state around it.
@@ -154,7 +156,7 @@ def _reduced(strategy, value, reduction):
   results = strategy.experimental_local_results(value)
   if len(results) == 1 or reduction == "first":
     return results[0]
-  if strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
+  if is_multi_worker(strategy):
     return strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
   # As fit's `reduce_per_replica(..., "mean")`: the local replicas' mean.
   return tf.reduce_mean(tf.stack(results), axis=0)
@@ -185,8 +187,9 @@ def first_non_finite(logs):
   return None
 
 
-def zeros_like_spec(spec):
-  """Zeros of every `tf.TensorSpec` in `spec`, for a loop's initial
-  state."""
+def no_logs(step, training=True):
+  """Zeros shaped as `step`'s train (or eval) logs: the logs a graph loop
+  carries before its first step."""
   return tf.nest.map_structure(
-      lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype), spec)
+      lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype),
+      step.logs_spec(training))

@@ -47,6 +47,12 @@ def first_line(error):
   return str(error).strip().splitlines()[0]
 
 
+def shapes(structure):
+  """The shapes of a structure of tensors or specs, as tuples, for
+  messages."""
+  return tf.nest.map_structure(lambda t: tuple(t.shape), structure)
+
+
 def _cause_of(error):
   """The line of a TensorFlow error that says what went wrong, without the
   "Graph execution error:" banner, the Python stack or the node names."""

@@ -14,7 +14,7 @@ from training_loops.controller import (Cadence, Controller, as_floats,
                                        known_length)
 from training_loops.keras_step import KerasStep, overrides_step
 from training_loops.step import TrainingStep
-from training_loops.trainer import Trainer, first_line
+from training_loops.trainer import Trainer, first_line, shapes
 
 # The loops that ship, in the registry's order; `drivers.register` adds more.
 LOOPS = tuple(drivers.DRIVERS)
@@ -229,7 +229,7 @@ def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
   """Returns `{"loss": ..., <metric>: ...}` of `model` on `data`, computed
   with `training=False` exactly as the loops' validation is."""
   strategy = strategy or tf.distribute.get_strategy()
-  _check_data("data", data)
+  check_data("data", data)
   _check_supervised_data("data", data)
   with strategy.scope():
     trainer = Trainer(model, None, loss, loss_weights, metrics, strategy)
@@ -257,7 +257,7 @@ def _check_model_fits_data(model, loss, data):
   except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
     raise ValueError(
         f"The model does not accept the data's inputs "
-        f"{_shapes(x_spec)}: {first_line(error)}") from None
+        f"{shapes(x_spec)}: {first_line(error)}") from None
   targets = _zero_example(y_spec)
   if not isinstance(loss, keras.losses.Loss):
     return targets, predictions  # multi-output: checked when each runs
@@ -265,8 +265,8 @@ def _check_model_fits_data(model, loss, data):
     loss(targets, predictions)
   except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
     raise ValueError(
-        f"The model's outputs {_shapes(predictions)} do not fit the data's "
-        f"targets {_shapes(y_spec)} under {type(loss).__name__}: "
+        f"The model's outputs {shapes(predictions)} do not fit the data's "
+        f"targets {shapes(y_spec)} under {type(loss).__name__}: "
         f"{first_line(error)}") from None
   return targets, predictions
 
@@ -318,18 +318,13 @@ def _zero_example(spec):
       spec)
 
 
-def _shapes(structure):
-  shapes = tf.nest.map_structure(lambda t: tuple(t.shape), structure)
-  return shapes
-
-
 def _check_arguments(loop, epochs, train_data, validation_data):
   drivers.check_loop(loop)
   if not isinstance(epochs, int) or epochs < 1:
     raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
-  _check_data("train_data", train_data)
+  check_data("train_data", train_data)
   if validation_data is not None:
-    _check_data("validation_data", validation_data)
+    check_data("validation_data", validation_data)
 
 
 def _check_cadence(cadence, loop, steps_per_loop, train_data,
@@ -355,7 +350,8 @@ def _check_cadence(cadence, loop, steps_per_loop, train_data,
           "epoch's beginning.")
 
 
-def _check_data(name, data):
+def check_data(name, data):
+  """Refuses in one line what is not a non-empty `tf.data.Dataset`."""
   if not isinstance(data, tf.data.Dataset):
     raise ValueError(f"{name} must be a batched tf.data.Dataset, got "
                      f"{type(data).__name__}.")

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from training_loops import strategies
 from training_loops.graph_loops import over_batches
-from training_loops.step import all_finite, zeros_like_spec
+from training_loops.step import all_finite, no_logs
 
 # Batches per XLA computation: enough that the call and the copy into one
 # tensor cost little per step, few enough to bound the copy's memory (64
@@ -52,7 +52,7 @@ def compiled_chunk(trainer):
 
     return tf.while_loop(
         go_on, train_one,
-        (tf.constant(0), zeros_like_spec(trainer.logs_spec(training=True))))
+        (tf.constant(0), no_logs(trainer)))
   return trainer.distribute(tf.function(train_chunk, jit_compile=True))
 
 
