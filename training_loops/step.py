@@ -170,11 +170,15 @@ def losses_of(logs):
 
 
 def all_finite(logs):
-  """In a graph: whether every watched log is finite."""
-  values = [tf.reduce_all(tf.math.is_finite(tf.cast(value, tf.float32)))
+  """In a graph: whether every watched log is finite. A scalar costs one
+  op, since the graph loop asks after every step."""
+  checks = [tf.math.is_finite(value) if value.shape.rank == 0
+            else tf.reduce_all(tf.math.is_finite(value))
             for value in losses_of(logs).values()
             if value.dtype.is_floating]
-  return tf.reduce_all(values) if values else tf.constant(True)
+  if len(checks) == 1:
+    return checks[0]
+  return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
 def first_non_finite(logs):
