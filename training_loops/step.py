@@ -11,8 +11,8 @@ its logs; the loops (`drivers`) decide how steps are run, and the
 """
 
 import abc
+import math
 
-import numpy as np
 import tensorflow as tf
 
 from training_loops.strategies import is_multi_worker
@@ -182,12 +182,14 @@ def all_finite(logs):
 
 
 def first_non_finite(logs):
-  """`(name, value)` of the first watched log that is not finite, or
-  None."""
+  """`(name, value)` of the first watched scalar log that is not finite,
+  or None. Asked after every call of a custom loop: a scalar is read as
+  one float."""
   for key, value in losses_of(logs).items():
-    number = np.asarray(value, np.float64)
-    if number.size == 1 and not np.isfinite(number).all():
-      return key, float(number.reshape(()))
+    if not len(getattr(value, "shape", ())):  # a scalar tensor or number
+      number = float(value)
+      if not math.isfinite(number):
+        return key, number
   return None
 
 
