@@ -155,6 +155,7 @@ def gan_fn():
                 loss_fn=keras.losses.BinaryCrossentropy(from_logits=True))
   model.d_optimizer.build(model.discriminator.trainable_variables)
   model.g_optimizer.build(model.generator.trainable_variables)
+  model.build((None, FEATURES))  # fit's ModelCheckpoint needs it built
   return model
 
 

@@ -6,12 +6,16 @@ VAE, Keras' `Distiller`) is trained by `train` in every loop and by
 must agree.
 """
 
+import os
+import signal
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import losses
+import loop_models
 import training_loops
 from training_loops import drivers
 import step_models
@@ -232,3 +236,164 @@ def test_lockstep_names_a_generator_optimizer_slot_that_parts():
   assert slot.startswith("generator_dense") and slot.endswith(
       "bias_velocity"), str(report)
   assert f"{divergence.variable}[" in str(report)
+
+
+class _SignallingGAN(step_models.GAN):
+  """The GAN, counting its steps as they run (inside graphs too) and
+  sending `signal_number` to this process at step `at`, while armed."""
+
+  def __init__(self, at, signal_number, armed, **kwargs):
+    super().__init__(**kwargs)
+    self.at, self.signal_number, self.armed = at, signal_number, armed
+    self.steps_run = 0
+
+  def _count(self):
+    self.steps_run += 1
+    if self.armed.on and self.steps_run == self.at:
+      self.armed.on = False
+      os.kill(os.getpid(), self.signal_number)
+    return np.float32(0.0)
+
+  def train_step(self, real):
+    zero = tf.ensure_shape(tf.py_function(self._count, [], tf.float32), [])
+    return super().train_step(real + zero)
+
+
+@pytest.mark.parametrize("loop, steps_per_loop, where", [
+    ("eager", None, (1, 17)), ("function", None, (1, 17)),
+    ("graph", 1, (1, 17)), ("graph", None, (1, 24))])
+def test_a_gan_stopped_by_sigint_mid_epoch_resumes_bit_for_bit(
+    loop, steps_per_loop, where, tmp_path):
+  """24 steps an epoch; SIGINT at step 41 (epoch 1, step 17). The graph
+  loop sees it at its next call: after the step, or the epoch. The rerun
+  trains only the steps left and ends with the uninterrupted run's
+  weights, both optimizers' steps and the noise's seed state, to the
+  bit."""
+  armed = loop_models.Switch()
+  built = []
+
+  def gan_fn():
+    model = _SignallingGAN(41, signal.SIGINT, armed)
+    model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3),
+                  keras.losses.BinaryCrossentropy(from_logits=True))
+    built.append(model)
+    return model
+
+  def run(checkpoint_dir=None):
+    return training_loops.train(
+        gan_fn, train_data=step_models.images_data(batch_size=2),
+        loop=loop, epochs=3, seed=SEED, verbose=0,
+        steps_per_loop=steps_per_loop, checkpoint_dir=checkpoint_dir)
+
+  uninterrupted = run()
+  armed.on = True
+  with pytest.raises(training_loops.TrainingInterrupted,
+                     match=rf"SIGINT at epoch {where[0]} \(0-based\), step "
+                           rf"{where[1]}: checkpoint saved"):
+    run(tmp_path)
+  resumed = run(tmp_path)
+  assert built[-1].steps_run == 72 - (24 * where[0] + where[1])
+  for weight, expected in zip(resumed.model.get_weights(),
+                              uninterrupted.model.get_weights()):
+    np.testing.assert_array_equal(weight, expected)
+  for name in ("d_optimizer", "g_optimizer"):
+    assert int(getattr(resumed.model, name).iterations) == 72
+    for variable, expected in zip(
+        getattr(resumed.model, name).variables,
+        getattr(uninterrupted.model, name).variables):
+      np.testing.assert_array_equal(variable.numpy(), expected.numpy())
+  np.testing.assert_array_equal(resumed.history["g_loss"],
+                                uninterrupted.history["g_loss"])
+
+
+def _gan_callbacks(directory):
+  return [
+      keras.callbacks.CSVLogger(os.path.join(directory, "log.csv")),
+      keras.callbacks.TensorBoard(os.path.join(directory, "tb"),
+                                  update_freq=1),
+      keras.callbacks.ModelCheckpoint(
+          os.path.join(directory, "best.weights.h5"), monitor="g_loss",
+          mode="min", save_best_only=True, save_weights_only=True),
+      # A generator loss that is not falling for one epoch stops the run.
+      keras.callbacks.EarlyStopping(monitor="g_loss", mode="min",
+                                    patience=0, min_delta=10.0)]
+
+
+@pytest.mark.parametrize("loop", CUSTOM_LOOPS)
+def test_keras_callbacks_see_a_gans_logs_as_under_fit(loop, tmp_path):
+  """CSVLogger's rows, TensorBoard's batch and epoch scalars,
+  ModelCheckpoint and EarlyStopping on `g_loss`, against plain fit with
+  the same callbacks (one step a call, as fit's default)."""
+  from test_callbacks import _scalars
+  from test_keras_callbacks import _csv_rows
+  fit_dir, our_dir = str(tmp_path / "fit"), str(tmp_path / "ours")
+  keras.utils.set_random_seed(SEED)
+  model = step_models.gan_fn()
+  fit = model.fit(step_models.images_data(), epochs=3, shuffle=False,
+                  verbose=0, callbacks=_gan_callbacks(fit_dir))
+  ours = _trained(step_models.gan_fn, step_models.images_data, False, loop,
+                  steps_per_loop=1 if loop == "graph" else None, epochs=3,
+                  callbacks=_gan_callbacks(our_dir))
+  assert len(fit.epoch) == 2  # the early stop happened
+  assert ours.epochs == fit.epoch
+  _assert_same(ours, model, fit.history, 1e-4)
+  mine, theirs = (_csv_rows(os.path.join(d, "log.csv"))
+                  for d in (our_dir, fit_dir))
+  assert [row.keys() for row in mine] == [row.keys() for row in theirs]
+  for row, expected in zip(mine, theirs):
+    for key, value in expected.items():
+      if value == "NA":  # fit's too: validation keys without validation
+        assert row[key] == "NA", key
+      else:
+        np.testing.assert_allclose(float(row[key]), float(value),
+                                   rtol=1e-4, err_msg=key)
+  assert sorted(os.listdir(our_dir)) == sorted(os.listdir(fit_dir))
+  mine, theirs = (_scalars(os.path.join(d, "tb", "train"))
+                  for d in (our_dir, fit_dir))
+  assert {"batch_d_loss", "batch_g_loss", "epoch_g_loss"} <= set(theirs)
+  for tag, values in theirs.items():
+    np.testing.assert_allclose(mine[tag], values, rtol=1e-4, atol=1e-6,
+                               err_msg=tag)
+
+
+@pytest.mark.parametrize("loop", CUSTOM_LOOPS)
+def test_backup_and_restore_resumes_a_gan_where_fit_does(loop, tmp_path):
+  """Two epochs backed up, then a run of 3 continues with the third, as
+  fit's does. (Keras' backup holds the model's weights, not a GAN's
+  optimizers: fit's resumed run is the reference, not an uninterrupted
+  one.)"""
+  def backed_up(run, epochs, directory, begun=None):
+    callbacks = [keras.callbacks.BackupAndRestore(str(directory),
+                                                  delete_checkpoint=False)]
+    if begun is not None:
+      callbacks.append(keras.callbacks.LambdaCallback(
+          on_epoch_begin=lambda epoch, logs: begun.append(epoch)))
+    return _trained(step_models.gan_fn, step_models.images_data, False,
+                    run, epochs=epochs, callbacks=callbacks)
+  begun = {}
+  for run in (loop, "keras_fit"):
+    backed_up(run, 2, tmp_path / run)
+    begun[run] = []
+    resumed = backed_up(run, 3, tmp_path / run, begun[run])
+    if run == loop:
+      ours = resumed
+  assert begun[loop] == begun["keras_fit"] == [2]
+  assert ours.epochs == resumed.epochs == [2]
+  _assert_same(ours, resumed.model, resumed.history, 1e-4)
+
+
+@pytest.mark.parametrize("loop", CUSTOM_LOOPS)
+def test_step_cadence_with_a_vae_keeps_the_epochs_running_logs(loop,
+                                                               tmp_path):
+  """Validation every 2 steps (the VAE's metrics serve training and
+  validation, reset for each) and a checkpoint every 2 steps leave every
+  epoch's logs as fit's, and the validation at an epoch's end is fit's."""
+  model, logs = _plain_fit(step_models.vae_fn, step_models.images_data,
+                           True)
+  history = _trained(step_models.vae_fn, step_models.images_data, True,
+                     loop, eval_every_steps=2, checkpoint_every_steps=2,
+                     checkpoint_dir=tmp_path)
+  _assert_same(history, model, logs, 1e-5)
+  assert history.step_history["step"] == [2, 4, 6]
+  np.testing.assert_allclose(history.step_history["val_loss"][2],
+                             logs["val_loss"][1], rtol=1e-5)

@@ -380,12 +380,11 @@ class Controller:
     """Validation at a step, logged by step; Keras has no callback event
     for it, so none is called."""
     started = time.perf_counter()
-    # A step whose evaluation shares the training results (a Keras model's
-    # metrics serve both) would lose the epoch's running results.
-    running = [v.numpy() for v in self.trainer.progress_variables()]
+    kept = self.trainer.kept_across_validation()
+    values = [variable.numpy() for variable in kept]
     last_logs = self.driver.evaluate(iter(self._validation_batches()))
     logs = as_floats(self.trainer.eval_logs(last_logs))
-    for variable, value in zip(self.trainer.progress_variables(), running):
+    for variable, value in zip(kept, values):
       variable.assign(value)
     self.recorder.step_validated(
         self.cadence.steps_done, epoch, logs,

@@ -104,6 +104,16 @@ class TrainingStep(abc.ABC):
     """The variables of a partial epoch's running results, so a run
     stopped mid-epoch resumes its logs exactly."""
 
+  def kept_across_validation(self):
+    """The variables a validation between training steps leaves as they
+    were, so that validating by step changes no training: the running
+    results (a Keras model's metrics serve training and validation) and
+    the model's random seeds (a `test_step` may draw noise)."""
+    return [*self.progress_variables(),
+            *(variable for variable in self.model.variables
+              # The name Keras gives every `SeedGenerator`'s state.
+              if variable.path.endswith("seed_generator_state"))]
+
   def finish(self):
     """After the last epoch, before `on_train_end` (as `model.fit` ends
     on an optimizer's moving averages with `use_ema`)."""
