@@ -59,16 +59,19 @@ class GuideModel(keras.Model):
       loss = tf.reduce_mean(loss) + 0.5 * tf.reduce_mean(tf.abs(y_pred))
     gradients = tape.gradient(loss, self.trainable_variables)
     self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-    self.loss_tracker.update_state(loss)
-    self.mae_metric.update_state(y, y_pred)
-    return {"loss": self.loss_tracker.result(),
-            "mae": self.mae_metric.result()}
+    return self._track(y, y_pred, loss)
+
+  def _predictions(self, x, training):
+    return self(x, training=training)
 
   def test_step(self, data):
     x, y = data
-    y_pred = self(x, training=False)
-    self.loss_tracker.update_state(
-        tf.reduce_mean(keras.losses.mean_squared_error(y, y_pred)))
+    y_pred = self._predictions(x, training=False)
+    return self._track(
+        y, y_pred, tf.reduce_mean(keras.losses.mean_squared_error(y, y_pred)))
+
+  def _track(self, y, y_pred, loss):
+    self.loss_tracker.update_state(loss)
     self.mae_metric.update_state(y, y_pred)
     return {"loss": self.loss_tracker.result(),
             "mae": self.mae_metric.result()}
@@ -266,3 +269,29 @@ def distiller_fn():
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
       metrics=["sparse_categorical_accuracy"])
   return distiller
+
+
+class ScaledLossModel(GuideModel):
+  """The guide's step under `mixed_float16`: the loss scaled by the
+  optimizer (a `LossScaleOptimizer`, which `compile` makes under the
+  policy) before the gradient, as Keras' own step does."""
+
+  def train_step(self, data):
+    x, y = data
+    with tf.GradientTape() as tape:
+      y_pred = self._predictions(x, training=True)
+      loss = tf.reduce_mean(keras.losses.mean_squared_error(y, y_pred))
+      scaled = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled, self.trainable_variables)
+    self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+    return self._track(y, y_pred, loss)
+
+  def _predictions(self, x, training):
+    return tf.cast(self(x, training=training), "float32")
+
+
+def scaled_loss_fn():
+  model = ScaledLossModel()
+  model.build((None, FEATURES))
+  model.compile(optimizer=keras.optimizers.SGD(0.05))
+  return model

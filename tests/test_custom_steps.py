@@ -239,24 +239,16 @@ def test_lockstep_names_a_generator_optimizer_slot_that_parts():
 
 
 class _SignallingGAN(step_models.GAN):
-  """The GAN, counting its steps as they run (inside graphs too) and
-  sending `signal_number` to this process at step `at`, while armed."""
+  """The GAN, its steps counted as they run (inside graphs too) by a
+  `SignalAt` layer, which sends `signal_number` at step `at`, while
+  armed."""
 
   def __init__(self, at, signal_number, armed, **kwargs):
     super().__init__(**kwargs)
-    self.at, self.signal_number, self.armed = at, signal_number, armed
-    self.steps_run = 0
-
-  def _count(self):
-    self.steps_run += 1
-    if self.armed.on and self.steps_run == self.at:
-      self.armed.on = False
-      os.kill(os.getpid(), self.signal_number)
-    return np.float32(0.0)
+    self.signal = loop_models.SignalAt(at, signal_number, armed)
 
   def train_step(self, real):
-    zero = tf.ensure_shape(tf.py_function(self._count, [], tf.float32), [])
-    return super().train_step(real + zero)
+    return super().train_step(self.signal(real, training=True))
 
 
 @pytest.mark.parametrize("loop, steps_per_loop, where", [
@@ -292,7 +284,7 @@ def test_a_gan_stopped_by_sigint_mid_epoch_resumes_bit_for_bit(
                            rf"{where[1]}: checkpoint saved"):
     run(tmp_path)
   resumed = run(tmp_path)
-  assert built[-1].steps_run == 72 - (24 * where[0] + where[1])
+  assert built[-1].signal.calls == 72 - (24 * where[0] + where[1])
   for weight, expected in zip(resumed.model.get_weights(),
                               uninterrupted.model.get_weights()):
     np.testing.assert_array_equal(weight, expected)
@@ -397,3 +389,24 @@ def test_step_cadence_with_a_vae_keeps_the_epochs_running_logs(loop,
   assert history.step_history["step"] == [2, 4, 6]
   np.testing.assert_allclose(history.step_history["val_loss"][2],
                              logs["val_loss"][1], rtol=1e-5)
+
+
+def test_mixed_float16_with_the_step_scaling_its_loss_trains_as_fit():
+  """`compile` wraps the optimizer in a `LossScaleOptimizer` under the
+  policy; the step calls `optimizer.scale_loss`. The default scale, 2**15,
+  overflows float16 at first: the skipped steps and the lowered scale are
+  fit's."""
+  from layer_harness import global_dtype_policy
+  with global_dtype_policy("mixed_float16"):
+    model, logs = _plain_fit(step_models.scaled_loss_fn,
+                             step_models.regression_data, True)
+    assert model.body.layers[0].compute_dtype == "float16"
+    scale = float(model.optimizer.dynamic_scale.numpy())
+    assert scale < 2.0**15
+    for loop, steps_per_loop in LOOP_VARIANTS:
+      history = _trained(step_models.scaled_loss_fn,
+                         step_models.regression_data, True, loop,
+                         steps_per_loop)
+      # float16 rounds eager and graph steps apart by up to 6e-5.
+      _assert_same(history, model, logs, 1e-4)
+      assert float(history.model.optimizer.dynamic_scale.numpy()) == scale
