@@ -3,6 +3,9 @@
     TF_CONFIG='{"cluster": ..., "task": ...}' python multi_worker_job.py \
         LOOP [EPOCHS [CHECKPOINT_DIR [PAUSE_SECONDS]]]
 
+With LOOP written `gan:LOOP`, it trains `step_models`' GAN (its own
+`train_step`) instead of the classifier.
+
 Exits 3 with the error on stderr when it loses its peer.
 """
 
@@ -16,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 import losses  # noqa: E402
+import step_models  # noqa: E402
 import training_loops  # noqa: E402
 from loop_models import classification_data, classifier, sgd  # noqa: E402
 
@@ -44,13 +48,25 @@ def run(loop, strategy=None, epochs=2, checkpoint_dir=None, pause=0.0):
       callbacks=[_Pause(pause)] if pause else [], seed=3, verbose=0)
 
 
+def run_gan(loop, strategy=None, epochs=2):
+  """The GAN, trained by its own step: both workers and the one-process
+  reference."""
+  return training_loops.train(
+      step_models.gan_fn, train_data=step_models.images_data(), loop=loop,
+      epochs=epochs, strategy=strategy, seed=3, verbose=0)
+
+
 if __name__ == "__main__":
   strategy = training_loops.make_strategy("multi_worker")
   arguments = sys.argv[1:] + [None] * 4
+  model, _, loop = arguments[0].rpartition(":")
   try:
-    history = run(arguments[0], strategy,
-                  epochs=int(arguments[1] or 2), checkpoint_dir=arguments[2],
-                  pause=float(arguments[3] or 0))
+    if model == "gan":
+      history = run_gan(loop, strategy, epochs=int(arguments[1] or 2))
+    else:
+      history = run(loop, strategy,
+                    epochs=int(arguments[1] or 2), checkpoint_dir=arguments[2],
+                    pause=float(arguments[3] or 0))
   except training_loops.WorkerLostError as error:
     print(error, file=sys.stderr)
     sys.exit(3)
