@@ -57,11 +57,14 @@ VARIANTS = (
     ("keras_fit", "steps_per_execution=100+xla",
      {"steps_per_loop": 100, "jit_compile": True}),
 )
-BENCHMARK_MODELS = ("mlp", "deep_net", "wide_deep")
+BENCHMARK_MODELS = ("mlp", "deep_net", "wide_deep", "gan")
 
 flags.DEFINE_enum("model", "mlp", BENCHMARK_MODELS,
                   "mlp: the course's 784-300-100-10; deep_net: 20 x "
-                  "Dense(100) on 784 inputs; wide_deep: on 8 features.")
+                  "Dense(100) on 784 inputs; wide_deep: on 8 features; gan: "
+                  "its own train_step, two MLPs (64-256-784, 784-256-1) "
+                  "with an Adam each, on images alone (batch 64 is the "
+                  "usual).")
 flags.DEFINE_list("batch_sizes", ["32", "256"], "Batch sizes to measure.")
 flags.DEFINE_integer("steps", 300, "Steps per measured epoch.",
                      lower_bound=10)
@@ -103,6 +106,8 @@ def build_model(model_name, x):
     return models.mlp_classifier(x, 10, normalize="none")
   if model_name == "deep_net":
     return models.deep_classifier(x, 10)
+  if model_name == "gan":
+    return models.mlp_gan(image_size=x.shape[1])
   return models.wide_deep_functional(x)
 
 
@@ -114,12 +119,30 @@ def training_flops_per_step(model, batch_size):
   with respect to its input, except the first Dense layer's, which nothing
   trainable needs. Elementwise ops are left out: a few percent here, and not
   what the matmul roofline bounds.
+
+  A `models.GAN`'s step: the generator's forward pass on the batch's noise
+  and the discriminator trained on fakes and reals (twice the batch); then
+  the generator trained through the discriminator, whose forward pass and
+  input gradients (all its layers', no weight gradients) the generator's
+  gradient needs.
   """
+  if isinstance(model, models.GAN):
+    d, g = (_forward_flops(network, batch_size)
+            for network in (model.discriminator, model.generator))
+    d_step = sum(g) + 2 * (3 * sum(d) - d[0])
+    g_step = 2 * sum(d) + 3 * sum(g) - g[0]
+    return d_step + g_step
+  forward = _forward_flops(model, batch_size)
+  return 3 * sum(forward) - (forward[0] if forward else 0)
+
+
+def _forward_flops(model, batch_size):
+  """Each Dense kernel's forward FLOPs on `batch_size` examples, in
+  order."""
   dense = [layer for layer in model._flatten_layers()
            if getattr(layer, "kernel", None) is not None]
-  forward = [2 * batch_size * int(np.prod(layer.kernel.shape))
-             for layer in dense]
-  return 3 * sum(forward) - (forward[0] if forward else 0)
+  return [2 * batch_size * int(np.prod(layer.kernel.shape))
+          for layer in dense]
 
 
 def matmul_roofline_gflops(size=2048, chain=4, repeats=5):
@@ -176,18 +199,22 @@ def measure(model_name, loop, options, x, y, batch_size, repeats, seed,
             callbacks=()):
   """Steps/s of `repeats` epochs over `x, y` after a warm-up epoch, peak RSS,
   and FLOPs per step."""
-  loss = (losses.MeanSquaredError() if model_name == "wide_deep"
-          else losses.SparseCategoricalCrossentropy())
   keras.utils.set_random_seed(seed)
-  data = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+  # A model with its own step (the GAN) takes images alone, its optimizers
+  # and loss compiled in.
+  own_step = model_name == "gan"
+  data = tf.data.Dataset.from_tensor_slices(x if own_step else (x, y)).batch(
       batch_size, drop_remainder=True).cache().with_options(
           experiment.IN_MEMORY_DATA_OPTIONS)
+  supervised = {} if own_step else {
+      "optimizer_fn": lambda: keras.optimizers.SGD(0.01),
+      "loss": (losses.MeanSquaredError() if model_name == "wide_deep"
+               else losses.SparseCategoricalCrossentropy())}
   with PeakMemory() as memory:
     history = training_loops.train(
-        lambda: build_model(model_name, x),
-        lambda: keras.optimizers.SGD(0.01), loss, data, loop=loop,
+        lambda: build_model(model_name, x), train_data=data, loop=loop,
         epochs=1 + repeats, seed=seed, verbose=0, callbacks=callbacks,
-        **options)
+        **supervised, **options)
   return (history.steps_per_second[1:], memory.peak_mb,
           training_flops_per_step(history.model, batch_size))
 

@@ -1,10 +1,12 @@
 """The course's models, built from the toolkit's layers.
 
-Each builder returns a fresh, uncompiled model; input scalers are adapted on
-the training split only.
+Each builder returns a fresh, uncompiled model (one with its own training
+step comes compiled, as `training_loops.train` takes it); input scalers are
+adapted on the training split only.
 """
 
 import keras
+import tensorflow as tf
 
 import layers
 
@@ -151,3 +153,82 @@ def wide_deep_multi_input(x_train, units=30, aux_output=False):
   aux = layers.Dense(1, name="aux", dtype=OUTPUT_DTYPE)
   outputs = {"main": main, "aux": aux(deep)} if aux_output else main
   return keras.Model(inputs, outputs, name="wide_deep_multi_input")
+
+
+class GAN(keras.Model):
+  """Goodfellow et al.'s GAN with the non-saturating generator loss: a
+  discriminator and a generator, each with its own optimizer, trained by
+  its own `train_step` on images alone (Keras' GAN example's contract,
+  `compile(d_optimizer, g_optimizer, loss_fn)`); noise from a seeded
+  `SeedGenerator`, so runs repeat and resume."""
+
+  def __init__(self, discriminator, generator, latent_dim, seed=1337,
+               **kwargs):
+    super().__init__(**kwargs)
+    self.discriminator, self.generator = discriminator, generator
+    self.latent_dim = latent_dim
+    self.seed_generator = keras.random.SeedGenerator(seed)
+    self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
+    self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
+
+  def compile(self, d_optimizer, g_optimizer, loss_fn):
+    super().compile()
+    self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
+    self.loss_fn = loss_fn
+
+  @property
+  def metrics(self):
+    return [self.d_loss_tracker, self.g_loss_tracker]
+
+  def call(self, images, training=False):
+    return self.discriminator(images, training=training)
+
+  def _noise(self, batch_size):
+    return keras.random.normal((batch_size, self.latent_dim),
+                               seed=self.seed_generator)
+
+  def train_step(self, real):
+    batch_size = keras.ops.shape(real)[0]
+    fake = self.generator(self._noise(batch_size), training=True)
+    images = keras.ops.concatenate([fake, real], axis=0)
+    labels = keras.ops.concatenate(
+        [keras.ops.zeros((batch_size, 1)), keras.ops.ones((batch_size, 1))],
+        axis=0)
+    with tf.GradientTape() as tape:
+      d_loss = self.loss_fn(labels, self.discriminator(images,
+                                                       training=True))
+    weights = self.discriminator.trainable_weights
+    self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, weights),
+                                         weights))
+    # Non-saturating: the generator maximizes log D(G(z)).
+    with tf.GradientTape() as tape:
+      critic = self.discriminator(
+          self.generator(self._noise(batch_size), training=True),
+          training=True)
+      g_loss = self.loss_fn(keras.ops.ones((batch_size, 1)), critic)
+    weights = self.generator.trainable_weights
+    self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, weights),
+                                         weights))
+    self.d_loss_tracker.update_state(d_loss)
+    self.g_loss_tracker.update_state(g_loss)
+    return {"d_loss": self.d_loss_tracker.result(),
+            "g_loss": self.g_loss_tracker.result()}
+
+
+def mlp_gan(image_size=784, latent_dim=64, units=256,
+            learning_rate=2e-4):
+  """Two MLPs of our layers, `latent_dim -> units -> image_size` (sigmoid)
+  and `image_size -> units -> 1` (a logit), each with Adam, compiled and
+  built (Keras' callbacks that save weights need a built model)."""
+  generator = keras.Sequential([
+      keras.Input((latent_dim,)), layers.Dense(units, "relu"),
+      layers.Dense(image_size, "sigmoid")], name="generator")
+  discriminator = keras.Sequential([
+      keras.Input((image_size,)), layers.Dense(units, "relu"),
+      layers.Dense(1)], name="discriminator")
+  gan = GAN(discriminator, generator, latent_dim)
+  gan.compile(keras.optimizers.Adam(learning_rate, beta_1=0.5),
+              keras.optimizers.Adam(learning_rate, beta_1=0.5),
+              keras.losses.BinaryCrossentropy(from_logits=True))
+  gan.build((None, image_size))
+  return gan

@@ -197,6 +197,23 @@ def test_every_benchmark_model_trains_on_its_synthetic_data(name):
   x, y = benchmark.synthetic_data(name, 16, seed=0)
   model = benchmark.build_model(name, x)
   assert model(x).shape[0] == 16 and len(y) == 16
+  rates, _, flops = benchmark.measure(name, "graph", {}, x, y, 8, 1, 0)
+  assert len(rates) == 1 and rates[0] > 0 and flops > 0
+
+
+def test_flops_per_step_of_the_gan_by_hand():
+  """Discriminator 784-256-1, generator 64-256-784, batch 64: the
+  discriminator's step (generator forward on 64; discriminator forward,
+  weight and input gradients but its first layer's on 128) and the
+  generator's (both forward on 64, the discriminator's input gradients,
+  the generator's weight and input gradients but its first layer's)."""
+  x, _ = benchmark.synthetic_data("gan", 1, seed=0)
+  model = benchmark.build_model("gan", x)
+  d = [2 * 64 * 784 * 256, 2 * 64 * 256 * 1]
+  g = [2 * 64 * 64 * 256, 2 * 64 * 256 * 784]
+  d_step = sum(g) + 2 * sum(d) * 3 - 2 * d[0]
+  g_step = sum(g) + sum(d) + sum(d) + 2 * sum(g) - g[0]
+  assert benchmark.training_flops_per_step(model, 64) == d_step + g_step
 
 
 def test_bad_benchmark_flags_are_usage_errors():
