@@ -14,7 +14,7 @@ from training_loops.callbacks import (BestModelCheckpoint, EarlyStopping,
 from training_loops.checkpoints import (CheckpointMismatchError,
                                         CheckpointNotSharedError,
                                         DamagedCheckpointError)
-from training_loops.controller import Controller
+from training_loops.controller import Controller, RunOptions
 from training_loops.drivers import Driver, LoopOptions, StepDriver
 from training_loops.history import History
 from training_loops.interrupts import TrainingInterrupted
@@ -35,7 +35,8 @@ __all__ = ["BestModelCheckpoint", "build_driver", "CallbackState",
            "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
            "History", "KerasStep", "LockstepReport", "LoopOptions", "LOOPS",
            "make_strategy", "NonFiniteLossError", "ProfileEpoch",
-           "replaced_atomically", "RunLock", "RunLockedError", "StepDriver",
+           "replaced_atomically", "RunLock", "RunLockedError", "RunOptions",
+           "StepDriver",
            "STRATEGIES", "SupervisedOptions", "train",
            "Trainer", "TrainingDataError", "TrainingInterrupted",
            "TrainingStep",

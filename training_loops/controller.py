@@ -10,6 +10,7 @@ translation of TensorFlow's errors into ours. A driver
 same hooks through its callbacks.
 """
 
+import dataclasses
 import time
 
 from absl import logging
@@ -158,32 +159,65 @@ class BatchHooks:
       self._end(done - 1, logs)
 
 
-class Controller:
-  """Runs `driver` for `epochs` epochs of `train_data`, with Keras'
-  callback order.
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """What a run does around its steps, as `train` was asked; the options
+  are checked here, together.
 
-  Args:
-    driver: a `drivers.Driver` around the run's `step.TrainingStep`.
-    train_data, validation_data: `tf.data.Dataset`s of batches.
+  Attributes:
     epochs: the total number of epochs, counting those a resumed run did.
-    checkpoint_dir: save every epoch there (and at `cadence` steps, and
-      the position of a stop); if it holds a checkpoint, resume from it.
+    validation_data: a `tf.data.Dataset` of batches, or None.
+    checkpoint_dir: save every epoch there (and every
+      `checkpoint_every_steps`, and the position of a stop); if it holds a
+      checkpoint, resume from it.
     log_dir: TensorBoard event files in `log_dir/train` and
       `log_dir/validation`.
     callbacks: `keras.callbacks.Callback`s.
     verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
-    cadence: a `Cadence` of step-counted validation and checkpoints.
+    eval_every_steps, checkpoint_every_steps: the `Cadence` of
+      step-counted validation and checkpoints.
+  """
+  epochs: int = 1
+  validation_data: object = None
+  checkpoint_dir: object = None
+  log_dir: object = None
+  callbacks: tuple = ()
+  verbose: int = 1
+  eval_every_steps: int | None = None
+  checkpoint_every_steps: int | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.epochs, int) or self.epochs < 1:
+      raise ValueError(f"epochs must be a positive int, got "
+                       f"{self.epochs!r}.")
+    Cadence(self.eval_every_steps, self.checkpoint_every_steps)  # checks
+    if self.eval_every_steps and self.validation_data is None:
+      raise ValueError("eval_every_steps needs validation_data.")
+    if self.checkpoint_every_steps and self.checkpoint_dir is None:
+      raise ValueError("checkpoint_every_steps needs a checkpoint_dir.")
+
+
+class Controller:
+  """Runs `driver` on `train_data` as `options` say, with Keras' callback
+  order.
+
+  Args:
+    driver: a `drivers.Driver` around the run's `step.TrainingStep`.
+    train_data: a `tf.data.Dataset` of batches.
+    options: `RunOptions`.
   """
 
-  def __init__(self, driver, train_data, *, epochs, validation_data=None,
-               checkpoint_dir=None, log_dir=None, callbacks=(), verbose=1,
-               cadence=None):
+  def __init__(self, driver, train_data, options=RunOptions()):
     trainer = driver.trainer
     self.driver, self.trainer, self.model = driver, trainer, trainer.model
-    self.train_data, self.validation_data = train_data, validation_data
+    self.train_data = train_data
+    self.validation_data = options.validation_data
+    checkpoint_dir, log_dir = options.checkpoint_dir, options.log_dir
+    callbacks = options.callbacks
     self.train_length = known_length(train_data)
-    self.epochs_total, self.verbose = epochs, verbose
-    self.cadence = cadence or Cadence()
+    self.epochs_total, self.verbose = options.epochs, options.verbose
+    self.cadence = Cadence(options.eval_every_steps,
+                           options.checkpoint_every_steps)
     self.history = History(model=self.model)
     self.recorder = EpochRecorder(
         self.history, trainer.optimizers(),

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from training_loops import drivers, training
-from training_loops.controller import Controller
+from training_loops.controller import Controller, RunOptions
 from training_loops.step import losses_of
 from training_loops.trainer import NonFiniteLossError, TrainingDataError
 
@@ -356,9 +356,8 @@ def _parting(reference, value, rtol, atol):
 def _run_own_epochs(name, driver, lockstep):
   """Runs `driver` under a `Controller` on the replayed batches, as one
   epoch, the lockstep advancing from its batch hooks."""
-  controller = Controller(driver, lockstep.replay, epochs=1,
-                          callbacks=[_StepTheOthers(name, lockstep)],
-                          verbose=0)
+  controller = Controller(driver, lockstep.replay, RunOptions(
+      epochs=1, callbacks=(_StepTheOthers(name, lockstep),), verbose=0))
   try:
     controller.run()
   except NonFiniteLossError:

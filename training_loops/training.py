@@ -10,7 +10,7 @@ import tensorflow as tf
 # keras_fit registers the "keras_fit" loop, after the custom loops.
 from training_loops import drivers, keras_fit  # noqa: F401
 from training_loops import run_lock, strategies
-from training_loops.controller import (Cadence, Controller, as_floats,
+from training_loops.controller import (Controller, RunOptions, as_floats,
                                        known_length)
 from training_loops.keras_step import KerasStep, overrides_step
 from training_loops.step import TrainingStep
@@ -38,8 +38,11 @@ def train(model_fn, optimizer_fn=None, loss=None, train_data=None, *,
     `metrics` or `loss_weights` (compile them into the model);
   - a `step.TrainingStep`: the protocol itself, the same way.
 
-  Checks the arguments, builds the step and the loop's driver under the
-  strategy (`build_driver`), and hands the run to a `Controller`.
+  The arguments fall into three option objects, each checked where it is
+  made: `SupervisedOptions` (the supervised step's), `drivers.LoopOptions`
+  (how the loop runs steps) and `controller.RunOptions` (what happens
+  around them). Builds the step and the loop's driver under the strategy
+  (`build_driver`) and hands the run to a `Controller`.
 
   Args:
     model_fn: builds the model or step; called inside `strategy.scope()`.
@@ -87,21 +90,22 @@ def train(model_fn, optimizer_fn=None, loss=None, train_data=None, *,
     WriteError: a checkpoint could not be written; the one before stands.
     See also `Controller.run`.
   """
-  _check_arguments(loop, epochs, train_data, validation_data)
-  cadence = Cadence(eval_every_steps, checkpoint_every_steps)
-  _check_cadence(cadence, loop, steps_per_loop, train_data, validation_data,
-                 checkpoint_dir)
+  drivers.check_loop(loop)
+  check_data("train_data", train_data)
+  if validation_data is not None:
+    check_data("validation_data", validation_data)
+  run = RunOptions(epochs, validation_data, checkpoint_dir, log_dir,
+                   tuple(callbacks), verbose, eval_every_steps,
+                   checkpoint_every_steps)
+  options = drivers.LoopOptions(steps_per_loop, jit_compile)
+  _check_loop_takes(loop, options, run, train_data)
   driver = build_driver(
       loop, model_fn, train_data, validation_data,
       supervised=SupervisedOptions(optimizer_fn, loss, metrics, loss_weights),
-      options=drivers.LoopOptions(steps_per_loop, jit_compile),
-      strategy=strategy, seed=seed)
+      options=options, strategy=strategy, seed=seed)
   with (run_lock.held_by_chief(checkpoint_dir, driver.trainer.strategy)
         if checkpoint_dir else contextlib.nullcontext()):
-    return Controller(
-        driver, train_data, epochs=epochs, validation_data=validation_data,
-        checkpoint_dir=checkpoint_dir, log_dir=log_dir, callbacks=callbacks,
-        verbose=verbose, cadence=cadence).run()
+    return Controller(driver, train_data, run).run()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,36 +322,24 @@ def _zero_example(spec):
       spec)
 
 
-def _check_arguments(loop, epochs, train_data, validation_data):
-  drivers.check_loop(loop)
-  if not isinstance(epochs, int) or epochs < 1:
-    raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
-  check_data("train_data", train_data)
-  if validation_data is not None:
-    check_data("validation_data", validation_data)
-
-
-def _check_cadence(cadence, loop, steps_per_loop, train_data,
-                   validation_data, checkpoint_dir):
-  if cadence.eval_every_steps and validation_data is None:
-    raise ValueError("eval_every_steps needs validation_data.")
-  if (cadence.active and loop == "keras_fit" and (steps_per_loop or 1) > 1
+def _check_loop_takes(loop, options, run, train_data):
+  """Refuses a step cadence `loop` cannot keep with `options`."""
+  cadence = bool(run.eval_every_steps or run.checkpoint_every_steps)
+  if (cadence and loop == "keras_fit" and (options.steps_per_loop or 1) > 1
       and known_length(train_data) is None):
     raise ValueError(
         "eval_every_steps with keras_fit and steps_per_loop > 1 needs "
         "train_data of known length (fit does not say how many batches "
         "its last execution ran); give the dataset a cardinality, or use "
         "steps_per_loop=1.")
-  if cadence.checkpoint_every_steps:
-    if checkpoint_dir is None:
-      raise ValueError("checkpoint_every_steps needs a checkpoint_dir.")
-    if not drivers.DRIVERS[loop].resumes_mid_epoch:
-      resuming = [name for name, driver in drivers.DRIVERS.items()
-                  if driver.resumes_mid_epoch]
-      raise ValueError(
-          f"checkpoint_every_steps needs a loop that resumes inside an "
-          f"epoch ({', '.join(resuming)}); {loop} starts only at an "
-          "epoch's beginning.")
+  if (run.checkpoint_every_steps
+      and not drivers.DRIVERS[loop].resumes_mid_epoch):
+    resuming = [name for name, driver in drivers.DRIVERS.items()
+                if driver.resumes_mid_epoch]
+    raise ValueError(
+        f"checkpoint_every_steps needs a loop that resumes inside an "
+        f"epoch ({', '.join(resuming)}); {loop} starts only at an "
+        "epoch's beginning.")
 
 
 def check_data(name, data):
