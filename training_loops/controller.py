@@ -5,9 +5,10 @@ one place: the callback list, checkpoints (restore, one save per epoch and
 per `Cadence` step, the position of a stop), stop requests, the `History`,
 the progress bar, validation (per epoch and per `Cadence` step), and the
 translation of TensorFlow's errors into ours. A driver
-(`drivers`) only runs steps: the custom loops take their epochs from
-`Controller.epochs`; `model.fit`, which runs its own epochs, reaches the
-same hooks through its callbacks.
+(`drivers`) only runs steps: the controller asks a custom loop's
+`stepper` for up to so many steps and gets their logs back, as Orbit's
+controller asks its trainer; `model.fit`, which runs its own epochs,
+reaches the same hooks through its callbacks.
 """
 
 import dataclasses
@@ -20,56 +21,33 @@ import tensorflow as tf
 from training_loops.callback_state import CallbackState
 from training_loops.callbacks import EpochRecorder
 from training_loops.checkpoints import RunCheckpoint, replay_data_order
+from training_loops.drivers import StepDriver
 from training_loops.history import History
 from training_loops.interrupts import StopRequests, TrainingInterrupted
 from training_loops.strategies import (PEER_FAILURES, WorkerLostError,
                                        is_multi_worker)
-from training_loops.trainer import TrainingDataError
+from training_loops.step import first_non_finite
+from training_loops.trainer import NonFiniteLossError, TrainingDataError
 
 
+@dataclasses.dataclass
 class Epoch:
-  """One epoch of a custom loop, as the controller hands it to a driver.
+  """Where the controller is in one epoch of a custom loop.
 
   Attributes:
     index: the epoch, 0-based.
     iterator: its distributed batches, past those a resumed run trained.
-    steps: steps done in it, counting those of a resumed run; the driver
-      reports the ones it runs with `advance`.
-    last_logs: the logs of its last step (None before the first).
+    steps: steps done in it, counting those of a resumed run.
     hooks: `BatchHooks` to run around each driver call.
     progress_bar: the epoch's `keras.utils.Progbar`, finalized at its end.
+    last_logs: the logs of its last step (None before the first).
   """
-
-  def __init__(self, index, iterator, steps, hooks, controller,
-               progress_bar=None):
-    self.index, self.iterator, self.steps = index, iterator, steps
-    self.hooks, self.progress_bar = hooks, progress_bar
-    self.last_logs = None
-    self._controller = controller
-
-  def stop_requested(self):
-    """Checked before each call: SIGINT or SIGTERM."""
-    return self._controller.stop_requested
-
-  def stop_training(self):
-    """Checked after each call, as fit checks it after each execution: a
-    callback set `model.stop_training`."""
-    return self._controller.model.stop_training
-
-  def steps_before_event(self, steps_per_call):
-    """How many steps the next call may run: `steps_per_call`, or fewer so
-    that the call ends where a step-cadence validation or checkpoint is
-    due."""
-    return self._controller.cadence.steps_before_event(steps_per_call)
-
-  def advance(self, steps, logs):
-    """Reports `steps` more steps trained (their losses checked), the last
-    one's `logs`: the batch hooks' end, then any validation or checkpoint
-    that falls due."""
-    self.steps += steps
-    self.last_logs = logs
-    self.hooks.end(self.steps, logs)
-    self._controller.steps_ran(steps, self.index, self.steps)
+  index: int
+  iterator: object
+  steps: int
+  hooks: object
+  progress_bar: object = None
+  last_logs: dict | None = None
 
 
 class Cadence:
@@ -254,7 +232,11 @@ class Controller:
       try:
         self._restore()  # a collective in a multi-worker run
         restored = True
-        self.driver.run(self)
+        if isinstance(self.driver, StepDriver):
+          for epoch in self.epochs():
+            self._train_epoch(epoch)
+        else:  # a loop that runs its own epochs calls the hooks below
+          self.driver.run(self)
       except tf.errors.InvalidArgumentError as error:
         if not restored:
           raise
@@ -288,7 +270,8 @@ class Controller:
   # -- for the custom loops ------------------------------------------------
 
   def epochs(self):
-    """Yields an `Epoch` for each epoch to train, in fit's callback order:
+    """Yields an `Epoch` for each epoch to train (`_train_epoch`), in
+    fit's callback order:
     `on_train_begin` (then the callbacks' state a checkpoint restored, and
     the epoch `BackupAndRestore` restored, if any);
     per epoch the metrics' reset, `on_epoch_begin`, the driver's calls with
@@ -370,7 +353,30 @@ class Controller:
     for _ in range(first_step):  # batches trained before the stop
       next(iterator)
     self.position = (index, first_step)
-    return Epoch(index, iterator, first_step, hooks, self, progress_bar)
+    return Epoch(index, iterator, first_step, hooks, progress_bar)
+
+  def _train_epoch(self, epoch):
+    """Has the driver train on `epoch.iterator` until the data ends, a
+    stop is requested (checked before each call) or a callback sets
+    `model.stop_training` (after each, as fit checks it after each
+    execution). Each call runs up to the driver's `steps_per_call` steps,
+    fewer where a step-cadence validation or checkpoint is due; its steps'
+    losses are checked, the batch hooks run around it, and what falls due
+    after it is done."""
+    steps_per_call = self.driver.steps_per_call
+    run_steps = self.driver.stepper(epoch.iterator)
+    while not self.stop_requested:
+      limit = self.cadence.steps_before_event(steps_per_call)
+      epoch.hooks.begin(epoch.steps)
+      steps, logs = run_steps(limit)
+      if steps:
+        _check_finite(logs, epoch.index, epoch.steps + steps)
+        epoch.steps += steps
+        epoch.last_logs = logs
+        epoch.hooks.end(epoch.steps, logs)
+        self.steps_ran(steps, epoch.index, epoch.steps)
+      if steps < limit or self.model.stop_training:
+        return
 
   # -- for every loop ------------------------------------------------------
 
@@ -467,6 +473,14 @@ class Controller:
     raise TrainingInterrupted(self._stops.signal_number, epoch, step,
                               self.history,
                               saved=self.checkpoint is not None)
+
+
+def _check_finite(logs, epoch, step):
+  non_finite = first_non_finite(logs)
+  if non_finite:
+    name, value = non_finite
+    raise NonFiniteLossError(epoch, step, value,
+                             None if name == "loss" else name)
 
 
 def as_floats(logs):

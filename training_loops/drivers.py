@@ -18,7 +18,6 @@ import tensorflow as tf
 from training_loops import step as step_lib
 from training_loops import xla_chunks
 from training_loops.graph_loops import over_batches
-from training_loops.trainer import NonFiniteLossError
 
 DRIVERS = {}
 
@@ -76,12 +75,6 @@ class Driver(abc.ABC):
   resumes_mid_epoch = True
 
   @abc.abstractmethod
-  def run(self, controller):
-    """Trains the epochs `controller` asks for, letting it do what happens
-    around them (`Controller.epochs`, or its callback hooks for a loop that
-    runs its own epochs)."""
-
-  @abc.abstractmethod
   def evaluate(self, iterator, hooks=None):
     """Evaluates every batch of `iterator` into the step's eval results,
     reset first; `hooks` (test-batch `BatchHooks`) run around each call.
@@ -89,7 +82,10 @@ class Driver(abc.ABC):
 
 
 class StepDriver(Driver):
-  """A loop that runs the `Trainer`'s steps itself, epoch by epoch.
+  """A loop that runs the step's calls as the `Controller` asks, epoch by
+  epoch: `stepper(iterator)(limit)` trains up to `limit` steps and gives
+  back their logs (a loop that runs its own epochs, as `model.fit` does,
+  is a `Driver` with a `run(controller)` of its own instead).
 
   Subclasses set `steps_per_call` and implement `stepper` and
   `eval_stepper`;
@@ -105,26 +101,6 @@ class StepDriver(Driver):
     if options.steps_per_loop is not None and not self.takes_steps_per_loop:
       raise ValueError(f"steps_per_loop needs loop='graph' or 'keras_fit'; "
                        f"{type(self).__name__} ignores it.")
-
-  def run(self, controller):
-    for epoch in controller.epochs():
-      self.train_epoch(epoch)
-
-  def train_epoch(self, epoch):
-    """Trains on `epoch.iterator` until the data ends or a stop is
-    requested; each call runs up to `steps_per_call` steps, fewer where the
-    controller has a step-cadence event due (`Epoch.steps_before_event`),
-    and reports them with `Epoch.advance`."""
-    run_steps = self.stepper(epoch.iterator)
-    while not epoch.stop_requested():
-      limit = epoch.steps_before_event(self.steps_per_call)
-      epoch.hooks.begin(epoch.steps)
-      steps, logs = run_steps(limit)
-      if steps:
-        _check_finite(logs, epoch.index, epoch.steps + steps)
-        epoch.advance(steps, logs)
-      if steps < limit or epoch.stop_training():
-        return
 
   def evaluate(self, iterator, hooks=None):
     """Runs the eval step on every batch of `iterator`, from reset eval
@@ -313,10 +289,3 @@ def _distributed_steps(trainer, jit_compile):
       for replica_step in (trainer.train_replica_step,
                            trainer.eval_replica_step))
 
-
-def _check_finite(logs, epoch, step):
-  non_finite = step_lib.first_non_finite(logs)
-  if non_finite:
-    name, value = non_finite
-    raise NonFiniteLossError(epoch, step, value,
-                             None if name == "loss" else name)

@@ -44,6 +44,8 @@ class KerasFitDriver(drivers.Driver):
     return self._evaluator.evaluate(iterator, hooks)
 
   def run(self, controller):
+    """Trains the epochs `controller` asks for under `model.fit`, bringing
+    the controller's hooks into fit's callbacks."""
     first_epoch, first_step = controller.position
     if first_step:
       raise ValueError(f"{controller.checkpoint.directory} was saved "
