@@ -21,11 +21,11 @@ import keras
 
 import training_loops
 from research import (callbacks, classify, common_flags, deep_net,
-                      experiment, regress, wide_deep)
+                      experiment, regress, vae, wide_deep)
 
 EXPERIMENTS = {"classify": classify, "callbacks": callbacks,
                "regress": regress, "deep_net": deep_net,
-               "wide_deep": wide_deep}
+               "wide_deep": wide_deep, "vae": vae}
 
 flags.DEFINE_enum("experiment", "classify", tuple(EXPERIMENTS),
                   "Which experiment to compare the loops on.")
@@ -79,10 +79,8 @@ def trace(script, defaults, argv, steps):
     keras.utils.set_random_seed(seed)  # before the data: it seeds the shuffle
     with experiment.dtype_policy(config["precision"]):
       report = training_loops.compare(
-          built.model_fn, plan.optimizer_fn, built.loss,
-          plan.dataset(built, "train"), loops=loops, steps=steps,
-          metrics=built.metrics, loss_weights=built.loss_weights,
-          strategy=strategy, seed=seed)
+          **plan.step_arguments(built), data=plan.dataset(built, "train"),
+          loops=loops, steps=steps, strategy=strategy, seed=seed)
   except experiment.ONE_LINE_ERRORS as error:
     sys.exit(f"error: {error}")
   print(report)

@@ -8,6 +8,7 @@ learning-curve plots and (optionally) SavedModels under the output dir.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ IN_MEMORY_DATA_OPTIONS = tf.data.Options()
 IN_MEMORY_DATA_OPTIONS.autotune.enabled = False
 
 
-def _identity(value):
+def _unchanged(value):
   return value
 
 
@@ -56,6 +57,10 @@ def _no_report(history, callbacks):
   return {}
 
 
+def _no_pictures(*args):
+  del args
+
+
 @dataclasses.dataclass
 class Experiment:
   """What to train.
@@ -63,25 +68,41 @@ class Experiment:
   Attributes:
     name: the experiment, e.g. "classify".
     splits: the data.
-    model_fn: builds a fresh model (called inside the strategy's scope).
+    model_fn: builds a fresh model (called inside the strategy's scope):
+      `model_fn()` for the supervised step; for a model with its own
+      training step (`loss` None), `model_fn(optimizer_fn)`, which
+      compiles the model with optimizers `optimizer_fn()` builds from the
+      optimizer flags.
     loss, metrics, loss_weights: as `training_loops.train` takes them;
-      `metrics` are prototypes, copied per run.
+      `metrics` are prototypes, copied per run. `loss` None: the model
+      trains by its own `train_step`.
     inputs, targets: map feature / target arrays to the model's input and
-      output structures (e.g. wide & deep's two inputs).
+      output structures (e.g. wide & deep's two inputs); `targets` None:
+      batches of inputs alone.
+    evaluate: `(model, test_data) -> dict`, the test split's results of a
+      model with its own step (the supervised step's are its loss and
+      metrics).
     callbacks: `(loop, output_dir) -> [callbacks]` for each run.
     loop_report: `(history, callbacks) -> dict` of extra per-loop results.
+    loop_pictures: `(model, loop, output_dir)` draws a trained loop's
+      pictures.
+    run_pictures: `(results, output_dir)` draws the pictures comparing
+      the loops, after the last.
     extra: experiment-level results (e.g. gradient norms at initialization).
   """
   name: str
   splits: datasets.Splits
   model_fn: Callable
-  loss: object
+  loss: object = None
   metrics: object = ()
   loss_weights: object = None
-  inputs: Callable = _identity
-  targets: Callable = _identity
+  inputs: Callable = _unchanged
+  targets: Callable | None = _unchanged
+  evaluate: Callable | None = None
   callbacks: Callable = _no_callbacks
   loop_report: Callable = _no_report
+  loop_pictures: Callable = _no_pictures
+  run_pictures: Callable = _no_pictures
   extra: dict = dataclasses.field(default_factory=dict)
 
 
@@ -220,7 +241,8 @@ def _run_loops(experiment, plan, loops, outputs):
              "seed": config["seed"], "versions": versions(),
              "op_determinism": tf_config.is_op_determinism_enabled(),
              "data": experiment.splits.sizes,
-             "steps_per_epoch": plan.steps_per_epoch, **experiment.extra,
+             "steps_per_epoch": plan.steps_per_epoch,
+             "own_step": experiment.loss is None, **experiment.extra,
              "loops": {}}
   results_path = os.path.join(outputs.directory, "results.json")
   for loop in loops:
@@ -240,6 +262,7 @@ def _run_loops(experiment, plan, loops, outputs):
     # One architecture for every loop: its summary once.
     results["model"] = results["loops"][loop].pop("model")
   training_loops.write_json_atomically(results_path, results, indent=2)
+  experiment.run_pictures(results, outputs.directory)
   print(format_table(results))
   return results
 
@@ -312,6 +335,19 @@ class RunPlan:
                steps_per_epoch=steps_per_epoch,
                optimizer_fn=optimizers.optimizer_fn(
                    config, schedule_steps, config["epochs"]))
+
+  def step_arguments(self, experiment):
+    """The step's arguments of `training_loops.train` (and `compare`):
+    the model, and the supervised step's optimizer, loss and options; for
+    a model with its own step, a `model_fn` that compiles it with this
+    run's optimizers."""
+    if experiment.loss is None:
+      return {"model_fn": functools.partial(experiment.model_fn,
+                                            self.optimizer_fn)}
+    return {"model_fn": experiment.model_fn,
+            "optimizer_fn": self.optimizer_fn, "loss": experiment.loss,
+            "metrics": experiment.metrics,
+            "loss_weights": experiment.loss_weights}
 
   def dataset(self, experiment, split):
     """The batched split this run uses: the training split reshuffled
@@ -395,19 +431,21 @@ def _run_loop(experiment, loop, plan, outputs):
     checkpoint_every_steps = None
   with dtype_policy(config["precision"]):
     history = training_loops.train(
-        experiment.model_fn, plan.optimizer_fn, experiment.loss,
-        train_data, loop=loop, epochs=plan.epochs,
-        validation_data=validation_data, metrics=experiment.metrics,
-        loss_weights=experiment.loss_weights, strategy=strategy,
-        checkpoint_dir=os.path.join(outputs.checkpoints, loop),
+        **plan.step_arguments(experiment), train_data=train_data, loop=loop,
+        epochs=plan.epochs, validation_data=validation_data,
+        strategy=strategy, checkpoint_dir=os.path.join(outputs.checkpoints, loop),
         log_dir=os.path.join(output_dir, "logs", loop), callbacks=callbacks,
         seed=seed, verbose=config["verbose"],
         eval_every_steps=config["eval_every_steps"],
         checkpoint_every_steps=checkpoint_every_steps)
   model = history.model
-  test = training_loops.evaluate(
-      model, experiment.loss, test_data, metrics=experiment.metrics,
-      loss_weights=experiment.loss_weights, strategy=strategy)
+  if experiment.loss is None:
+    test = experiment.evaluate(model, test_data)
+  else:
+    test = training_loops.evaluate(
+        model, experiment.loss, test_data, metrics=experiment.metrics,
+        loss_weights=experiment.loss_weights, strategy=strategy)
+  experiment.loop_pictures(model, loop, output_dir)
   plot_learning_curves(history, os.path.join(
       output_dir, f"learning_curves_{loop}.png"), f"{experiment.name}: {loop}")
   report = {"history": history.history, "epochs": history.epochs,
@@ -416,7 +454,7 @@ def _run_loop(experiment, loop, plan, outputs):
             "wall_seconds": sum(history.wall_seconds),
             "model": reports.model_summary(model),
             **experiment.loop_report(history, callbacks)}
-  if experiment.splits.num_classes:
+  if experiment.splits.num_classes and experiment.loss is not None:
     matrix = reports.confusion_matrix(model, test_data,
                                       experiment.splits.num_classes)
     report["confusion_matrix"] = matrix
@@ -458,7 +496,8 @@ def make_dataset(experiment, split, batch_size, shuffle_seed=None):
   splits = experiment.splits
   x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
   dataset = tf.data.Dataset.from_tensor_slices(
-      (experiment.inputs(x), experiment.targets(y)))
+      experiment.inputs(x) if experiment.targets is None
+      else (experiment.inputs(x), experiment.targets(y)))
   if shuffle_seed is not None:
     dataset = dataset.shuffle(len(y), seed=shuffle_seed,
                               reshuffle_each_iteration=True)
@@ -518,36 +557,61 @@ def plot_learning_curves(history, path, title):
 
 
 def format_table(results):
-  """One row per loop: final losses and metrics, speed, agreement with fit."""
+  """One row per loop: final losses and metrics, speed, agreement with fit.
+
+  A model with its own step shows its final training logs and its test
+  results, and agrees with fit when its first training log does."""
   loops = results["loops"]
-  metric_names = sorted({key for report in loops.values()
-                         for key in report["test"] if key != "loss"})
   fit = loops.get("keras_fit")
-  header = ["loop", "train loss", "val loss", "test loss"]
-  header += [f"test {name}" for name in metric_names]
+  if results.get("own_step"):
+    # "loss" first: the one fit's agreement is judged on, when logged.
+    train_keys = sorted(
+        (key for key in next(iter(loops.values()))["history"]
+         if not key.startswith("val_") and key != "learning_rate"),
+        key=lambda key: key != "loss")
+    test_keys = list(next(iter(loops.values()))["test"])
+    header = ["loop", *(f"train {key}" for key in train_keys),
+              *(f"test {key}" for key in test_keys)]
+    rows = [[loop, *(_final(report, key) for key in train_keys),
+             *(f"{report['test'][key]:.4f}" for key in test_keys)]
+            for loop, report in loops.items()]
+    matched = train_keys[0] if train_keys else None
+  else:
+    metric_names = sorted({key for report in loops.values()
+                           for key in report["test"] if key != "loss"})
+    header = ["loop", "train loss", "val loss", "test loss"]
+    header += [f"test {name}" for name in metric_names]
+    rows = [[loop, _final(report, "loss"), _final(report, "val_loss"),
+             f"{report['test']['loss']:.4f}",
+             *(f"{report['test'][name]:.4f}" for name in metric_names)]
+            for loop, report in loops.items()]
+    matched = "loss"
   header += ["steps/s", "vs fit", "matches fit"]
-  rows = [header]
-  for loop, report in loops.items():
-    history = report["history"]
-    final_loss = history["loss"][-1] if history.get("loss") else math.nan
-    row = [loop, f"{final_loss:.4f}",
-           f"{history['val_loss'][-1]:.4f}" if history.get("val_loss")
-           else "-", f"{report['test']['loss']:.4f}"]
-    row += [f"{report['test'][name]:.4f}" for name in metric_names]
-    row.append(f"{report['steps_per_second']:.0f}")
-    if fit and fit["history"].get("loss"):
-      fit_loss = fit["history"]["loss"][-1]
-      ratio = report["steps_per_second"] / max(fit["steps_per_second"],
-                                                1e-9)
-      matches = math.isclose(final_loss, fit_loss, rel_tol=MATCH_TOLERANCE)
-      row += [f"{ratio:.2f}x", "yes" if matches else
-              f"no ({final_loss / fit_loss - 1:+.1e})"]
-    else:
-      row += ["-", "-"]
-    rows.append(row)
+  for row, report in zip(rows, loops.values()):
+    row += _against_fit(report, fit, matched)
+  rows.insert(0, header)
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
   lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths))
            for row in rows]
   lines.insert(1, "  ".join("-" * width for width in widths))
   return f"{results['experiment']} on {results['flags']['dataset']}:\n" + (
       "\n".join(lines))
+
+
+def _final(report, key):
+  values = report["history"].get(key)
+  return f"{values[-1]:.4f}" if values else "-"
+
+
+def _against_fit(report, fit, key):
+  """steps/s, its ratio to fit's, and whether the final `key` log matches
+  fit's."""
+  cells = [f"{report['steps_per_second']:.0f}"]
+  if not (fit and key and fit["history"].get(key)
+          and report["history"].get(key)):
+    return cells + ["-", "-"]
+  final, fit_final = report["history"][key][-1], fit["history"][key][-1]
+  ratio = report["steps_per_second"] / max(fit["steps_per_second"], 1e-9)
+  matches = math.isclose(final, fit_final, rel_tol=MATCH_TOLERANCE)
+  return cells + [f"{ratio:.2f}x", "yes" if matches else
+                  f"no ({final / fit_final - 1:+.1e})"]

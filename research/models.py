@@ -232,3 +232,112 @@ def mlp_gan(image_size=784, latent_dim=64, units=256,
               keras.losses.BinaryCrossentropy(from_logits=True))
   gan.build((None, image_size))
   return gan
+
+
+@keras.saving.register_keras_serializable(package="research")
+class VariationalAutoencoder(keras.Model):
+  """Kingma & Welling's VAE on binary images: a Gaussian posterior
+  `q(z|x)` from the encoder (its outputs: the means, then the log
+  variances), a standard normal prior, a Bernoulli `p(x|z)` from the
+  decoder (logits); trained by its own step on the negative ELBO, with the
+  KL term in closed form and one reparameterized sample per image.
+
+  `train_step` takes images of intensities in [0, 1] and binarizes them
+  afresh at every step, each pixel a Bernoulli draw of its intensity
+  (dynamic binarization); `test_step` takes binary images as they are.
+  Its noise comes from a seeded `SeedGenerator`, so runs repeat and
+  resume. Logs, per image in nats: `loss` (the negative ELBO),
+  `reconstruction` (-log p(x|z)) and `kl`.
+  """
+
+  def __init__(self, encoder, decoder, latent_dim, seed=1337, **kwargs):
+    super().__init__(**kwargs)
+    self.encoder, self.decoder = encoder, decoder
+    self.latent_dim, self.seed = latent_dim, seed
+    self.seed_generator = keras.random.SeedGenerator(seed)
+    self.trackers = [keras.metrics.Mean(name=name)
+                     for name in ("loss", "reconstruction", "kl")]
+
+  @property
+  def metrics(self):
+    return self.trackers
+
+  def get_config(self):
+    return {**super().get_config(), "latent_dim": self.latent_dim,
+            "seed": self.seed,
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "decoder": keras.saving.serialize_keras_object(self.decoder)}
+
+  @classmethod
+  def from_config(cls, config):
+    networks = {name: keras.saving.deserialize_keras_object(config.pop(name))
+                for name in ("encoder", "decoder")}
+    return cls(**networks, **config)
+
+  def encode(self, images):
+    """`(mean, log_variance)` of `q(z|x)`, each `[batch, latent_dim]`."""
+    return tf.split(self.encoder(images), 2, axis=-1)
+
+  def call(self, images, training=False):
+    """Bernoulli means of the images' reconstructions from their posterior
+    means."""
+    mean, _ = self.encode(images)
+    return tf.sigmoid(self.decoder(mean, training=training))
+
+  def terms(self, images, noise):
+    """Per image, `(reconstruction, kl)` of the negative ELBO at
+    `z = mean + exp(log_variance / 2) * noise`."""
+    mean, log_variance = self.encode(images)
+    z = mean + tf.exp(0.5 * log_variance) * noise
+    logits = self.decoder(z)
+    reconstruction = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.cast(images, logits.dtype), logits=logits), axis=-1)
+    kl = -0.5 * tf.reduce_sum(1.0 + log_variance - tf.square(mean)
+                              - tf.exp(log_variance), axis=-1)
+    return reconstruction, kl
+
+  def _noise(self, images):
+    return keras.random.normal((tf.shape(images)[0], self.latent_dim),
+                               seed=self.seed_generator)
+
+  def _track(self, reconstruction, kl):
+    values = (reconstruction + kl, reconstruction, kl)
+    for tracker, value in zip(self.trackers, values):
+      tracker.update_state(value)
+    return {tracker.name: tracker.result() for tracker in self.trackers}
+
+  def train_step(self, intensities):
+    draws = keras.random.uniform(tf.shape(intensities),
+                                 seed=self.seed_generator)
+    images = tf.cast(draws < tf.cast(intensities, draws.dtype),
+                     intensities.dtype)
+    with tf.GradientTape() as tape:
+      reconstruction, kl = self.terms(images, self._noise(images))
+      loss = self.optimizer.scale_loss(tf.reduce_mean(reconstruction + kl))
+    weights = self.trainable_weights
+    self.optimizer.apply_gradients(zip(tape.gradient(loss, weights),
+                                       weights))
+    return self._track(reconstruction, kl)
+
+  def test_step(self, images):
+    return self._track(*self.terms(images, self._noise(images)))
+
+
+def mlp_vae(image_size=784, latent_dim=20, units=400, hidden_layers=2,
+            optimizer=None, seed=1337):
+  """`image_size -> units x hidden_layers -> 2 * latent_dim` and back, relu
+  hidden layers of our Dense, compiled with `optimizer` (default Adam 1e-3)
+  and built."""
+  def mlp(sizes, name):
+    return keras.Sequential(
+        [keras.Input((sizes[0],)),
+         *(layers.Dense(size, "relu") for size in sizes[1:-1]),
+         layers.Dense(sizes[-1], dtype=OUTPUT_DTYPE)], name=name)
+  hidden = [units] * hidden_layers
+  vae = VariationalAutoencoder(
+      mlp([image_size, *hidden, 2 * latent_dim], "encoder"),
+      mlp([latent_dim, *reversed(hidden), image_size], "decoder"),
+      latent_dim, seed=seed, name="vae")
+  vae.compile(optimizer=optimizer or keras.optimizers.Adam(1e-3))
+  vae.build((None, image_size))
+  return vae
