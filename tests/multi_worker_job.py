@@ -71,4 +71,6 @@ if __name__ == "__main__":
     print(error, file=sys.stderr)
     sys.exit(3)
   print(json.dumps({"history": history.history,
-                    "replicas": strategy.num_replicas_in_sync}))
+                    "replicas": strategy.num_replicas_in_sync,
+                    "weights": [weights.tolist() for weights
+                                in history.model.get_weights()]}))

@@ -90,20 +90,25 @@ def test_two_workers_on_localhost_equal_one_process():
                                  err_msg=key)
 
 
-@pytest.mark.parametrize("loop", ["eager", "graph"])
+@pytest.mark.parametrize("loop", ["eager", "function", "graph"])
 def test_a_gans_own_step_on_two_workers_equals_two_replicas_in_one_process(
     loop, mirrored):
   """Each worker one replica, each replica half of every batch and its own
   mean loss, as two mirrored replicas in one process (which
-  `test_custom_steps` holds to fit under the same strategy)."""
+  `test_custom_steps` holds to fit under the same strategy): the same logs
+  and, in both networks, the same weights."""
   outputs = _results_of(_finish(_start_workers(f"gan:{loop}")))
-  single = multi_worker_job.run_gan(loop, mirrored).history
+  single = multi_worker_job.run_gan(loop, mirrored)
   for output in outputs:
     assert output["replicas"] == 2
-    assert sorted(output["history"]) == sorted(single)
-    for key, values in single.items():
+    assert sorted(output["history"]) == sorted(single.history)
+    for key, values in single.history.items():
       np.testing.assert_allclose(output["history"][key], values, rtol=1e-4,
                                  err_msg=key)
+    weights = single.model.get_weights()
+    assert len(output["weights"]) == len(weights) == 4 * 2
+    for got, expected in zip(output["weights"], weights):
+      np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_a_dead_worker_stops_its_peer_fast_and_a_restart_resumes(tmp_path):
