@@ -97,7 +97,7 @@ def test_quick_report_names_every_experiment_and_loop(quick_report):
                "deep_net_relu", "deep_net_selu", "deep_net_batchnorm",
                "deep_net_dropout", "deep_net_alpha_dropout", "callbacks",
                "regress", "wide_deep_functional", "wide_deep_subclassed",
-               "wide_deep_multi_input", "hparam_search"):
+               "wide_deep_multi_input", "hparam_search", "vae"):
     assert name in text
     assert os.path.isfile(output_dir / "runs" / name / "results.json")
   for loop in training_loops.LOOPS:
@@ -107,9 +107,10 @@ def test_quick_report_names_every_experiment_and_loop(quick_report):
 def test_every_picture_exists_as_a_png(quick_report):
   output_dir, text = quick_report
   pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-  # normalization, confusion matrix, gradient norms, one overlay a run
-  # with loops (all but hparam_search).
-  assert len(pictures) == 3 + 13
+  # normalization, confusion matrix, gradient norms, the VAE's samples
+  # and reconstructions, one overlay a run with loops (all but
+  # hparam_search).
+  assert len(pictures) == 3 + 2 + 14
   for picture in pictures:
     assert not os.path.isabs(picture)
     content = (output_dir / picture).read_bytes()
@@ -139,6 +140,13 @@ def test_tables_hold_the_runs_results(quick_report):
   assert f"| deep_net_relu | relu | {first:.2e} |" in text
   assert _results(output_dir, "classify_minmax")["versions"][
       "tensorflow"] in text
+  for loop, run in _results(output_dir, "vae")["loops"].items():
+    test = run["test"]
+    assert (f"| ours: {loop} loop | {test['nll']:.2f} | "
+            f"{test['neg_elbo']:.2f} | {test['reconstruction']:.2f} | "
+            f"{test['kl']:.2f} |") in text
+  assert "| Burda et al. (2016), Table 1: VAE, one stochastic layer, k=1 " \
+         "| 86.76 |" in text
 
 
 def _refusal(data_dir, output_dir):
