@@ -118,7 +118,9 @@ class Defaults:
 
   `datasets` maps a dataset to its own recipe: flag values used when the
   flag is not given on the command line (any flag of the config, e.g.
-  classify's tuned MNIST optimizer, schedule and dropout).
+  classify's tuned MNIST optimizer, schedule and dropout). `choices` maps
+  another flag to a recipe per value, applied likewise after the
+  dataset's (e.g. research.gan's `{"objective": {"wgan_gp": {...}}}`).
   """
   dataset: str
   loop: str = "all"
@@ -126,6 +128,7 @@ class Defaults:
   learning_rate: float = 0.01
   optimizer: str = "sgd"
   datasets: dict = dataclasses.field(default_factory=dict)
+  choices: dict = dataclasses.field(default_factory=dict)
 
 
 class SettingsError(ValueError):
@@ -133,7 +136,7 @@ class SettingsError(ValueError):
   already in the output directory. The message is one line."""
 
 
-def resolved(defaults, *modules, given=None):
+def resolved(defaults, *modules, given=None, command_line=True):
   """The config a script runs with, a dict for run_config.json and
   results.json: the shared flags with `defaults` filled in, then every flag
   that `modules` (module names: a script passes its `__name__`) define;
@@ -146,9 +149,12 @@ def resolved(defaults, *modules, given=None):
 
   `given`: flag values taken as if given on the command line, for a script
   that runs other scripts' experiments (`research.report`).
+  `command_line` False: the flags' defaults, not this process's command
+  line, with `given` on top (an experiment that runs another's recipe
+  unchanged, as research.gan trains its judge).
   """
   given = dict(given or {})
-  values = {flag.name: flag.value
+  values = {flag.name: flag.value if command_line else flag.default
             for module in (__name__, *modules)
             for flag in FLAGS.get_flags_for_module(module)}
   unknown = set(given) - set(values)
@@ -156,9 +162,15 @@ def resolved(defaults, *modules, given=None):
     raise ValueError(f"No such flags here: {', '.join(sorted(unknown))}.")
   values.update(given)
   for field in dataclasses.fields(defaults):
-    if field.name != "datasets" and values[field.name] is None:
+    if (field.name not in ("datasets", "choices")
+        and values[field.name] is None):
       values[field.name] = getattr(defaults, field.name)
-  for name, value in defaults.datasets.get(values["dataset"], {}).items():
-    if name not in given and FLAGS[name].using_default_value:
-      values[name] = value
+  recipes = [defaults.datasets.get(values["dataset"], {}),
+             *(by_value.get(values[flag], {})
+               for flag, by_value in defaults.choices.items())]
+  for recipe in recipes:
+    for name, value in recipe.items():
+      if name not in given and (not command_line
+                                or FLAGS[name].using_default_value):
+        values[name] = value
   return values

@@ -21,11 +21,11 @@ import keras
 
 import training_loops
 from research import (callbacks, classify, common_flags, deep_net,
-                      experiment, regress, vae, wide_deep)
+                      experiment, gan, regress, vae, wide_deep)
 
 EXPERIMENTS = {"classify": classify, "callbacks": callbacks,
                "regress": regress, "deep_net": deep_net,
-               "wide_deep": wide_deep, "vae": vae}
+               "wide_deep": wide_deep, "vae": vae, "gan": gan}
 
 flags.DEFINE_enum("experiment", "classify", tuple(EXPERIMENTS),
                   "Which experiment to compare the loops on.")

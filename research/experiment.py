@@ -446,6 +446,10 @@ def _run_loop(experiment, loop, plan, outputs):
         model, experiment.loss, test_data, metrics=experiment.metrics,
         loss_weights=experiment.loss_weights, strategy=strategy)
   experiment.loop_pictures(model, loop, output_dir)
+  # Only numbers go to the table and HParams (an experiment's test results
+  # may hold lists, e.g. each digit's share of a generator's samples).
+  numbers = {key: value for key, value in test.items()
+             if isinstance(value, (int, float))}
   plot_learning_curves(history, os.path.join(
       output_dir, f"learning_curves_{loop}.png"), f"{experiment.name}: {loop}")
   report = {"history": history.history, "epochs": history.epochs,
@@ -466,7 +470,7 @@ def _run_loop(experiment, loop, plan, outputs):
       {"experiment": experiment.name, **config, "loop": loop},
       {**{key: values[-1] for key, values in history.history.items()
           if key.startswith("val_")},
-       **{f"test_{key}": value for key, value in test.items()}})
+       **{f"test_{key}": value for key, value in numbers.items()}})
   if outputs.export_dir:
     export(model, os.path.join(outputs.export_dir, loop))
     save_keras_file(model, os.path.join(outputs.export_dir, f"{loop}.keras"))
@@ -567,9 +571,12 @@ def format_table(results):
     # "loss" first: the one fit's agreement is judged on, when logged.
     train_keys = sorted(
         (key for key in next(iter(loops.values()))["history"]
-         if not key.startswith("val_") and key != "learning_rate"),
+         if not key.startswith("val_")
+         and not key.endswith("learning_rate")),
         key=lambda key: key != "loss")
-    test_keys = list(next(iter(loops.values()))["test"])
+    test_keys = [key for key, value in
+                 next(iter(loops.values()))["test"].items()
+                 if isinstance(value, (int, float))]
     header = ["loop", *(f"train {key}" for key in train_keys),
               *(f"test {key}" for key in test_keys)]
     rows = [[loop, *(_final(report, key) for key in train_keys),

@@ -155,18 +155,50 @@ def wide_deep_multi_input(x_train, units=30, aux_output=False):
   return keras.Model(inputs, outputs, name="wide_deep_multi_input")
 
 
-class GAN(keras.Model):
+class Networks(keras.Model):
+  """A model made of named sub-networks (`NETWORKS`) and scalar settings
+  (`SETTINGS`), both passed to `__init__` by name: `get_config` and
+  `from_config` save and rebuild it, so it exports as a `.keras` file."""
+
+  NETWORKS = ()
+  SETTINGS = ()
+
+  def get_config(self):
+    return {**super().get_config(),
+            **{name: getattr(self, name) for name in self.SETTINGS},
+            **{name: keras.saving.serialize_keras_object(getattr(self, name))
+               for name in self.NETWORKS}}
+
+  @classmethod
+  def from_config(cls, config):
+    networks = {name: keras.saving.deserialize_keras_object(config.pop(name))
+                for name in cls.NETWORKS}
+    return cls(**networks, **config)
+
+
+@keras.saving.register_keras_serializable(package="research")
+class GAN(Networks):
   """Goodfellow et al.'s GAN with the non-saturating generator loss: a
   discriminator and a generator, each with its own optimizer, trained by
   its own `train_step` on images alone (Keras' GAN example's contract,
   `compile(d_optimizer, g_optimizer, loss_fn)`); noise from a seeded
-  `SeedGenerator`, so runs repeat and resume."""
+  `SeedGenerator`, so runs repeat and resume.
+
+  A step makes `critic_steps` discriminator updates, each on the batch's
+  real images and fresh fakes, then one generator update. `test_step`
+  computes the same losses without updating. Logs `d_loss` (the last
+  discriminator update's) and `g_loss`, the epoch's means.
+  """
+
+  NETWORKS = ("discriminator", "generator")
+  SETTINGS = ("latent_dim", "seed", "critic_steps")
 
   def __init__(self, discriminator, generator, latent_dim, seed=1337,
-               **kwargs):
+               critic_steps=1, **kwargs):
     super().__init__(**kwargs)
     self.discriminator, self.generator = discriminator, generator
-    self.latent_dim = latent_dim
+    self.latent_dim, self.seed = latent_dim, seed
+    self.critic_steps = critic_steps
     self.seed_generator = keras.random.SeedGenerator(seed)
     self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
     self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
@@ -183,50 +215,122 @@ class GAN(keras.Model):
   def call(self, images, training=False):
     return self.discriminator(images, training=training)
 
+  def generate(self, noise):
+    """Images from `noise` `[batch, latent_dim]`, in inference mode."""
+    return self.generator(noise, training=False)
+
   def _noise(self, batch_size):
     return keras.random.normal((batch_size, self.latent_dim),
                                seed=self.seed_generator)
 
-  def train_step(self, real):
+  def discriminator_loss(self, real, fake):
+    """Cross-entropy of the discriminator's logits: fakes 0, reals 1."""
     batch_size = keras.ops.shape(real)[0]
-    fake = self.generator(self._noise(batch_size), training=True)
-    images = keras.ops.concatenate([fake, real], axis=0)
     labels = keras.ops.concatenate(
         [keras.ops.zeros((batch_size, 1)), keras.ops.ones((batch_size, 1))],
         axis=0)
-    with tf.GradientTape() as tape:
-      d_loss = self.loss_fn(labels, self.discriminator(images,
-                                                       training=True))
+    return self.loss_fn(labels, self.discriminator(
+        keras.ops.concatenate([fake, real], axis=0), training=True))
+
+  def generator_loss(self, critic):
+    """Non-saturating: the generator maximizes log D(G(z))."""
+    return self.loss_fn(keras.ops.ones_like(critic), critic)
+
+  def train_step(self, real):
+    batch_size = keras.ops.shape(real)[0]
     weights = self.discriminator.trainable_weights
-    self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, weights),
-                                         weights))
-    # Non-saturating: the generator maximizes log D(G(z)).
-    with tf.GradientTape() as tape:
-      critic = self.discriminator(
-          self.generator(self._noise(batch_size), training=True),
-          training=True)
-      g_loss = self.loss_fn(keras.ops.ones((batch_size, 1)), critic)
+    for _ in range(self.critic_steps):
+      fake = self.generator(self._noise(batch_size), training=True)
+      with tf.GradientTape() as tape:
+        d_loss = self.discriminator_loss(real, fake)
+      self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, weights),
+                                           weights))
     weights = self.generator.trainable_weights
+    with tf.GradientTape() as tape:
+      g_loss = self.generator_loss(self.discriminator(
+          self.generator(self._noise(batch_size), training=True),
+          training=True))
     self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, weights),
                                          weights))
+    return self._track(d_loss, g_loss)
+
+  def test_step(self, real):
+    batch_size = keras.ops.shape(real)[0]
+    d_loss = self.discriminator_loss(
+        real, self.generator(self._noise(batch_size)))
+    g_loss = self.generator_loss(self.discriminator(
+        self.generator(self._noise(batch_size))))
+    return self._track(d_loss, g_loss)
+
+  def _track(self, d_loss, g_loss):
     self.d_loss_tracker.update_state(d_loss)
     self.g_loss_tracker.update_state(g_loss)
     return {"d_loss": self.d_loss_tracker.result(),
             "g_loss": self.g_loss_tracker.result()}
 
 
+@keras.saving.register_keras_serializable(package="research")
+class WassersteinGAN(GAN):
+  """Gulrajani et al.'s WGAN-GP: the critic's loss `D(fake) - D(real)` plus
+  `penalty_weight` times the gradient penalty `(|grad D(x)| - 1)^2` at
+  random points `x` between real and fake images (a tape inside the
+  step's tape); the generator's loss `-D(G(z))`; by default 5 critic
+  updates per generator update. `compile(d_optimizer, g_optimizer)`."""
+
+  SETTINGS = ("latent_dim", "seed", "critic_steps", "penalty_weight")
+
+  def __init__(self, discriminator, generator, latent_dim, seed=1337,
+               critic_steps=5, penalty_weight=10.0, **kwargs):
+    super().__init__(discriminator, generator, latent_dim, seed,
+                     critic_steps, **kwargs)
+    self.penalty_weight = penalty_weight
+
+  def compile(self, d_optimizer, g_optimizer):
+    super().compile(d_optimizer, g_optimizer, loss_fn=None)
+
+  def discriminator_loss(self, real, fake):
+    return (tf.reduce_mean(self.discriminator(fake, training=True))
+            - tf.reduce_mean(self.discriminator(real, training=True))
+            + self.penalty_weight * self.gradient_penalty(real, fake))
+
+  def gradient_penalty(self, real, fake):
+    mix = keras.random.uniform((tf.shape(real)[0], 1),
+                               seed=self.seed_generator)
+    between = real + mix * (fake - real)
+    with tf.GradientTape() as tape:
+      tape.watch(between)
+      critic = self.discriminator(between, training=True)
+    slopes = tf.norm(tape.gradient(critic, between), axis=1)
+    return tf.reduce_mean(tf.square(slopes - 1.0))
+
+  def generator_loss(self, critic):
+    return -tf.reduce_mean(critic)
+
+
+def gan_networks(image_size=784, latent_dim=64, generator_units=(256,),
+                 discriminator_units=(256,), activation="relu"):
+  """`(discriminator, generator)`: MLPs of our Dense, `latent_dim ->
+  generator_units -> image_size` (sigmoid: intensities in [0, 1]) and
+  `image_size -> discriminator_units -> 1` (a logit, or a critic's
+  score)."""
+  def mlp(sizes, output_activation, name):
+    return keras.Sequential(
+        [keras.Input((sizes[0],)),
+         *(layers.Dense(size, activation) for size in sizes[1:-1]),
+         layers.Dense(sizes[-1], output_activation, dtype=OUTPUT_DTYPE)],
+        name=name)
+  return (mlp([image_size, *discriminator_units, 1], None, "discriminator"),
+          mlp([latent_dim, *generator_units, image_size], "sigmoid",
+              "generator"))
+
+
 def mlp_gan(image_size=784, latent_dim=64, units=256,
             learning_rate=2e-4):
-  """Two MLPs of our layers, `latent_dim -> units -> image_size` (sigmoid)
-  and `image_size -> units -> 1` (a logit), each with Adam, compiled and
-  built (Keras' callbacks that save weights need a built model)."""
-  generator = keras.Sequential([
-      keras.Input((latent_dim,)), layers.Dense(units, "relu"),
-      layers.Dense(image_size, "sigmoid")], name="generator")
-  discriminator = keras.Sequential([
-      keras.Input((image_size,)), layers.Dense(units, "relu"),
-      layers.Dense(1)], name="discriminator")
-  gan = GAN(discriminator, generator, latent_dim)
+  """A `GAN` of two one-hidden-layer MLPs (`gan_networks`), each with Adam,
+  compiled and built (Keras' callbacks that save weights need a built
+  model)."""
+  gan = GAN(*gan_networks(image_size, latent_dim, (units,), (units,)),
+            latent_dim)
   gan.compile(keras.optimizers.Adam(learning_rate, beta_1=0.5),
               keras.optimizers.Adam(learning_rate, beta_1=0.5),
               keras.losses.BinaryCrossentropy(from_logits=True))
@@ -235,7 +339,7 @@ def mlp_gan(image_size=784, latent_dim=64, units=256,
 
 
 @keras.saving.register_keras_serializable(package="research")
-class VariationalAutoencoder(keras.Model):
+class VariationalAutoencoder(Networks):
   """Kingma & Welling's VAE on binary images: a Gaussian posterior
   `q(z|x)` from the encoder (its outputs: the means, then the log
   variances), a standard normal prior, a Bernoulli `p(x|z)` from the
@@ -250,6 +354,9 @@ class VariationalAutoencoder(keras.Model):
   `reconstruction` (-log p(x|z)) and `kl`.
   """
 
+  NETWORKS = ("encoder", "decoder")
+  SETTINGS = ("latent_dim", "seed")
+
   def __init__(self, encoder, decoder, latent_dim, seed=1337, **kwargs):
     super().__init__(**kwargs)
     self.encoder, self.decoder = encoder, decoder
@@ -261,18 +368,6 @@ class VariationalAutoencoder(keras.Model):
   @property
   def metrics(self):
     return self.trackers
-
-  def get_config(self):
-    return {**super().get_config(), "latent_dim": self.latent_dim,
-            "seed": self.seed,
-            "encoder": keras.saving.serialize_keras_object(self.encoder),
-            "decoder": keras.saving.serialize_keras_object(self.decoder)}
-
-  @classmethod
-  def from_config(cls, config):
-    networks = {name: keras.saving.deserialize_keras_object(config.pop(name))
-                for name in ("encoder", "decoder")}
-    return cls(**networks, **config)
 
   def encode(self, images):
     """`(mean, log_variance)` of `q(z|x)`, each `[batch, latent_dim]`."""
@@ -327,7 +422,7 @@ def mlp_vae(image_size=784, latent_dim=20, units=400, hidden_layers=2,
             optimizer=None, seed=1337):
   """`image_size -> units x hidden_layers -> 2 * latent_dim` and back, relu
   hidden layers of our Dense, compiled with `optimizer` (default Adam 1e-3)
-  and built."""
+  and called once."""
   def mlp(sizes, name):
     return keras.Sequential(
         [keras.Input((sizes[0],)),
@@ -339,5 +434,6 @@ def mlp_vae(image_size=784, latent_dim=20, units=400, hidden_layers=2,
       mlp([latent_dim, *reversed(hidden), image_size], "decoder"),
       latent_dim, seed=seed, name="vae")
   vae.compile(optimizer=optimizer or keras.optimizers.Adam(1e-3))
-  vae.build((None, image_size))
+  # Built for the callbacks that save weights, called for an export.
+  vae(tf.zeros((1, image_size)))
   return vae

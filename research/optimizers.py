@@ -43,6 +43,8 @@ from keras import ops
 from research import common_flags
 
 _MOMENTUM_DEFAULT = 0.9
+# Adam's decay rates, flags of the experiments that set them.
+ADAM_BETAS = ("beta_1", "beta_2")
 _DECAY_RATE_DEFAULT = 0.9
 _CLASSES = {"sgd": keras.optimizers.SGD, "momentum": keras.optimizers.SGD,
             "nesterov": keras.optimizers.SGD, "adam": keras.optimizers.Adam,
@@ -115,6 +117,15 @@ def check(config, steps_per_epoch, epochs, replicas=1):
     raise common_flags.SettingsError(
         f"--momentum is for --optimizer=momentum or nesterov, not "
         f"{optimizer}; accepted: one of those, or no --momentum.")
+  for beta in ADAM_BETAS:
+    value = config.get(beta)
+    if value is not None and optimizer not in ("adam", "adamw"):
+      raise common_flags.SettingsError(
+          f"--{beta} is for --optimizer=adam or adamw, not {optimizer}; "
+          "accepted: one of those.")
+    if value is not None and not 0 <= value < 1:
+      raise common_flags.SettingsError(
+          f"--{beta}={value} is outside [0, 1); accepted: 0 <= {beta} < 1.")
   _check_schedule(config, steps_per_epoch * epochs)
   accumulation = config["gradient_accumulation_steps"]
   if accumulation > 1 and replicas > 1:
@@ -188,6 +199,10 @@ def optimizer_fn(config, steps_per_epoch, epochs):
       "use_ema": ema_momentum > 0, "ema_momentum": ema_momentum,
       "gradient_accumulation_steps": accumulation if accumulation > 1
                                      else None}
+  if name in ("adam", "adamw"):
+    # An experiment may define Adam's decay rates (research.gan does).
+    kwargs.update({key: config[key] for key in ADAM_BETAS
+                   if config.get(key) is not None})
   if name in ("momentum", "nesterov"):
     momentum = config["momentum"]
     kwargs["momentum"] = float(_MOMENTUM_DEFAULT if momentum is None

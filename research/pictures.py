@@ -3,6 +3,7 @@ a 2-D scatter; each a PNG replaced atomically, skipped when matplotlib (the
 `plot` extra) is not installed."""
 
 import contextlib
+import math
 
 import numpy as np
 
@@ -23,6 +24,13 @@ def _figure(path, size):
   figure.tight_layout()
   with training_loops.replaced_atomically(path) as temporary:
     figure.savefig(temporary, dpi=80)
+
+
+def square(flat):
+  """Flat images `[n, pixels]` as square ones `[n, side, side]`."""
+  flat = np.asarray(flat)
+  side = math.isqrt(flat.shape[1])
+  return flat.reshape(-1, side, side)
 
 
 def image_grid(images, path, title, columns=10):
@@ -48,18 +56,21 @@ def image_grid(images, path, title, columns=10):
     axes.set_title(title, fontsize=9)
 
 
-def curves_per_loop(results, keys, path, title, ylabel):
-  """Each loop's per-epoch `keys` of `results["loops"][loop]["history"]`,
-  on one chart."""
+def curves_per_loop(results, keys, path, title, ylabel, source="history"):
+  """Each loop's per-epoch `keys` of `results["loops"][loop][source]`, on
+  one chart; its epochs are the source's `"epoch"` entry, else the
+  history's."""
   with _figure(path, (7, 4)) as figure:
     if figure is None:
       return
     axes = figure.subplots()
     for loop, report in results["loops"].items():
+      series = report[source]
+      epochs = series.get("epoch", report["epochs"])
       for key in keys:
-        values = report["history"].get(key)
+        values = series.get(key)
         if values:
-          axes.plot(report["epochs"], values, label=f"{loop} {key}",
+          axes.plot(epochs, values, label=f"{loop} {key}",
                     linestyle="--" if key.startswith("val_") else "-")
     axes.set(xlabel="epoch", ylabel=ylabel, title=title)
     axes.grid(True)

@@ -111,10 +111,7 @@ def draw(model, splits, path, title, count=100):
   """Samples from the prior, test reconstructions, and for a 2-D latent
   the manifold and the test means by digit; `path` has a `{}` for the
   picture's name."""
-  side = math.isqrt(splits.x_test.shape[1])
-
-  def images(flat):
-    return np.asarray(flat).reshape(-1, side, side)
+  images = pictures.square
   prior = tf.random.stateless_normal([count, model.latent_dim],
                                      seed=[EVALUATION_SEED, 0])
   pictures.image_grid(images(tf.sigmoid(model.decoder(prior))),

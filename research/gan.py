@@ -1,0 +1,218 @@
+"""Goodfellow et al. (2014), Generative Adversarial Nets, with the
+non-saturating generator loss (--objective=gan), and Gulrajani et al.
+(2017), Improved Training of Wasserstein GANs (--objective=wgan_gp), on
+MNIST: two MLPs, two optimizers, the model's own step in every loop.
+
+    python -m research.gan --data_dir=../shared/data/mnist --objective=gan
+
+Judged by the toolkit's own MNIST classifier (research.classify's recipe):
+loaded from --judge_dir when it holds one, else trained there first. Per
+loop: the classifier Inception Score and the Fréchet distance in its last
+hidden layer against the test set, on --score_samples samples, and the
+share of each digit; per epoch, the same scores and a grid of samples from
+the same fixed noise.
+"""
+
+import json
+import os
+
+from absl import app, flags
+import keras
+import numpy as np
+import tensorflow as tf
+
+import training_loops
+from research import (classify, common_flags, datasets, experiment, models,
+                      pictures, sample_quality)
+
+flags.DEFINE_enum("objective", "gan", ("gan", "wgan_gp"),
+                  "gan: Goodfellow et al.'s, non-saturating; wgan_gp: "
+                  "Gulrajani et al.'s Wasserstein loss with a gradient "
+                  "penalty.")
+flags.DEFINE_integer("noise_dim", 64, "Dimensions of the generator's "
+                     "Gaussian noise.", lower_bound=1)
+flags.DEFINE_integer("critic_steps", None, "Discriminator (critic) updates "
+                     "per generator update; default: the objective's (1 "
+                     "for gan, 5 for wgan_gp).", lower_bound=1)
+flags.DEFINE_float("penalty_weight", 10.0, "wgan_gp: the gradient "
+                   "penalty's weight (lambda).", lower_bound=0.0)
+flags.DEFINE_float("beta_1", None, "Adam's first-moment decay for both "
+                   "networks; default: the objective's.")
+flags.DEFINE_float("beta_2", None, "Adam's second-moment decay for both "
+                   "networks; default: the objective's.")
+flags.DEFINE_string("judge_dir", os.path.join("runs", "judge"),
+                    "A research.classify run directory holding the judging "
+                    "classifier (export/graph.keras); trained there with "
+                    "classify's recipe for --dataset when absent.")
+flags.DEFINE_integer("score_samples", 10000, "Samples the scores are "
+                     "computed on, at each epoch's end and at the end.",
+                     lower_bound=2)
+
+IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
+GENERATOR_UNITS = (256, 512, 1024)
+DISCRIMINATOR_UNITS = (512, 256)
+# The scores' noise and the per-epoch grid's, the same for every loop and
+# epoch.
+SAMPLE_SEED = 0
+GRID_SAMPLES = 100
+
+DEFAULTS = common_flags.Defaults(
+    dataset="mnist", epochs=30, learning_rate=2e-4, optimizer="adam",
+    datasets={"mnist": {"batch_size": 64},
+              "fashion_mnist": {"batch_size": 64}},
+    choices={"objective": {
+        "gan": {"critic_steps": 1, "beta_1": 0.5, "beta_2": 0.999},
+        # Gulrajani et al.'s MNIST settings.
+        "wgan_gp": {"critic_steps": 5, "learning_rate": 1e-4,
+                    "beta_1": 0.5, "beta_2": 0.9}}})
+
+
+def build(config):
+  if config["dataset"] not in IMAGE_DATASETS:
+    raise datasets.DataError(
+        f"--dataset={config['dataset']} is not an image dataset; use one of "
+        f"{', '.join(IMAGE_DATASETS)}.")
+  raw = datasets.load(config["dataset"], config["data_dir"], config["seed"])
+  judge = sample_quality.Judge(load_judge(config), raw.x_test)
+  scale = max(float(raw.x_train.max()), 1.0)
+  judged_shape = raw.x_train.shape[1:]  # as the classifier takes them
+
+  def flat(x):
+    return (x.reshape(len(x), -1) / scale).astype("float32")
+  splits = datasets.Splits(flat(raw.x_train), raw.y_train, flat(raw.x_val),
+                           raw.y_val, flat(raw.x_test), raw.y_test,
+                           num_classes=raw.num_classes)
+  pixels = splits.x_train.shape[1]
+
+  def model_fn(optimizer_fn):
+    networks = models.gan_networks(pixels, config["noise_dim"],
+                                   GENERATOR_UNITS, DISCRIMINATOR_UNITS,
+                                   activation="leaky_relu")
+    if config["objective"] == "wgan_gp":
+      model = models.WassersteinGAN(
+          *networks, config["noise_dim"], seed=config["seed"],
+          critic_steps=config["critic_steps"],
+          penalty_weight=config["penalty_weight"])
+      model.compile(optimizer_fn(), optimizer_fn())
+    else:
+      model = models.GAN(*networks, config["noise_dim"], seed=config["seed"],
+                         critic_steps=config["critic_steps"])
+      model.compile(optimizer_fn(), optimizer_fn(),
+                    keras.losses.BinaryCrossentropy(from_logits=True))
+    # Built for the callbacks that save weights, called for an export.
+    model(tf.zeros((1, pixels)))
+    return model
+
+  def sampled(model):
+    """`--score_samples` images from the fixed noise, flat, in [0, 1], and
+    their scores."""
+    noise = tf.random.stateless_normal(
+        [config["score_samples"], config["noise_dim"]], seed=[SAMPLE_SEED, 0])
+    samples = np.asarray(model.generate(noise))
+    return samples, judge.scores(samples.reshape(-1, *judged_shape) * scale)
+
+  def evaluate(model, test_data):
+    del test_data  # the judge holds the test images
+    return sampled(model)[1]
+
+  def callbacks(loop, output_dir):
+    return [EpochScores(sampled, os.path.join(output_dir, f"scores_{loop}"),
+                        f"{config['objective']}: {loop}")]
+
+  return experiment.Experiment(
+      name="gan", splits=splits, model_fn=model_fn, targets=None,
+      evaluate=evaluate, callbacks=callbacks,
+      loop_report=lambda history, callbacks: {
+          "scores_per_epoch": callbacks[0].scores},
+      run_pictures=lambda results, output_dir: draw_scores(
+          results, output_dir, config["objective"]),
+      extra={"objective": config["objective"],
+             "judge": judge_summary(config, judge, raw.y_test)})
+
+
+def load_judge(config):
+  """The classifier in `--judge_dir`, trained there first with
+  research.classify's recipe when absent; says which."""
+  judge_dir = config["judge_dir"]
+  path = os.path.join(judge_dir, "export", "graph.keras")
+  if not os.path.isfile(path):
+    print(f"judge: no classifier at {path}; training research.classify's "
+          f"{config['dataset']} recipe there (graph loop).", flush=True)
+    judge_config = common_flags.resolved(
+        classify.DEFAULTS, classify.__name__, command_line=False,
+        given={"dataset": config["dataset"], "data_dir": config["data_dir"],
+               "loop": "graph", "output_dir": judge_dir,
+               "export_dir": os.path.join(judge_dir, "export"),
+               "verbose": config["verbose"]})
+    experiment.run(classify.build(judge_config), judge_config,
+                   training_loops.make_strategy("default"))
+  else:
+    print(f"judge: loading {path}.", flush=True)
+  try:
+    classifier = keras.saving.load_model(path)
+  except Exception as error:  # whatever fails to load: one line
+    raise datasets.DataError(
+        f"--judge_dir: {path} does not load as a Keras model "
+        f"({type(error).__name__}: {_first_line(error)}).") from None
+  return classifier
+
+
+def _first_line(error):
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else "no message"
+
+
+def judge_summary(config, judge, labels):
+  """The judge's file, its error on the test images, and the test images'
+  own Inception Score and digit shares: the ceiling a generator's score is
+  read against."""
+  predicted = np.argmax(judge.reference_probabilities, axis=1)
+  return {"path": os.path.join(config["judge_dir"], "export", "graph.keras"),
+          "test_error": float(np.mean(predicted != labels)),
+          "real_test": judge.ceiling()}
+
+
+class EpochScores(keras.callbacks.Callback):
+  """At each epoch's end: the scores of the samples from the fixed noise,
+  recorded in `scores` (and kept in `<prefix>.json`, so a resumed run keeps
+  the earlier epochs'), and a grid of the first of them,
+  `<prefix>/epoch_NNN.png`, the same noise at every epoch."""
+
+  def __init__(self, sampled, prefix, title):
+    super().__init__()
+    self.sampled, self.prefix, self.title = sampled, prefix, title
+    self.scores = {"epoch": [], "inception_score": [], "fid": []}
+    if os.path.isfile(f"{prefix}.json"):
+      with open(f"{prefix}.json", encoding="utf-8") as stream:
+        self.scores = json.load(stream)
+
+  def on_epoch_end(self, epoch, logs=None):
+    samples, scores = self.sampled(self.model)
+    os.makedirs(self.prefix, exist_ok=True)
+    pictures.image_grid(
+        pictures.square(samples[:GRID_SAMPLES]),
+        os.path.join(self.prefix, f"epoch_{epoch + 1:03d}.png"),
+        f"{self.title}, epoch {epoch + 1}")
+    # A resumed run redoes the epochs after its checkpoint: theirs replace
+    # what the interrupted run recorded.
+    kept = [i for i, done in enumerate(self.scores["epoch"]) if done < epoch]
+    self.scores = {key: [values[i] for i in kept]
+                   + [epoch if key == "epoch" else scores[key]]
+                   for key, values in self.scores.items()}
+    training_loops.write_json_atomically(f"{self.prefix}.json", self.scores)
+
+
+def draw_scores(results, output_dir, objective):
+  """The Inception Score and the Fréchet distance per epoch, every loop."""
+  for key, label in (("inception_score", "Inception Score (judge)"),
+                     ("fid", "Fréchet distance to the test set")):
+    pictures.curves_per_loop(
+        results, [key], os.path.join(output_dir, f"{key}_per_epoch.png"),
+        f"{objective}: {label} per epoch", label,
+        source="scores_per_epoch")
+
+
+main = experiment.main_for(build, DEFAULTS)
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,171 @@
+"""research.gan: the judge's scores against closed forms, the WGAN-GP step
+against a hand-written one, and the script end to end on tiny settings."""
+
+import json
+import os
+
+from absl import flags
+from absl.testing import flagsaver
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import SHARED, needs_shared
+from research import compare, gan, models, sample_quality
+
+flags.FLAGS.mark_as_parsed()
+
+
+def test_inception_score_spans_one_to_the_number_of_classes():
+  certain = np.eye(10)[np.arange(1000) % 10]
+  assert sample_quality.inception_score(certain) == pytest.approx(10.0)
+  # One class only, or every sample undecided: no information.
+  assert sample_quality.inception_score(np.eye(10)[np.zeros(50, int)]) == (
+      pytest.approx(1.0))
+  assert sample_quality.inception_score(np.full((50, 10), 0.1)) == (
+      pytest.approx(1.0))
+  # Two classes equally often, each sample 0.9 sure: exp(KL) in closed
+  # form, KL = 0.9 log(0.9 / 0.5) + 0.1 log(0.1 / 0.5).
+  unsure = np.array([[0.9, 0.1], [0.1, 0.9]] * 20)
+  expected = np.exp(0.9 * np.log(1.8) + 0.1 * np.log(0.2))
+  assert sample_quality.inception_score(unsure) == pytest.approx(expected)
+
+
+def test_frechet_distance_is_the_closed_form_between_gaussians():
+  rng = np.random.default_rng(0)
+  # Samples whose empirical means and covariances are exactly these:
+  # whitened draws, scaled and shifted.
+  def exact(mean, scales, count=400):
+    draws = rng.standard_normal((count, len(mean)))
+    draws -= draws.mean(axis=0)
+    draws = draws @ np.linalg.inv(np.linalg.cholesky(
+        np.cov(draws, rowvar=False))).T
+    return draws * scales + mean
+  a = exact(np.array([0.0, 1.0, 2.0]), np.array([1.0, 2.0, 0.5]))
+  b = exact(np.array([1.0, 1.0, 0.0]), np.array([3.0, 1.0, 0.5]))
+  # Diagonal covariances: |dmu|^2 + sum (s1 - s2)^2.
+  expected = (1 + 0 + 4) + (4 + 1 + 0)
+  assert sample_quality.frechet_distance(a, b) == pytest.approx(expected,
+                                                                rel=1e-9)
+  assert sample_quality.frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+  # Rotating both sets alike changes no distance.
+  rotation, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+  assert sample_quality.frechet_distance(a @ rotation, b @ rotation) == (
+      pytest.approx(expected, rel=1e-9))
+
+
+def test_digit_shares_count_the_predicted_classes():
+  probabilities = np.eye(10)[[0, 0, 1, 9]] * 0.8 + 0.02
+  assert sample_quality.digit_shares(probabilities) == pytest.approx(
+      [0.5, 0.25] + [0.0] * 7 + [0.25])
+
+
+def test_the_wgan_gp_critic_loss_is_the_papers():
+  tf.keras.utils.set_random_seed(1)
+  model = models.WassersteinGAN(*models.gan_networks(6, 2, (5,), (4,)), 2,
+                                critic_steps=1, penalty_weight=10.0)
+  real = np.random.default_rng(0).random((8, 6)).astype("float32")
+  fake = np.random.default_rng(1).random((8, 6)).astype("float32")
+  state = model.seed_generator.state.numpy()
+  loss = float(model.discriminator_loss(real, fake))
+  # The same interpolation draw, then the penalty by hand: the critic is
+  # an MLP, its input gradient taken by a separate tape.
+  model.seed_generator.state.assign(state)
+  mix = keras.random.uniform((8, 1), seed=model.seed_generator)
+  between = tf.constant(real + np.asarray(mix) * (fake - real))
+  with tf.GradientTape() as tape:
+    tape.watch(between)
+    critic = model.discriminator(between)
+  norms = np.linalg.norm(tape.gradient(critic, between), axis=1)
+  expected = (np.mean(model.discriminator(fake)) -
+              np.mean(model.discriminator(real)) +
+              10.0 * np.mean((norms - 1.0) ** 2))
+  assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def _results(output_dir):
+  with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def digits_judge(tmp_path_factory):
+  """A judge trained once by research.classify's digits recipe."""
+  return str(tmp_path_factory.mktemp("judge"))
+
+
+@pytest.mark.parametrize("objective", ["gan", "wgan_gp"])
+def test_the_script_scores_every_loop_and_draws_each_epoch(
+    tmp_path, digits_judge, objective, capsys):
+  with flagsaver.flagsaver(dataset="digits", objective=objective, epochs=2,
+                           limit_batches=3, score_samples=200, loop="all",
+                           judge_dir=digits_judge, verbose=0,
+                           output_dir=str(tmp_path)):
+    gan.main(["gan"])
+  printed = capsys.readouterr().out
+  assert "judge: " in printed
+  results = _results(tmp_path)
+  assert results["objective"] == objective and results["own_step"]
+  judge = results["judge"]
+  assert judge["test_error"] < 0.1
+  assert judge["real_test"]["inception_score"] > 6.5  # 6.95 measured
+  recipe = {"gan": (1, 2e-4, 0.999), "wgan_gp": (5, 1e-4, 0.9)}[objective]
+  flags_ = results["flags"]
+  assert (flags_["critic_steps"], flags_["learning_rate"],
+          flags_["beta_2"]) == recipe and flags_["beta_1"] == 0.5
+  fit = results["loops"]["keras_fit"]
+  for loop, report in results["loops"].items():
+    test = report["test"]
+    assert 1.0 <= test["inception_score"] <= 10.0
+    assert test["fid"] > 0
+    assert sum(test["digit_shares"]) == pytest.approx(1.0)
+    assert test["min_digit_share"] == min(test["digit_shares"])
+    # Every loop trains the model's own step as fit does.
+    np.testing.assert_allclose(report["history"]["d_loss"],
+                               fit["history"]["d_loss"], rtol=1e-4)
+    np.testing.assert_allclose(test["inception_score"],
+                               fit["test"]["inception_score"], rtol=1e-3)
+    scores = report["scores_per_epoch"]
+    assert scores["epoch"] == [0, 1]
+    assert scores["inception_score"][-1] == pytest.approx(
+        test["inception_score"])
+    for epoch in (1, 2):
+      assert os.path.isfile(tmp_path / f"scores_{loop}" /
+                            f"epoch_{epoch:03d}.png")
+  for picture in ("inception_score_per_epoch.png", "fid_per_epoch.png"):
+    assert os.path.isfile(tmp_path / picture)
+
+
+def test_a_judge_that_does_not_load_is_one_line_before_anything_is_written(
+    tmp_path):
+  export = tmp_path / "judge" / "export"
+  export.mkdir(parents=True)
+  (export / "graph.keras").write_text("not a model")
+  with flagsaver.flagsaver(dataset="digits", judge_dir=str(tmp_path / "judge"),
+                           output_dir=str(tmp_path / "run")):
+    with pytest.raises(SystemExit) as exit_:
+      gan.main(["gan"])
+  message = str(exit_.value)
+  assert "graph.keras does not load as a Keras model" in message
+  assert "\n" not in message
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_betas_are_refused_for_another_optimizer(tmp_path, digits_judge):
+  with flagsaver.flagsaver(dataset="digits", optimizer="sgd", beta_1=0.5,
+                           judge_dir=digits_judge,
+                           output_dir=str(tmp_path / "run")):
+    with pytest.raises(SystemExit) as exit_:
+      gan.main(["gan"])
+  assert "--beta_1 is for --optimizer=adam or adamw, not sgd" in str(
+      exit_.value)
+
+
+def test_compare_traces_the_wgan_gps_own_step(capsys, digits_judge):
+  with flagsaver.flagsaver(experiment="gan", dataset="digits",
+                           objective="wgan_gp", judge_dir=digits_judge,
+                           trace=True, trace_steps=3):
+    compare.main(["compare"])
+  assert ("eager, function, graph and keras_fit agree over 3 steps"
+          in capsys.readouterr().out)
