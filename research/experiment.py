@@ -80,8 +80,8 @@ class Experiment:
       output structures (e.g. wide & deep's two inputs); `targets` None:
       batches of inputs alone.
     evaluate: `(model, test_data) -> dict`, the test split's results of a
-      model with its own step (the supervised step's are its loss and
-      metrics).
+      model with its own step; for the supervised step, results added to
+      its test loss and metrics.
     callbacks: `(loop, output_dir) -> [callbacks]` for each run.
     loop_report: `(history, callbacks) -> dict` of extra per-loop results.
     loop_pictures: `(model, loop, output_dir)` draws a trained loop's
@@ -439,12 +439,11 @@ def _run_loop(experiment, loop, plan, outputs):
         eval_every_steps=config["eval_every_steps"],
         checkpoint_every_steps=checkpoint_every_steps)
   model = history.model
-  if experiment.loss is None:
-    test = experiment.evaluate(model, test_data)
-  else:
-    test = training_loops.evaluate(
-        model, experiment.loss, test_data, metrics=experiment.metrics,
-        loss_weights=experiment.loss_weights, strategy=strategy)
+  test = {} if experiment.loss is None else training_loops.evaluate(
+      model, experiment.loss, test_data, metrics=experiment.metrics,
+      loss_weights=experiment.loss_weights, strategy=strategy)
+  if experiment.evaluate:
+    test.update(experiment.evaluate(model, test_data))
   experiment.loop_pictures(model, loop, output_dir)
   # Only numbers go to the table and HParams (an experiment's test results
   # may hold lists, e.g. each digit's share of a generator's samples).

@@ -437,3 +437,31 @@ def mlp_vae(image_size=784, latent_dim=20, units=400, hidden_layers=2,
   # Built for the callbacks that save weights, called for an export.
   vae(tf.zeros((1, image_size)))
   return vae
+
+
+def logits_mlp(input_shape, num_classes, hidden, scale=255.0,
+               input_dropout=0.0, dropout_rate=0.0, jitter_pixels=0,
+               seed=None, name="mlp"):
+  """Images `input_shape` (pixel values up to `scale`) -> `hidden` relu
+  Dense layers -> class logits (Hinton et al.'s distillation nets):
+  optionally, while training, each image shifted by up to `jitter_pixels`
+  pixels each way, and dropout on the inputs and after each hidden
+  layer."""
+  inputs = keras.Input(input_shape)
+  x = keras.layers.Rescaling(1.0 / scale)(inputs)
+  if jitter_pixels:
+    height, width = input_shape
+    x = keras.layers.Reshape((height, width, 1))(x)
+    # Nearest-neighbour: whole-pixel shifts, the digits' ink unblurred.
+    x = keras.layers.RandomTranslation(
+        jitter_pixels / height, jitter_pixels / width, fill_mode="constant",
+        interpolation="nearest", seed=seed)(x)
+  x = keras.layers.Flatten()(x)
+  if input_dropout:
+    x = layers.Dropout(input_dropout, seed=seed)(x)
+  for units in hidden:
+    x = layers.Dense(units, "relu")(x)
+    if dropout_rate:
+      x = layers.Dropout(dropout_rate, seed=seed)(x)
+  outputs = layers.Dense(num_classes, dtype=OUTPUT_DTYPE)(x)
+  return keras.Model(inputs, outputs, name=name)

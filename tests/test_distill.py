@@ -1,0 +1,101 @@
+"""research.distill: Keras' Distiller in our loops against plain student
+training, and the script end to end on tiny settings."""
+
+import functools
+import json
+import os
+
+from absl import flags
+from absl.testing import flagsaver
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import training_loops
+from research import common_flags, distill
+
+flags.FLAGS.mark_as_parsed()
+
+
+def _config(**given):
+  return common_flags.resolved(
+      distill.DEFAULTS, distill.__name__, command_line=False,
+      given={"dataset": "digits", "teacher_units": 16, "student_units": 12,
+             **given})
+
+
+def _adam():
+  return keras.optimizers.Adam(1e-3)
+
+
+@pytest.mark.parametrize("loop", ["eager", "graph"])
+def test_only_the_labels_weigh_the_distilled_student_as_plain_training(
+    tmp_path, loop):
+  config = _config(student_loss_weight=1.0)
+  splits = distill.image_splits(config)
+  teacher_path = str(tmp_path / "teacher.keras")
+  distill.net(splits, config, "teacher").save(teacher_path)
+  student = distill.build(config, "student")
+  distilled = distill.build(config, "distilled", teacher_path)
+
+  def data():
+    return tf.data.Dataset.from_tensor_slices(
+        (splits.x_train[:256], splits.y_train[:256])).batch(32)
+  alone = training_loops.train(student.model_fn, _adam, student.loss, data(),
+                               loop=loop, epochs=2, seed=3, verbose=0)
+  taught = training_loops.train(
+      functools.partial(distilled.model_fn, _adam), train_data=data(),
+      loop=loop, epochs=2, seed=3, verbose=0)
+  for got, expected in zip(taught.model.student.get_weights(),
+                           alone.model.get_weights(), strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(taught.history["loss"], alone.history["loss"],
+                             rtol=1e-5)
+
+
+def _results(output_dir):
+  with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_the_script_reports_three_error_counts_per_loop(tmp_path, capsys):
+  with flagsaver.flagsaver(dataset="digits", epochs=2, teacher_epochs=3,
+                           limit_batches=4, loop="all", teacher_units=32,
+                           student_units=16, verbose=0,
+                           output_dir=str(tmp_path)):
+    distill.main(["distill"])
+  results = _results(tmp_path)
+  printed = capsys.readouterr().out
+  assert "distill on digits: test errors out of 128" in printed
+  fit = results["loops"]["keras_fit"]["test"]
+  for loop, report in results["loops"].items():
+    test = report["test"]
+    assert set(test) == {"teacher_errors", "student_alone_errors",
+                         "student_distilled_errors", "gap_recovered"}
+    assert 0 <= test["student_distilled_errors"] <= 128
+    # Every loop trains Keras' Distiller as fit does.
+    assert test["student_distilled_errors"] == fit["student_distilled_errors"]
+    assert test["student_alone_errors"] == fit["student_alone_errors"]
+  for role in distill.ROLES:
+    assert os.path.isfile(tmp_path / role / "results.json")
+  assert os.path.isfile(tmp_path / "teacher" / "export" / "graph.keras")
+  teacher = _results(tmp_path / "teacher")
+  assert list(teacher["loops"]) == ["graph"]
+  assert len(teacher["loops"]["graph"]["history"]["loss"]) == 3
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(temperature=0.0), "--temperature=0.0 is not positive"),
+    (dict(temperature=-1.0), "--temperature=-1.0 is not positive"),
+    (dict(student_loss_weight=1.5), "--student_loss_weight=1.5 is outside"),
+    (dict(dataset="diabetes"), "--dataset=diabetes is not an image dataset"),
+])
+def test_bad_settings_are_one_line_before_anything_is_written(
+    tmp_path, settings, message):
+  with flagsaver.flagsaver(**{"dataset": "digits", **settings},
+                           output_dir=str(tmp_path / "run")):
+    with pytest.raises(SystemExit) as exit_:
+      distill.main(["distill"])
+  assert message in str(exit_.value) and "\n" not in str(exit_.value)
+  assert not os.path.exists(tmp_path / "run")
