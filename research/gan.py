@@ -34,6 +34,13 @@ flags.DEFINE_integer("noise_dim", 64, "Dimensions of the generator's "
 flags.DEFINE_integer("critic_steps", None, "Discriminator (critic) updates "
                      "per generator update; default: the objective's (1 "
                      "for gan, 5 for wgan_gp).", lower_bound=1)
+flags.DEFINE_boolean("generator_batch_norm", None, "BatchNormalization "
+                     "before each of the generator's hidden activations; "
+                     "default: the objective's (on for gan).")
+flags.DEFINE_float("discriminator_dropout", None, "Dropout after each of "
+                   "the discriminator's hidden layers, in [0, 1); default: "
+                   "the objective's (0.3 for gan, 0 for wgan_gp, whose "
+                   "penalty is on the critic as it is).")
 flags.DEFINE_float("penalty_weight", 10.0, "wgan_gp: the gradient "
                    "penalty's weight (lambda).", lower_bound=0.0)
 flags.DEFINE_float("beta_1", None, "Adam's first-moment decay for both "
@@ -61,13 +68,23 @@ DEFAULTS = common_flags.Defaults(
     datasets={"mnist": {"batch_size": 64},
               "fashion_mnist": {"batch_size": 64}},
     choices={"objective": {
-        "gan": {"critic_steps": 1, "beta_1": 0.5, "beta_2": 0.999},
+        # Without batch normalization in the generator and dropout in the
+        # discriminator, the discriminator wins within an epoch and the
+        # generator collapses to one digit.
+        "gan": {"critic_steps": 1, "beta_1": 0.5, "beta_2": 0.999,
+                "generator_batch_norm": True, "discriminator_dropout": 0.3},
         # Gulrajani et al.'s MNIST settings.
-        "wgan_gp": {"critic_steps": 5, "learning_rate": 1e-4,
-                    "beta_1": 0.5, "beta_2": 0.9}}})
+        "wgan_gp": {"critic_steps": 5, "learning_rate": 1e-4, "epochs": 10,
+                    "beta_1": 0.5, "beta_2": 0.9,
+                    "generator_batch_norm": False,
+                    "discriminator_dropout": 0.0}}})
 
 
 def build(config):
+  if not 0 <= config["discriminator_dropout"] < 1:
+    raise common_flags.SettingsError(
+        f"--discriminator_dropout={config['discriminator_dropout']} is "
+        "outside [0, 1); accepted: 0 <= rate < 1.")
   if config["dataset"] not in IMAGE_DATASETS:
     raise datasets.DataError(
         f"--dataset={config['dataset']} is not an image dataset; use one of "
@@ -85,9 +102,11 @@ def build(config):
   pixels = splits.x_train.shape[1]
 
   def model_fn(optimizer_fn):
-    networks = models.gan_networks(pixels, config["noise_dim"],
-                                   GENERATOR_UNITS, DISCRIMINATOR_UNITS,
-                                   activation="leaky_relu")
+    networks = models.gan_networks(
+        pixels, config["noise_dim"], GENERATOR_UNITS, DISCRIMINATOR_UNITS,
+        activation="leaky_relu",
+        batch_norm=config["generator_batch_norm"],
+        dropout_rate=config["discriminator_dropout"], seed=config["seed"])
     if config["objective"] == "wgan_gp":
       model = models.WassersteinGAN(
           *networks, config["noise_dim"], seed=config["seed"],

@@ -308,20 +308,32 @@ class WassersteinGAN(GAN):
 
 
 def gan_networks(image_size=784, latent_dim=64, generator_units=(256,),
-                 discriminator_units=(256,), activation="relu"):
-  """`(discriminator, generator)`: MLPs of our Dense, `latent_dim ->
+                 discriminator_units=(256,), activation="relu",
+                 batch_norm=False, dropout_rate=0.0, seed=None):
+  """`(discriminator, generator)`: MLPs of our layers, `latent_dim ->
   generator_units -> image_size` (sigmoid: intensities in [0, 1]) and
-  `image_size -> discriminator_units -> 1` (a logit, or a critic's
-  score)."""
-  def mlp(sizes, output_activation, name):
-    return keras.Sequential(
-        [keras.Input((sizes[0],)),
-         *(layers.Dense(size, activation) for size in sizes[1:-1]),
-         layers.Dense(sizes[-1], output_activation, dtype=OUTPUT_DTYPE)],
-        name=name)
-  return (mlp([image_size, *discriminator_units, 1], None, "discriminator"),
-          mlp([latent_dim, *generator_units, image_size], "sigmoid",
-              "generator"))
+  `image_size -> discriminator_units -> 1` (a logit, or a critic's score);
+  optionally BatchNormalization before each of the generator's hidden
+  activations, and dropout after each of the discriminator's hidden
+  layers."""
+  generator = [keras.Input((latent_dim,))]
+  for units in generator_units:
+    if batch_norm:
+      # Moving statistics that follow the generator closely: sampling
+      # (training=False) uses them while the generator still changes fast.
+      generator += [layers.Dense(units), layers.BatchNormalization(
+          momentum=0.8), keras.layers.Activation(activation)]
+    else:
+      generator.append(layers.Dense(units, activation))
+  generator.append(layers.Dense(image_size, "sigmoid", dtype=OUTPUT_DTYPE))
+  discriminator = [keras.Input((image_size,))]
+  for units in discriminator_units:
+    discriminator.append(layers.Dense(units, activation))
+    if dropout_rate:
+      discriminator.append(layers.Dropout(dropout_rate, seed=seed))
+  discriminator.append(layers.Dense(1, dtype=OUTPUT_DTYPE))
+  return (keras.Sequential(discriminator, name="discriminator"),
+          keras.Sequential(generator, name="generator"))
 
 
 def mlp_gan(image_size=784, latent_dim=64, units=256,

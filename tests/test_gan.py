@@ -99,7 +99,7 @@ def digits_judge(tmp_path_factory):
 def test_the_script_scores_every_loop_and_draws_each_epoch(
     tmp_path, digits_judge, objective, capsys):
   with flagsaver.flagsaver(dataset="digits", objective=objective, epochs=2,
-                           limit_batches=3, score_samples=200, loop="all",
+                           limit_batches=2, score_samples=200, loop="all",
                            judge_dir=digits_judge, verbose=0,
                            output_dir=str(tmp_path)):
     gan.main(["gan"])
@@ -110,10 +110,12 @@ def test_the_script_scores_every_loop_and_draws_each_epoch(
   judge = results["judge"]
   assert judge["test_error"] < 0.1
   assert judge["real_test"]["inception_score"] > 6.5  # 6.95 measured
-  recipe = {"gan": (1, 2e-4, 0.999), "wgan_gp": (5, 1e-4, 0.9)}[objective]
+  recipe = {"gan": (1, 2e-4, 0.999, True, 0.3),
+            "wgan_gp": (5, 1e-4, 0.9, False, 0.0)}[objective]
   flags_ = results["flags"]
-  assert (flags_["critic_steps"], flags_["learning_rate"],
-          flags_["beta_2"]) == recipe and flags_["beta_1"] == 0.5
+  assert (flags_["critic_steps"], flags_["learning_rate"], flags_["beta_2"],
+          flags_["generator_batch_norm"], flags_["discriminator_dropout"]
+          ) == recipe and flags_["beta_1"] == 0.5
   fit = results["loops"]["keras_fit"]
   for loop, report in results["loops"].items():
     test = report["test"]
