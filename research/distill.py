@@ -118,11 +118,11 @@ def net(splits, config, role):
                            scale, seed=config["seed"], name="student")
 
 
-def build(config, role, teacher_path=None):
-  """The experiment of one of `ROLES`: the teacher or the student alone
-  (the supervised step), or the student distilled from the teacher saved
-  at `teacher_path` (Keras' `Distiller`)."""
-  splits = image_splits(config)
+def build(config, splits, role, teacher_path=None):
+  """The experiment of one of `ROLES` on `splits` (`image_splits`): the
+  teacher or the student alone (the supervised step), or the student
+  distilled from the teacher saved at `teacher_path` (Keras'
+  `Distiller`)."""
   if role != "distilled":
     return experiment.Experiment(
         name=f"distill_{role}", splits=splits,
@@ -170,7 +170,8 @@ def run(config, strategy):
   """The teacher (graph loop, once), then the student alone and distilled
   in every loop selected; writes and returns the combined results."""
   output_dir = config["output_dir"] or os.path.join("runs", "distill")
-  image_splits(config)  # a bad dataset: one line before anything is written
+  # Read once, before anything is written: a bad dataset is one line.
+  splits = image_splits(config)
   with contextlib.ExitStack() as stack:
     if config["fast_dev_run"]:
       output_dir = stack.enter_context(
@@ -186,14 +187,14 @@ def run(config, strategy):
                          else config["limit_batches"]}
     if config["fast_dev_run"]:
       teacher_config["epochs"] = 1
-    teacher = experiment.run(build(teacher_config, "teacher"),
+    teacher = experiment.run(build(teacher_config, splits, "teacher"),
                              teacher_config, strategy)
     teacher_path = os.path.join(parts["teacher"], "export", "graph.keras")
     alone = experiment.run(
-        build(config, "student"),
+        build(config, splits, "student"),
         {**config, "output_dir": parts["student"]}, strategy)
     distilled = experiment.run(
-        build(config, "distilled", teacher_path),
+        build(config, splits, "distilled", teacher_path),
         {**config, "output_dir": parts["distilled"]}, strategy)
     results = combined(config, teacher, alone, distilled)
     if not config["fast_dev_run"]:

@@ -12,7 +12,6 @@ the ELBO per epoch and, with --latent_dim=2, the latent manifold and the
 test set's latent means coloured by digit.
 """
 
-import math
 import os
 
 from absl import app, flags

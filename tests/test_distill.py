@@ -36,8 +36,8 @@ def test_only_the_labels_weigh_the_distilled_student_as_plain_training(
   splits = distill.image_splits(config)
   teacher_path = str(tmp_path / "teacher.keras")
   distill.net(splits, config, "teacher").save(teacher_path)
-  student = distill.build(config, "student")
-  distilled = distill.build(config, "distilled", teacher_path)
+  student = distill.build(config, splits, "student")
+  distilled = distill.build(config, splits, "distilled", teacher_path)
 
   def data():
     return tf.data.Dataset.from_tensor_slices(

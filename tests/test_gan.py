@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SHARED, needs_shared
 from research import compare, gan, models, sample_quality
 
 flags.FLAGS.mark_as_parsed()
