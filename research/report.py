@@ -1,12 +1,13 @@
-"""The course's experiments on the real data, as one report with pictures.
+"""The course's experiments and three generative and distillation
+papers on the real data, as one report with pictures.
 
 Runs classify (three normalizations), deep_net (five architectures),
-callbacks, regress, wide & deep (three variants), hparam_search and the
-VAE, each
-into its own directory under `<output_dir>/runs/<name>` (a rerun resumes
-them), and writes `<output_dir>/REPORT.md` with PNG charts beside it: the
-figures read back from each run's results.json, each beside its published
-anchor.
+callbacks, regress, wide & deep (three variants), hparam_search, the VAE,
+the GAN and WGAN-GP (judged by the report's own classify run) and
+distillation, each into its own directory under `<output_dir>/runs/<name>`
+(a rerun resumes them), and writes `<output_dir>/REPORT.md` with PNG charts
+beside it: the figures read back from each run's results.json, each beside
+its published anchor.
 
     python -m research.report --data_dir=../shared/data \
         --output_dir=runs/report [--quick]
@@ -27,18 +28,24 @@ import numpy as np
 
 import training_loops
 from research import (callbacks, classify, common_flags, datasets, deep_net,
-                      experiment, hparam_search, regress, reports, vae,
-                      wide_deep)
+                      distill, experiment, gan, hparam_search, regress,
+                      reports, vae, wide_deep)
 
 flags.DEFINE_boolean("quick", False, "A reduced report in a few minutes: "
                      "2 epochs of at most 20 batches per split, the "
-                     "smallest search; flags given on the command line "
+                     "smallest search, fewer samples for the generative "
+                     "models' scores; flags given on the command line "
                      "(e.g. --epochs, --limit_batches) win.")
 
-# --quick's settings, for the flags not given on the command line.
+# --quick's settings, for the flags not given on the command line: every
+# run's, and some scripts' own.
 QUICK = {"epochs": 2, "limit_batches": 20}
-QUICK_SEARCH = {"sweep_points": 2, "search_iterations": 1, "cv_folds": 2}
-QUICK_VAE = {"nll_samples": 100}
+QUICK_BY_SCRIPT = {
+    hparam_search: {"sweep_points": 2, "search_iterations": 1,
+                    "cv_folds": 2},
+    vae: {"nll_samples": 100},
+    gan: {"score_samples": 1000},
+    distill: {"teacher_epochs": QUICK["epochs"]}}
 
 # LeCun, Bottou, Bengio and Haffner (1998), test error (%) on MNIST.
 CITATION = ("LeCun, Bottou, Bengio and Haffner (1998), \"Gradient-based "
@@ -99,6 +106,9 @@ RUNS = (
       for variant in ("functional", "subclassed", "multi_input")),
     Run("hparam_search", hparam_search, "california-housing", _CALIFORNIA),
     Run("vae", vae, "mnist", _MNIST),
+    *(Run(objective, gan, "mnist", {**_MNIST, "objective": objective})
+      for objective in ("gan", "wgan_gp")),
+    Run("distill", distill, "mnist", _MNIST),
 )
 
 # Burda, Grosse and Salakhutdinov (2016), Importance Weighted Autoencoders,
@@ -108,7 +118,19 @@ VAE_ANCHORS = (("Burda et al. (2016), Table 1: VAE, one stochastic layer, "
                 "k=1", "86.76", "-"),
                ("goal", "<= 90", "<= 95"))
 
-# The run whose confusion matrix the report shows: classify's MNIST recipe.
+# Goals set for the GANs: neither paper scores MNIST samples in a way a
+# classifier can reproduce (Goodfellow et al. give a Parzen-window
+# log-likelihood, Gulrajani et al. samples only).
+GAN_GOALS = {"inception_score": 9.0, "digit_share": (0.05, 0.15)}
+
+# Hinton, Vinyals and Dean (2015), section 3: test errors on MNIST of the
+# teacher, the student alone and the distilled student, and the share of
+# the gap recovered; and the goal set for ours.
+HINTON_ERRORS = (67, 146, 74)
+DISTILL_GOAL = 0.8
+
+# The run whose confusion matrix the report shows, and whose classifier
+# judges the GANs: classify's MNIST recipe.
 _RECIPE_RUN = "classify_minmax"
 
 
@@ -119,11 +141,16 @@ def main(argv):
   data_dir, output_dir = flags.FLAGS.data_dir, flags.FLAGS.output_dir
   if not output_dir:
     raise app.UsageError("--output_dir is required.")
-  quick = ((QUICK, QUICK_SEARCH, QUICK_VAE) if flags.FLAGS.quick
-           else ({}, {}, {}))
   # The command line wins over --quick's settings.
-  quick = [{name: value for name, value in settings.items()
-            if flags.FLAGS[name].using_default_value} for settings in quick]
+  def quick(settings):
+    return {name: value for name, value in settings.items()
+            if flags.FLAGS.quick and flags.FLAGS[name].using_default_value}
+  runs_dir = os.path.join(output_dir, "runs")
+  # The judge of the GANs: the recipe run's graph loop, exported.
+  own = {_RECIPE_RUN: {"export_dir": os.path.join(runs_dir, _RECIPE_RUN,
+                                                  "export")},
+         **{run.name: {"judge_dir": os.path.join(runs_dir, _RECIPE_RUN)}
+            for run in RUNS if run.script is gan}}
   try:
     if not data_dir or not os.path.isdir(data_dir):
       raise datasets.DataError(f"--data_dir {data_dir!r} is not a "
@@ -131,12 +158,15 @@ def main(argv):
                                "california-housing/).")
     configs = [common_flags.resolved(
         run.script.DEFAULTS, run.script.__name__,
-        given={**run.given, **quick[0],
-               **(quick[1] if run.script is hparam_search else {}),
-               **(quick[2] if run.script is vae else {}),
+        given={**run.given, **quick(QUICK),
+               **quick(QUICK_BY_SCRIPT.get(run.script, {})),
+               **own.get(run.name, {}),
                "data_dir": os.path.join(data_dir, run.data),
-               "output_dir": os.path.join(output_dir, "runs", run.name)})
+               "output_dir": os.path.join(runs_dir, run.name)})
                for run in RUNS]
+    for run, config in zip(RUNS, configs):
+      if run.script is distill:
+        distill.check(config)
     # Every dataset read before the first run: a bad file ends the report
     # at once, not after hours of the experiments before it.
     for dataset, directory in sorted({(config["dataset"], config["data_dir"])
@@ -161,6 +191,8 @@ def _run(run, config, strategy):
   start = time.monotonic()
   if run.script is hparam_search:
     hparam_search.sweep_and_search(config, strategy, config["output_dir"])
+  elif run.script is distill:
+    distill.run(config, strategy)
   else:
     experiment.run(run.script.build(config), config, strategy)
   seconds = time.monotonic() - start
@@ -182,8 +214,8 @@ def write_report(output_dir, finished, quick):
   """
   results = {run.name: result for run, result, _ in finished}
   sections = [
-      "# The course's experiments, and a VAE, on MNIST and California "
-      "housing",
+      "# The course's experiments, a VAE, GANs and distillation, on MNIST "
+      "and California housing",
       ("**Quick run** (`--quick`): few epochs on a few batches; the "
        "figures show the pipeline works, not what the recipes reach."
        if quick else "Each script's defaults and dataset recipes."),
@@ -193,6 +225,8 @@ def write_report(output_dir, finished, quick):
       _callbacks_section(results),
       _california_section(results),
       _vae_section(results),
+      _gan_section(results),
+      _distill_section(results),
       _loops_section(output_dir, results),
       _runs_section(finished)]
   path = os.path.join(output_dir, "REPORT.md")
@@ -417,40 +451,150 @@ def _vae_section(results):
       _image(os.path.join(directory, f"reconstructions_{loop}.png"))])
 
 
-def _loops_section(output_dir, results):
-  parts = ["## 6. Do the loops agree?",
-           "For each experiment, every loop on the same data and seed: "
-           "the final figures (`matches fit`: the final training loss "
-           f"within {experiment.MATCH_TOLERANCE:g} of model.fit's, "
-           "relative), and all loops' learning curves on one chart "
-           "(solid: training loss, dashed: validation loss; the first "
-           "loops drawn widest, so curves that agree show as nested "
-           "lines)."]
-  for name, run in results.items():
-    if "loops" not in run:  # hparam_search: one loop, in section 4
-      continue
-    figure = matplotlib_figure.Figure(figsize=(7, 4))
-    axes = figure.subplots()
-    loops = run["loops"]
-    for index, (loop, report) in enumerate(loops.items()):
-      width = 1 + 2 * (len(loops) - 1 - index)
-      for key, style in (("loss", "-"), ("val_loss", "--")):
-        axes.plot(_epochs(report), report["history"][key], style,
-                  color=f"C{index}", label=f"{loop} {key}", marker="o",
-                  linewidth=width, markersize=2 + 1.5 * width)
-    axes.set(ylabel="loss", title=f"{name}: every loop")
-    _by_epoch(axes)
-    axes.legend(fontsize=7)
-    parts += [f"### {name}", f"```\n{experiment.format_table(run)}\n```",
-              _save(figure, output_dir, f"loops_{name}.png")]
+def _gan_section(results):
+  runs = [name for name, run in results.items()
+          if run.get("experiment") == "gan"]
+  low, high = GAN_GOALS["digit_share"]
+  rows = [[f"ours: {results[name]['objective']}, {loop} loop",
+           f"{report['test']['inception_score']:.2f}",
+           f"{report['test']['fid']:.2f}",
+           f"{_percent(100 * report['test']['min_digit_share'])} - "
+           f"{_percent(100 * report['test']['max_digit_share'])}"]
+          for name in runs
+          for loop, report in results[name]["loops"].items()]
+  judge = results[runs[0]]["judge"]
+  real = judge["real_test"]
+  rows += [["the test images themselves (the ceiling)",
+            f"{real['inception_score']:.2f}", "0",
+            f"{_percent(100 * min(real['digit_shares']))} - "
+            f"{_percent(100 * max(real['digit_shares']))}"],
+           ["goal", f">= {GAN_GOALS['inception_score']:.1f}", "-",
+            f"each digit in {_percent(100 * low)} - {_percent(100 * high)}"]]
+  parts = [
+      "## 6. GANs on MNIST (Goodfellow et al., 2014; Gulrajani et al., "
+      "2017)",
+      "The non-saturating GAN (`gan`) and WGAN-GP (`wgan_gp`), two MLPs "
+      "and two Adams each, judged by the report's own MNIST classifier "
+      f"({_RECIPE_RUN}'s graph loop, test error "
+      f"{_percent(100 * judge['test_error'])}): the Inception Score of "
+      f"{results[runs[0]]['flags']['score_samples']} samples under it, "
+      "the Fréchet distance between the samples' and the test images' "
+      "activations in its last hidden layer, and the smallest and largest "
+      "share of a digit among the samples. Neither paper scores MNIST "
+      "samples in a way a classifier reproduces (Goodfellow et al. give a "
+      "Parzen-window log-likelihood, Gulrajani et al. pictures): the "
+      "anchors are the test images' own scores and the goal.",
+      _table(["model", "Inception Score", "Fréchet distance",
+              "digit shares"], rows)]
+  for name in runs:
+    run = results[name]
+    loop = _shown_loop(run)
+    last = run["loops"][loop]["scores_per_epoch"]["epoch"][-1] + 1
+    directory = os.path.join("runs", name)
+    parts += [f"{run['objective']}: the same noise's samples after the "
+              f"last epoch ({loop} loop), and the scores per epoch of "
+              "every loop:",
+              _image(os.path.join(directory, f"scores_{loop}",
+                                  f"epoch_{last:03d}.png")),
+              _image(os.path.join(directory,
+                                  "inception_score_per_epoch.png"))]
   return "\n\n".join(parts)
+
+
+def _distill_section(results):
+  run = results["distill"]
+  rows = []
+  for loop, report in run["loops"].items():
+    test = report["test"]
+    recovered = test["gap_recovered"]
+    rows.append([f"ours: {loop} loop", test["teacher_errors"],
+                 test["student_alone_errors"],
+                 test["student_distilled_errors"],
+                 "-" if recovered is None else f"{100 * recovered:.0f}%"])
+  teacher, alone, distilled = HINTON_ERRORS
+  rows += [["Hinton et al. (2015), section 3", teacher, alone, distilled,
+            f"{100 * (alone - distilled) / (alone - teacher):.0f}%"],
+           ["goal", "-", "-", "-", f">= {100 * DISTILL_GOAL:.0f}%"]]
+  flags_ = run["flags"]
+  return "\n\n".join([
+      "## 7. Distillation on MNIST (Hinton, Vinyals & Dean, 2015)",
+      f"A teacher of two hidden layers of {flags_['teacher_units']} "
+      "(dropout, inputs jittered by up to 2 pixels; the graph loop, "
+      f"once), a student of two hidden layers of {flags_['student_units']}"
+      " trained alone, and the same student trained on the teacher's "
+      f"soft targets at temperature {flags_['temperature']:g} (Keras' "
+      "Distiller, labels weighted "
+      f"{flags_['student_loss_weight']:g}). Test errors out of "
+      f"{run['test_images']}, and the share of the gap between the "
+      "student alone and the teacher that distillation recovers.",
+      _table(["model", "teacher", "student alone", "distilled student",
+              "gap recovered"], rows)])
+
+
+def _loops_section(output_dir, results):
+  parts = ["## 8. Do the loops agree?",
+           "For each experiment, every loop on the same data and seed: "
+           "the final figures (`matches fit`: the final training loss, or "
+           "a model's own first training log, within "
+           f"{experiment.MATCH_TOLERANCE:g} of model.fit's, relative), and "
+           "all loops' learning curves on one chart (solid: training, "
+           "dashed: validation; the first loops drawn widest, so curves "
+           "that agree show as nested lines)."]
+  for name, run in _runs_with_loops(output_dir, results):
+    parts += [f"### {name}", f"```\n{experiment.format_table(run)}\n```",
+              _save(_loops_figure(name, run), output_dir,
+                    f"loops_{name.replace('/', '_')}.png")]
+  return "\n\n".join(parts)
+
+
+def _runs_with_loops(output_dir, results):
+  """`(name, results)` of every run trained by each loop: distill's are
+  its students', in their own directories."""
+  for name, run in results.items():
+    if run.get("experiment") == "distill":
+      for role in ("student", "distilled"):
+        path = os.path.join(output_dir, "runs", name, role, "results.json")
+        with open(path, encoding="utf-8") as stream:
+          yield f"{name}/{role}", json.load(stream)
+    elif "loops" in run:  # not hparam_search: one loop, in section 4
+      yield name, run
+
+
+def _loops_figure(name, run):
+  figure = matplotlib_figure.Figure(figsize=(7, 4))
+  axes = figure.subplots()
+  loops = run["loops"]
+  for index, (loop, report) in enumerate(loops.items()):
+    width = 1 + 2 * (len(loops) - 1 - index)
+    for key, values in report["history"].items():
+      if key.endswith("learning_rate") or (
+          not run.get("own_step") and key not in ("loss", "val_loss")):
+        continue
+      axes.plot(_epochs(report), values,
+                "--" if key.startswith("val_") else "-", color=f"C{index}",
+                label=f"{loop} {key}", marker="o", linewidth=width,
+                markersize=2 + 1.5 * width)
+  axes.set(ylabel="loss", title=f"{name}: every loop")
+  _by_epoch(axes)
+  axes.legend(fontsize=7)
+  return figure
+
+
+def _training_seconds(result):
+  """A run's loops' training seconds (distill's: its students', and its
+  teacher's)."""
+  total = result.get("teacher", {}).get("wall_seconds", 0)
+  for report in result["loops"].values():
+    seconds = report["wall_seconds"]
+    total += (sum(seconds.values()) if isinstance(seconds, dict)
+              else seconds)
+  return total
 
 
 def _runs_section(finished):
   first = finished[0][1]
   rows = [[run.name, f"`runs/{run.name}`", f"{seconds:.0f}",
-           f"{sum(r['wall_seconds'] for r in result['loops'].values()):.0f}"
-           if "loops" in result else "-"]
+           f"{_training_seconds(result):.0f}" if "loops" in result else "-"]
           for run, result, seconds in finished]
   parts = ["## The runs",
            "Wall time: this invocation's (a resumed run's is the resume's); "

@@ -97,7 +97,8 @@ def test_quick_report_names_every_experiment_and_loop(quick_report):
                "deep_net_relu", "deep_net_selu", "deep_net_batchnorm",
                "deep_net_dropout", "deep_net_alpha_dropout", "callbacks",
                "regress", "wide_deep_functional", "wide_deep_subclassed",
-               "wide_deep_multi_input", "hparam_search", "vae"):
+               "wide_deep_multi_input", "hparam_search", "vae", "gan",
+               "wgan_gp", "distill"):
     assert name in text
     assert os.path.isfile(output_dir / "runs" / name / "results.json")
   for loop in training_loops.LOOPS:
@@ -108,9 +109,10 @@ def test_every_picture_exists_as_a_png(quick_report):
   output_dir, text = quick_report
   pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
   # normalization, confusion matrix, gradient norms, the VAE's samples
-  # and reconstructions, one overlay a run with loops (all but
-  # hparam_search).
-  assert len(pictures) == 3 + 2 + 14
+  # and reconstructions, each GAN's last grid and scores per epoch, one
+  # overlay a run with loops (all but hparam_search; distill's two
+  # students).
+  assert len(pictures) == 3 + 2 + 2 * 2 + 18
   for picture in pictures:
     assert not os.path.isabs(picture)
     content = (output_dir / picture).read_bytes()
@@ -147,6 +149,21 @@ def test_tables_hold_the_runs_results(quick_report):
             f"{test['kl']:.2f} |") in text
   assert "| Burda et al. (2016), Table 1: VAE, one stochastic layer, k=1 " \
          "| 86.76 |" in text
+  for objective in ("gan", "wgan_gp"):
+    results = _results(output_dir, objective)
+    # Judged by the report's own classifier.
+    assert results["judge"]["path"].startswith(
+        str(output_dir / "runs" / "classify_minmax"))
+    for loop, run in results["loops"].items():
+      test = run["test"]
+      assert (f"| ours: {objective}, {loop} loop | "
+              f"{test['inception_score']:.2f} | {test['fid']:.2f} |") in text
+  for loop, run in _results(output_dir, "distill")["loops"].items():
+    test = run["test"]
+    assert (f"| ours: {loop} loop | {test['teacher_errors']} | "
+            f"{test['student_alone_errors']} | "
+            f"{test['student_distilled_errors']} |") in text
+  assert "| Hinton et al. (2015), section 3 | 67 | 146 | 74 | 91% |" in text
 
 
 def _refusal(data_dir, output_dir):
