@@ -136,8 +136,12 @@ def build(config, splits, role, teacher_path=None):
     teacher = keras.saving.load_model(teacher_path)
     distiller = keras.distillation.Distiller(
         teacher=teacher, student=student,
+        # The loss as an instance: Keras 3.15's default, the string
+        # "kl_divergence", skips the softmax and the temperature squared
+        # and compares the scaled logits themselves.
         distillation_losses=keras.distillation.LogitsDistillation(
-            temperature=config["temperature"]),
+            temperature=config["temperature"],
+            loss=keras.losses.KLDivergence()),
         student_loss_weight=config["student_loss_weight"])
     distiller.compile(optimizer=optimizer_fn(), loss=_loss(),
                       metrics=[_accuracy()])

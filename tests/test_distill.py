@@ -54,6 +54,30 @@ def test_only_the_labels_weigh_the_distilled_student_as_plain_training(
                              rtol=1e-5)
 
 
+def test_the_soft_targets_term_is_the_temperature_squared_kl_divergence(
+    tmp_path):
+  config = _config(student_loss_weight=0.0, temperature=4.0)
+  splits = distill.image_splits(config)
+  teacher_path = str(tmp_path / "teacher.keras")
+  distill.net(splits, config, "teacher").save(teacher_path)
+  model = distill.build(config, splits, "distilled",
+                        teacher_path).model_fn(_adam)
+  images = splits.x_train[:32]
+  loss = float(model.compute_loss(images, splits.y_train[:32],
+                                  training=False))
+
+  def softened(logits):
+    scaled = np.asarray(logits, "float64") / 4.0
+    exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+  teacher = softened(model.teacher(images, training=False))
+  student = softened(model.student(images, training=False))
+  expected = 16.0 * np.mean(np.sum(teacher * np.log(teacher / student),
+                                   axis=1))
+  assert expected > 0
+  assert loss == pytest.approx(expected, rel=1e-4)
+
+
 def _results(output_dir):
   with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as f:
     return json.load(f)
