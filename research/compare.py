@@ -5,12 +5,16 @@ seed, side by side with model.fit.
     python -m research.compare --experiment=regress --dataset=california_housing \
         --data_dir=../shared/data/california-housing
     python -m research.compare --trace --loop=graph --trace_steps=20
+    python -m research.compare --experiment=distill --trace --loop=eager \
+        --dataset=mnist --data_dir=../shared/data/mnist --trace_steps=100
 
 Prints per loop the final train loss, validation and test metrics, steps/s,
 the speed ratio to keras_fit and whether the final loss matches keras_fit.
 With --trace, it instead trains the loops in lockstep on the same training
 batches and prints the first step and variable where one parts from the
-first (`training_loops.compare`); that writes nothing.
+first (`training_loops.compare`); that writes nothing. distill's
+comparison is research.distill's own three runs; its trace follows the
+distilled student's step, under an untrained teacher.
 """
 
 import dataclasses
@@ -20,12 +24,13 @@ from absl import app, flags
 import keras
 
 import training_loops
-from research import (callbacks, classify, common_flags, deep_net,
+from research import (callbacks, classify, common_flags, deep_net, distill,
                       experiment, gan, regress, vae, wide_deep)
 
 EXPERIMENTS = {"classify": classify, "callbacks": callbacks,
                "regress": regress, "deep_net": deep_net,
-               "wide_deep": wide_deep, "vae": vae, "gan": gan}
+               "wide_deep": wide_deep, "vae": vae, "gan": gan,
+               "distill": distill}
 
 flags.DEFINE_enum("experiment", "classify", tuple(EXPERIMENTS),
                   "Which experiment to compare the loops on.")
@@ -54,6 +59,8 @@ def main(argv):
   defaults = dataclasses.replace(script.DEFAULTS, loop="all")
   if FLAGS.trace:
     trace(script, defaults, argv, FLAGS.trace_steps)
+  elif script is distill:  # a teacher, then the students in every loop
+    distill.main(argv, defaults)
   else:
     experiment.main_for(script.build, defaults, flags_of=[__name__])(argv)
 

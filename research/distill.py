@@ -118,11 +118,15 @@ def net(splits, config, role):
                            scale, seed=config["seed"], name="student")
 
 
-def build(config, splits, role, teacher_path=None):
-  """The experiment of one of `ROLES` on `splits` (`image_splits`): the
-  teacher or the student alone (the supervised step), or the student
-  distilled from the teacher saved at `teacher_path` (Keras'
-  `Distiller`)."""
+def build(config, splits=None, role="distilled", teacher_path=None):
+  """The experiment of one of `ROLES` on `splits` (`image_splits`, read
+  when None): the teacher or the student alone (the supervised step), or
+  the student distilled (Keras' `Distiller`) from the teacher saved at
+  `teacher_path`, or from an untrained one when None: the same step, which
+  is what `research.compare --trace` follows through the loops."""
+  check(config)
+  if splits is None:
+    splits = image_splits(config)
   if role != "distilled":
     return experiment.Experiment(
         name=f"distill_{role}", splits=splits,
@@ -133,7 +137,8 @@ def build(config, splits, role, teacher_path=None):
     # The student first: built from the same seed state as the student
     # alone, it starts from the same weights.
     student = net(splits, config, "student")
-    teacher = keras.saving.load_model(teacher_path)
+    teacher = (keras.saving.load_model(teacher_path) if teacher_path
+               else net(splits, config, "teacher"))
     distiller = keras.distillation.Distiller(
         teacher=teacher, student=student,
         # The loss as an instance: Keras 3.15's default, the string
@@ -152,15 +157,14 @@ def build(config, splits, role, teacher_path=None):
                                                     test_data))
 
 
-def main(argv):
+def main(argv, defaults=DEFAULTS):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   experiment.quiet_logs()
-  config = common_flags.resolved(DEFAULTS, __name__)
+  config = common_flags.resolved(defaults, __name__)
   experiment.configure_process(config)
   strategy = experiment.strategy_for(config)
   try:
-    check(config)
     results = run(config, strategy)
   except training_loops.TrainingInterrupted as interruption:
     print(f"{interruption} A rerun resumes.", file=sys.stderr)
@@ -173,6 +177,7 @@ def main(argv):
 def run(config, strategy):
   """The teacher (graph loop, once), then the student alone and distilled
   in every loop selected; writes and returns the combined results."""
+  check(config)
   output_dir = config["output_dir"] or os.path.join("runs", "distill")
   # Read once, before anything is written: a bad dataset is one line.
   splits = image_splits(config)

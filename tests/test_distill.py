@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import training_loops
-from research import common_flags, distill
+from research import common_flags, compare, distill
 
 flags.FLAGS.mark_as_parsed()
 
@@ -123,3 +123,12 @@ def test_bad_settings_are_one_line_before_anything_is_written(
       distill.main(["distill"])
   assert message in str(exit_.value) and "\n" not in str(exit_.value)
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_compare_traces_the_distilled_students_step(capsys):
+  with flagsaver.flagsaver(experiment="distill", dataset="digits",
+                           teacher_units=32, student_units=16, trace=True,
+                           trace_steps=2):
+    compare.main(["compare"])
+  assert ("eager, function, graph and keras_fit agree over 2 steps"
+          in capsys.readouterr().out)
