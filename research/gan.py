@@ -1,7 +1,8 @@
 """Goodfellow et al. (2014), Generative Adversarial Nets, with the
 non-saturating generator loss (--objective=gan), and Gulrajani et al.
 (2017), Improved Training of Wasserstein GANs (--objective=wgan_gp), on
-MNIST: two MLPs, two optimizers, the model's own step in every loop.
+MNIST: two networks (MLPs, or small convolutional ones), two optimizers,
+the model's own step in every loop.
 
     python -m research.gan --data_dir=../shared/data/mnist --objective=gan
 
@@ -29,6 +30,12 @@ flags.DEFINE_enum("objective", "gan", ("gan", "wgan_gp"),
                   "gan: Goodfellow et al.'s, non-saturating; wgan_gp: "
                   "Gulrajani et al.'s Wasserstein loss with a gradient "
                   "penalty.")
+flags.DEFINE_enum("networks", "mlp", ("mlp", "conv"),
+                  "mlp: MLPs of 256-512-1024 (generator) and 512-256 "
+                  "(discriminator) units; conv: small DCGAN-style "
+                  "convolutional networks of 32 and 64 filters (about 3 "
+                  "times the MLPs' time per step for gan, 6 for wgan_gp, "
+                  "on 2 CPU cores).")
 flags.DEFINE_integer("noise_dim", 64, "Dimensions of the generator's "
                      "Gaussian noise.", lower_bound=1)
 flags.DEFINE_integer("critic_steps", None, "Discriminator (critic) updates "
@@ -58,6 +65,7 @@ flags.DEFINE_integer("score_samples", 10000, "Samples the scores are "
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
 GENERATOR_UNITS = (256, 512, 1024)
 DISCRIMINATOR_UNITS = (512, 256)
+CONV_FILTERS = 32
 # The scores' noise and the per-epoch grid's, the same for every loop and
 # epoch.
 SAMPLE_SEED = 0
@@ -100,13 +108,20 @@ def build(config):
                            raw.y_val, flat(raw.x_test), raw.y_test,
                            num_classes=raw.num_classes)
   pixels = splits.x_train.shape[1]
+  side = int(round(np.sqrt(pixels)))  # scikit-learn's digits come flat
 
   def model_fn(optimizer_fn):
-    networks = models.gan_networks(
-        pixels, config["noise_dim"], GENERATOR_UNITS, DISCRIMINATOR_UNITS,
-        activation="leaky_relu",
-        batch_norm=config["generator_batch_norm"],
-        dropout_rate=config["discriminator_dropout"], seed=config["seed"])
+    if config["networks"] == "conv":
+      networks = models.conv_gan_networks(
+          (side, side), config["noise_dim"], CONV_FILTERS,
+          batch_norm=config["generator_batch_norm"],
+          dropout_rate=config["discriminator_dropout"], seed=config["seed"])
+    else:
+      networks = models.gan_networks(
+          pixels, config["noise_dim"], GENERATOR_UNITS, DISCRIMINATOR_UNITS,
+          activation="leaky_relu",
+          batch_norm=config["generator_batch_norm"],
+          dropout_rate=config["discriminator_dropout"], seed=config["seed"])
     if config["objective"] == "wgan_gp":
       model = models.WassersteinGAN(
           *networks, config["noise_dim"], seed=config["seed"],

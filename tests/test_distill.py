@@ -132,3 +132,16 @@ def test_compare_traces_the_distilled_students_step(capsys):
     compare.main(["compare"])
   assert ("eager, function, graph and keras_fit agree over 2 steps"
           in capsys.readouterr().out)
+
+
+def test_fast_dev_run_trains_every_role_and_loop_and_keeps_nothing(
+    tmp_path, capsys):
+  with flagsaver.flagsaver(dataset="digits", fast_dev_run=True, loop="all",
+                           teacher_units=16, student_units=12, verbose=0,
+                           output_dir=str(tmp_path / "run")):
+    distill.main(["distill"])
+  printed = capsys.readouterr().out
+  assert "nothing was kept" in printed
+  for loop in training_loops.LOOPS:
+    assert f"\n{loop.rjust(9)} " in printed
+  assert not (tmp_path / "run").exists()

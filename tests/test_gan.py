@@ -60,16 +60,20 @@ def test_digit_shares_count_the_predicted_classes():
       [0.5, 0.25] + [0.0] * 7 + [0.25])
 
 
-def test_the_wgan_gp_critic_loss_is_the_papers():
+@pytest.mark.parametrize("networks", ["mlp", "conv"])
+def test_the_wgan_gp_critic_loss_is_the_papers(networks):
   tf.keras.utils.set_random_seed(1)
-  model = models.WassersteinGAN(*models.gan_networks(6, 2, (5,), (4,)), 2,
-                                critic_steps=1, penalty_weight=10.0)
-  real = np.random.default_rng(0).random((8, 6)).astype("float32")
-  fake = np.random.default_rng(1).random((8, 6)).astype("float32")
+  pixels, nets = {
+      "mlp": (6, lambda: models.gan_networks(6, 2, (5,), (4,))),
+      "conv": (16, lambda: models.conv_gan_networks((4, 4), 2, 3))}[networks]
+  model = models.WassersteinGAN(*nets(), 2, critic_steps=1,
+                                penalty_weight=10.0)
+  real = np.random.default_rng(0).random((8, pixels)).astype("float32")
+  fake = np.random.default_rng(1).random((8, pixels)).astype("float32")
   state = model.seed_generator.state.numpy()
   loss = float(model.discriminator_loss(real, fake))
-  # The same interpolation draw, then the penalty by hand: the critic is
-  # an MLP, its input gradient taken by a separate tape.
+  # The same interpolation draw, then the penalty by hand: the critic's
+  # input gradient taken by a separate tape, its norm over each image.
   model.seed_generator.state.assign(state)
   mix = keras.random.uniform((8, 1), seed=model.seed_generator)
   between = tf.constant(real + np.asarray(mix) * (fake - real))
@@ -81,6 +85,16 @@ def test_the_wgan_gp_critic_loss_is_the_papers():
               np.mean(model.discriminator(real)) +
               10.0 * np.mean((norms - 1.0) ** 2))
   assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_conv_networks_map_flat_noise_to_flat_images_and_back():
+  discriminator, generator = models.conv_gan_networks((8, 12), 5, 4)
+  images = np.asarray(generator(np.ones((3, 5), "float32")))
+  assert images.shape == (3, 96)
+  assert images.min() >= 0 and images.max() <= 1  # a sigmoid
+  assert discriminator(images).shape == (3, 1)
+  with pytest.raises(ValueError, match="multiples of 4"):
+    models.conv_gan_networks((28, 30))
 
 
 def _results(output_dir):
@@ -170,3 +184,17 @@ def test_compare_traces_the_wgan_gps_own_step(capsys, digits_judge):
     compare.main(["compare"])
   assert ("eager, function, graph and keras_fit agree over 3 steps"
           in capsys.readouterr().out)
+
+
+def test_fast_dev_run_trains_the_conv_networks_in_every_loop_and_keeps_nothing(
+    tmp_path, digits_judge, capsys):
+  with flagsaver.flagsaver(dataset="digits", networks="conv",
+                           fast_dev_run=True, loop="all", score_samples=50,
+                           judge_dir=digits_judge, verbose=0,
+                           output_dir=str(tmp_path / "run")):
+    gan.main(["gan"])
+  printed = capsys.readouterr().out
+  assert "nothing was kept" in printed
+  for loop in ("eager", "function", "graph", "keras_fit"):
+    assert f"\n{loop.rjust(9)} " in printed
+  assert not (tmp_path / "run").exists()

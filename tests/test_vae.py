@@ -197,3 +197,15 @@ def test_compare_traces_the_vaes_own_step(capsys):
     compare.main(["compare"])
   assert ("eager, function, graph and keras_fit agree over 3 steps"
           in capsys.readouterr().out)
+
+
+def test_fast_dev_run_trains_every_loop_and_keeps_nothing(tmp_path, capsys):
+  with flagsaver.flagsaver(dataset="digits", fast_dev_run=True, loop="all",
+                           nll_samples=5, verbose=0,
+                           output_dir=str(tmp_path / "run")):
+    vae.main(["vae"])
+  printed = capsys.readouterr().out
+  assert "nothing was kept" in printed
+  for loop in ("eager", "function", "graph", "keras_fit"):
+    assert f"\n{loop.rjust(9)} " in printed
+  assert not (tmp_path / "run").exists()
