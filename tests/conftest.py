@@ -67,3 +67,19 @@ def write_idx(path, array, magic=None, cut=0):
   content = header + array.astype(np.uint8).tobytes()
   with gzip.open(path, "wb") as stream:
     stream.write(content[:len(content) - cut])
+
+
+def fast_dev_run_keeps_nothing(main, output_dir, capsys, **settings):
+  """Runs a script's `main` with `--fast_dev_run --loop=all` and `settings`
+  into `output_dir`: every loop's row printed, "nothing was kept" said,
+  and `output_dir` not there afterwards."""
+  from absl.testing import flagsaver
+  from training_loops import LOOPS
+  with flagsaver.flagsaver(fast_dev_run=True, loop="all", verbose=0,
+                           output_dir=str(output_dir), **settings):
+    main(["script"])
+  printed = capsys.readouterr().out
+  assert "nothing was kept" in printed
+  for loop in LOOPS:
+    assert f"\n{loop.rjust(9)} " in printed
+  assert not os.path.exists(output_dir)

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import training_loops
+from conftest import fast_dev_run_keeps_nothing
 from research import common_flags, compare, distill
 
 flags.FLAGS.mark_as_parsed()
@@ -136,12 +137,6 @@ def test_compare_traces_the_distilled_students_step(capsys):
 
 def test_fast_dev_run_trains_every_role_and_loop_and_keeps_nothing(
     tmp_path, capsys):
-  with flagsaver.flagsaver(dataset="digits", fast_dev_run=True, loop="all",
-                           teacher_units=16, student_units=12, verbose=0,
-                           output_dir=str(tmp_path / "run")):
-    distill.main(["distill"])
-  printed = capsys.readouterr().out
-  assert "nothing was kept" in printed
-  for loop in training_loops.LOOPS:
-    assert f"\n{loop.rjust(9)} " in printed
-  assert not (tmp_path / "run").exists()
+  fast_dev_run_keeps_nothing(distill.main, tmp_path / "run", capsys,
+                             dataset="digits", teacher_units=16,
+                             student_units=12)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import fast_dev_run_keeps_nothing
 from research import compare, gan, models, sample_quality
 
 flags.FLAGS.mark_as_parsed()
@@ -188,13 +189,6 @@ def test_compare_traces_the_wgan_gps_own_step(capsys, digits_judge):
 
 def test_fast_dev_run_trains_the_conv_networks_in_every_loop_and_keeps_nothing(
     tmp_path, digits_judge, capsys):
-  with flagsaver.flagsaver(dataset="digits", networks="conv",
-                           fast_dev_run=True, loop="all", score_samples=50,
-                           judge_dir=digits_judge, verbose=0,
-                           output_dir=str(tmp_path / "run")):
-    gan.main(["gan"])
-  printed = capsys.readouterr().out
-  assert "nothing was kept" in printed
-  for loop in ("eager", "function", "graph", "keras_fit"):
-    assert f"\n{loop.rjust(9)} " in printed
-  assert not (tmp_path / "run").exists()
+  fast_dev_run_keeps_nothing(gan.main, tmp_path / "run", capsys,
+                             dataset="digits", networks="conv",
+                             score_samples=50, judge_dir=digits_judge)
