@@ -336,6 +336,52 @@ def gan_networks(image_size=784, latent_dim=64, generator_units=(256,),
           keras.Sequential(generator, name="generator"))
 
 
+def conv_gan_networks(image_shape=(28, 28), latent_dim=64, filters=64,
+                      batch_norm=False, dropout_rate=0.0, seed=None):
+  """`(discriminator, generator)` as `gan_networks`' (flat images, the
+  same interface), but small convolutional networks in the manner of
+  Radford et al.'s DCGAN, at a quarter of the image side and up: the
+  generator `latent_dim -> [side/4, side/4, 2 filters] -> [side/2, side/2,
+  filters] -> image` by 5x5 transposed convolutions of stride 2, leaky
+  ReLUs (optionally BatchNormalization before them), a sigmoid output; the
+  discriminator the mirror image, 5x5 convolutions of stride 2, leaky
+  ReLUs (optionally dropout after them), no normalization (WGAN-GP's
+  penalty is on the critic's gradient per image, which batch statistics
+  would couple)."""
+  height, width = image_shape
+  if height % 4 or width % 4:
+    raise ValueError(f"image_shape={image_shape}: the sides must be "
+                     "multiples of 4 (two stride-2 layers).")
+  pixels = height * width
+
+  def normalized():
+    return [layers.BatchNormalization(momentum=0.8)] if batch_norm else []
+
+  def dropped():
+    return [layers.Dropout(dropout_rate, seed=seed)] if dropout_rate else []
+
+  generator = keras.Sequential([
+      keras.Input((latent_dim,)),
+      layers.Dense(height // 4 * width // 4 * 2 * filters), *normalized(),
+      keras.layers.LeakyReLU(0.2),
+      keras.layers.Reshape((height // 4, width // 4, 2 * filters)),
+      keras.layers.Conv2DTranspose(filters, 5, 2, "same"), *normalized(),
+      keras.layers.LeakyReLU(0.2),
+      keras.layers.Conv2DTranspose(1, 5, 2, "same", activation="sigmoid",
+                                   dtype=OUTPUT_DTYPE),
+      keras.layers.Reshape((pixels,), dtype=OUTPUT_DTYPE)], name="generator")
+  discriminator = keras.Sequential([
+      keras.Input((pixels,)),
+      keras.layers.Reshape((height, width, 1)),
+      keras.layers.Conv2D(filters, 5, 2, "same"),
+      keras.layers.LeakyReLU(0.2), *dropped(),
+      keras.layers.Conv2D(2 * filters, 5, 2, "same"),
+      keras.layers.LeakyReLU(0.2), *dropped(),
+      keras.layers.Flatten(),
+      layers.Dense(1, dtype=OUTPUT_DTYPE)], name="discriminator")
+  return discriminator, generator
+
+
 def mlp_gan(image_size=784, latent_dim=64, units=256,
             learning_rate=2e-4):
   """A `GAN` of two one-hidden-layer MLPs (`gan_networks`), each with Adam,
