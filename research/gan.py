@@ -56,8 +56,9 @@ flags.DEFINE_float("beta_2", None, "Adam's second-moment decay for both "
                    "networks; default: the objective's.")
 flags.DEFINE_string("judge_dir", os.path.join("runs", "judge"),
                     "A research.classify run directory holding the judging "
-                    "classifier (export/graph.keras); trained there with "
-                    "classify's recipe for --dataset when absent.")
+                    "classifier (export/graph.keras, else another loop's "
+                    "export); trained there with classify's recipe for "
+                    "--dataset when absent.")
 flags.DEFINE_integer("score_samples", 10000, "Samples the scores are "
                      "computed on, at each epoch's end and at the end.",
                      lower_bound=2)
@@ -88,7 +89,8 @@ DEFAULTS = common_flags.Defaults(
                     "discriminator_dropout": 0.0}}})
 
 
-def build(config):
+def check(config):
+  """One line for the flags the run cannot take, before anything runs."""
   if not 0 <= config["discriminator_dropout"] < 1:
     raise common_flags.SettingsError(
         f"--discriminator_dropout={config['discriminator_dropout']} is "
@@ -97,6 +99,10 @@ def build(config):
     raise datasets.DataError(
         f"--dataset={config['dataset']} is not an image dataset; use one of "
         f"{', '.join(IMAGE_DATASETS)}.")
+
+
+def build(config):
+  check(config)
   raw = datasets.load(config["dataset"], config["data_dir"], config["seed"])
   judge = sample_quality.Judge(load_judge(config), raw.x_test)
   scale = max(float(raw.x_train.max()), 1.0)
@@ -164,11 +170,20 @@ def build(config):
              "judge": judge_summary(config, judge, raw.y_test)})
 
 
+def judge_path(judge_dir):
+  """The classifier a research.classify run in `judge_dir` exported: its
+  graph loop's, else the first loop's there; the graph loop's path when
+  there is none."""
+  paths = [os.path.join(judge_dir, "export", f"{loop}.keras")
+           for loop in ("graph", *training_loops.LOOPS)]
+  return next((path for path in paths if os.path.isfile(path)), paths[0])
+
+
 def load_judge(config):
-  """The classifier in `--judge_dir`, trained there first with
-  research.classify's recipe when absent; says which."""
+  """The classifier in `--judge_dir` (`judge_path`), trained there first
+  with research.classify's recipe, graph loop, when absent; says which."""
   judge_dir = config["judge_dir"]
-  path = os.path.join(judge_dir, "export", "graph.keras")
+  path = judge_path(judge_dir)
   if not os.path.isfile(path):
     print(f"judge: no classifier at {path}; training research.classify's "
           f"{config['dataset']} recipe there (graph loop).", flush=True)
@@ -201,7 +216,7 @@ def judge_summary(config, judge, labels):
   own Inception Score and digit shares: the ceiling a generator's score is
   read against."""
   predicted = np.argmax(judge.reference_probabilities, axis=1)
-  return {"path": os.path.join(config["judge_dir"], "export", "graph.keras"),
+  return {"path": judge_path(config["judge_dir"]),
           "test_error": float(np.mean(predicted != labels)),
           "real_test": judge.ceiling()}
 

@@ -1,5 +1,5 @@
-"""The course's experiments and three generative and distillation
-papers on the real data, as one report with pictures.
+"""The course's experiments, three generative models and distillation on
+the real data, as one report with pictures.
 
 Runs classify (three normalizations), deep_net (five architectures),
 callbacks, regress, wide & deep (three variants), hparam_search, the VAE,
@@ -45,7 +45,8 @@ QUICK_BY_SCRIPT = {
                     "cv_folds": 2},
     vae: {"nll_samples": 100},
     gan: {"score_samples": 1000},
-    distill: {"teacher_epochs": QUICK["epochs"]}}
+    # The teacher for --epochs, as the students.
+    distill: {"teacher_epochs": None}}
 
 # LeCun, Bottou, Bengio and Haffner (1998), test error (%) on MNIST.
 CITATION = ("LeCun, Bottou, Bengio and Haffner (1998), \"Gradient-based "
@@ -164,9 +165,10 @@ def main(argv):
                "data_dir": os.path.join(data_dir, run.data),
                "output_dir": os.path.join(runs_dir, run.name)})
                for run in RUNS]
+    # Every script's own flag checks, before the first run too.
     for run, config in zip(RUNS, configs):
-      if run.script is distill:
-        distill.check(config)
+      if hasattr(run.script, "check"):
+        run.script.check(config)
     # Every dataset read before the first run: a bad file ends the report
     # at once, not after hours of the experiments before it.
     for dataset, directory in sorted({(config["dataset"], config["data_dir"])
@@ -470,14 +472,17 @@ def _gan_section(results):
             f"{_percent(100 * max(real['digit_shares']))}"],
            ["goal", f">= {GAN_GOALS['inception_score']:.1f}", "-",
             f"each digit in {_percent(100 * low)} - {_percent(100 * high)}"]]
+  flags_ = results[runs[0]]["flags"]
+  judge_loop = os.path.splitext(os.path.basename(judge["path"]))[0]
   parts = [
       "## 6. GANs on MNIST (Goodfellow et al., 2014; Gulrajani et al., "
       "2017)",
-      "The non-saturating GAN (`gan`) and WGAN-GP (`wgan_gp`), two MLPs "
-      "and two Adams each, judged by the report's own MNIST classifier "
-      f"({_RECIPE_RUN}'s graph loop, test error "
+      "The non-saturating GAN (`gan`) and WGAN-GP (`wgan_gp`), each with "
+      f"{flags_['networks']} networks and two {flags_['optimizer']} "
+      "optimizers, judged by the report's own MNIST classifier "
+      f"({_RECIPE_RUN}'s {judge_loop} loop, test error "
       f"{_percent(100 * judge['test_error'])}): the Inception Score of "
-      f"{results[runs[0]]['flags']['score_samples']} samples under it, "
+      f"{flags_['score_samples']} samples under it, "
       "the Fréchet distance between the samples' and the test images' "
       "activations in its last hidden layer, and the smallest and largest "
       "share of a digit among the samples. Neither paper scores MNIST "
@@ -566,9 +571,13 @@ def _loops_figure(name, run):
   loops = run["loops"]
   for index, (loop, report) in enumerate(loops.items()):
     width = 1 + 2 * (len(loops) - 1 - index)
-    for key, values in report["history"].items():
-      if key.endswith("learning_rate") or (
-          not run.get("own_step") and key not in ("loss", "val_loss")):
+    history = report["history"]
+    # The loss; a model with its own step and no "loss" log (a GAN): its
+    # own losses.
+    keys = (("loss", "val_loss") if "loss" in history
+            else [key for key in history if "loss" in key])
+    for key, values in history.items():
+      if key not in keys:
         continue
       axes.plot(_epochs(report), values,
                 "--" if key.startswith("val_") else "-", color=f"C{index}",

@@ -88,8 +88,12 @@ def test_the_wgan_gp_critic_loss_is_the_papers(networks):
   assert loss == pytest.approx(expected, rel=1e-5)
 
 
-def test_the_conv_networks_map_flat_noise_to_flat_images_and_back():
-  discriminator, generator = models.conv_gan_networks((8, 12), 5, 4)
+@pytest.mark.parametrize("regularized", [False, True])
+def test_the_conv_networks_map_flat_noise_to_flat_images_and_back(
+    regularized):
+  discriminator, generator = models.conv_gan_networks(
+      (8, 12), 5, 4, batch_norm=regularized,
+      dropout_rate=0.3 if regularized else 0.0)
   images = np.asarray(generator(np.ones((3, 5), "float32")))
   assert images.shape == (3, 96)
   assert images.min() >= 0 and images.max() <= 1  # a sigmoid
@@ -153,6 +157,16 @@ def test_the_script_scores_every_loop_and_draws_each_epoch(
     assert os.path.isfile(tmp_path / picture)
 
 
+def test_the_judge_is_the_graph_loops_export_else_another_loops(tmp_path):
+  export = tmp_path / "export"
+  assert gan.judge_path(str(tmp_path)) == str(export / "graph.keras")
+  export.mkdir()
+  (export / "function.keras").touch()
+  assert gan.judge_path(str(tmp_path)) == str(export / "function.keras")
+  (export / "graph.keras").touch()
+  assert gan.judge_path(str(tmp_path)) == str(export / "graph.keras")
+
+
 def test_a_judge_that_does_not_load_is_one_line_before_anything_is_written(
     tmp_path):
   export = tmp_path / "judge" / "export"
@@ -187,8 +201,10 @@ def test_compare_traces_the_wgan_gps_own_step(capsys, digits_judge):
           in capsys.readouterr().out)
 
 
-def test_fast_dev_run_trains_the_conv_networks_in_every_loop_and_keeps_nothing(
+def test_fast_dev_run_trains_conv_wgan_gp_in_every_loop_and_keeps_nothing(
     tmp_path, digits_judge, capsys):
+  # The penalty's second derivative through convolutions, in every loop.
   fast_dev_run_keeps_nothing(gan.main, tmp_path / "run", capsys,
                              dataset="digits", networks="conv",
-                             score_samples=50, judge_dir=digits_judge)
+                             objective="wgan_gp", score_samples=50,
+                             judge_dir=digits_judge)

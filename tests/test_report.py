@@ -149,11 +149,17 @@ def test_tables_hold_the_runs_results(quick_report):
             f"{test['kl']:.2f} |") in text
   assert "| Burda et al. (2016), Table 1: VAE, one stochastic layer, k=1 " \
          "| 86.76 |" in text
+  # --quick's own settings for these scripts.
+  assert _results(output_dir, "vae")["flags"]["nll_samples"] == 100
+  assert _results(output_dir, "distill")["flags"]["teacher_epochs"] is None
+  teacher = _results(output_dir, "distill/teacher")["loops"]["graph"]
+  assert teacher["epochs"] == [0]  # --epochs=1, as the students
   for objective in ("gan", "wgan_gp"):
     results = _results(output_dir, objective)
-    # Judged by the report's own classifier.
-    assert results["judge"]["path"].startswith(
-        str(output_dir / "runs" / "classify_minmax"))
+    assert results["flags"]["score_samples"] == 1000
+    # Judged by the report's own classifier, which it exported.
+    judge = output_dir / "runs" / "classify_minmax" / "export" / "graph.keras"
+    assert results["judge"]["path"] == str(judge) and judge.is_file()
     for loop, run in results["loops"].items():
       test = run["test"]
       assert (f"| ours: {objective}, {loop} loop | "
@@ -189,3 +195,10 @@ def test_a_missing_file_is_one_line_before_anything_runs(tmp_path):
   message = _refusal(tmp_path / "data", tmp_path / "out")
   assert message.startswith("error: ")
   assert "cal_housing.csv" in message
+
+
+def test_a_scripts_bad_flag_is_one_line_before_anything_runs(tmp_path):
+  _write_data(tmp_path / "data")
+  with flagsaver.flagsaver(discriminator_dropout=1.5):
+    message = _refusal(tmp_path / "data", tmp_path / "out")
+  assert message.startswith("error: --discriminator_dropout=1.5 is outside")
