@@ -48,7 +48,7 @@ IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
 # and (less) on the inputs, and jittered inputs.
 TEACHER_DROPOUT, TEACHER_INPUT_DROPOUT, JITTER_PIXELS = 0.5, 0.2, 2
 
-MNIST_RECIPE = {"batch_size": 128, "epochs": 30, "teacher_epochs": 40,
+MNIST_RECIPE = {"batch_size": 128, "epochs": 30, "teacher_epochs": 80,
                 "lr_schedule": "cosine"}
 
 DEFAULTS = common_flags.Defaults(
