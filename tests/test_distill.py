@@ -115,6 +115,8 @@ def test_the_script_reports_three_error_counts_per_loop(tmp_path, capsys):
     (dict(temperature=-1.0), "--temperature=-1.0 is not positive"),
     (dict(student_loss_weight=1.5), "--student_loss_weight=1.5 is outside"),
     (dict(dataset="diabetes"), "--dataset=diabetes is not an image dataset"),
+    (dict(dataset="mnist", data_dir=os.path.dirname(__file__)),
+     "has no mnist IDX files"),
 ])
 def test_bad_settings_are_one_line_before_anything_is_written(
     tmp_path, settings, message):

@@ -182,6 +182,24 @@ def test_a_judge_that_does_not_load_is_one_line_before_anything_is_written(
   assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("settings,message", [
+    (dict(dataset="mnist", data_dir=os.path.dirname(__file__)),
+     "has no mnist IDX files"),
+    (dict(dataset="diabetes"), "--dataset=diabetes is not an image dataset"),
+    (dict(discriminator_dropout=1.0), "--discriminator_dropout=1.0 is outside"),
+])
+def test_bad_data_or_settings_are_one_line_before_anything_is_written(
+    tmp_path, settings, message):
+  with flagsaver.flagsaver(**{"dataset": "digits", **settings},
+                           judge_dir=str(tmp_path / "judge"),
+                           output_dir=str(tmp_path / "run")):
+    with pytest.raises(SystemExit) as exit_:
+      gan.main(["gan"])
+  assert message in str(exit_.value) and "\n" not in str(exit_.value)
+  assert not os.path.exists(tmp_path / "run")
+  assert not os.path.exists(tmp_path / "judge")
+
+
 def test_betas_are_refused_for_another_optimizer(tmp_path, digits_judge):
   with flagsaver.flagsaver(dataset="digits", optimizer="sgd", beta_1=0.5,
                            judge_dir=digits_judge,
