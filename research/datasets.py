@@ -271,3 +271,13 @@ def _split(x, y, classification, seed, validation_fraction, test_fraction,
   return Splits(x_train, y_train, x_val, y_val, x_test, y_test,
                 num_classes=int(y.max()) + 1 if classification else 0,
                 feature_names=feature_names)
+
+
+IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
+
+
+def check_images(dataset):
+  """One line when `dataset` is not one of `IMAGE_DATASETS`."""
+  if dataset not in IMAGE_DATASETS:
+    raise DataError(f"--dataset={dataset} is not an image dataset; use one "
+                    f"of {', '.join(IMAGE_DATASETS)}.")

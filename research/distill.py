@@ -43,7 +43,6 @@ flags.DEFINE_integer("student_units", 800, "Units of each of the "
 flags.DEFINE_integer("teacher_epochs", None, "The teacher's epochs; "
                      "default: --epochs.", lower_bound=1)
 
-IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
 # The teacher's regularization, the paper's: dropout on the hidden layers
 # and (less) on the inputs, and jittered inputs.
 TEACHER_DROPOUT, TEACHER_INPUT_DROPOUT, JITTER_PIXELS = 0.5, 0.2, 2
@@ -60,10 +59,7 @@ ROLES = ("teacher", "student", "distilled")
 
 def check(config):
   """One line for the flags the run cannot take, before anything runs."""
-  if config["dataset"] not in IMAGE_DATASETS:
-    raise datasets.DataError(
-        f"--dataset={config['dataset']} is not an image dataset; use one of "
-        f"{', '.join(IMAGE_DATASETS)}.")
+  datasets.check_images(config["dataset"])
   if not config["temperature"] > 0:
     raise common_flags.SettingsError(
         f"--temperature={config['temperature']} is not positive; accepted: "

@@ -33,9 +33,8 @@ flags.DEFINE_enum("objective", "gan", ("gan", "wgan_gp"),
 flags.DEFINE_enum("networks", "mlp", ("mlp", "conv"),
                   "mlp: MLPs of 256-512-1024 (generator) and 512-256 "
                   "(discriminator) units; conv: small DCGAN-style "
-                  "convolutional networks of 32 and 64 filters (about 3 "
-                  "times the MLPs' time per step for gan, 6 for wgan_gp, "
-                  "on 2 CPU cores).")
+                  "convolutional networks of 32 and 64 filters (slower "
+                  "on a CPU; README gives the times).")
 flags.DEFINE_integer("noise_dim", 64, "Dimensions of the generator's "
                      "Gaussian noise.", lower_bound=1)
 flags.DEFINE_integer("critic_steps", None, "Discriminator (critic) updates "
@@ -63,7 +62,6 @@ flags.DEFINE_integer("score_samples", 10000, "Samples the scores are "
                      "computed on, at each epoch's end and at the end.",
                      lower_bound=2)
 
-IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
 GENERATOR_UNITS = (256, 512, 1024)
 DISCRIMINATOR_UNITS = (512, 256)
 CONV_FILTERS = 32
@@ -95,10 +93,7 @@ def check(config):
     raise common_flags.SettingsError(
         f"--discriminator_dropout={config['discriminator_dropout']} is "
         "outside [0, 1); accepted: 0 <= rate < 1.")
-  if config["dataset"] not in IMAGE_DATASETS:
-    raise datasets.DataError(
-        f"--dataset={config['dataset']} is not an image dataset; use one of "
-        f"{', '.join(IMAGE_DATASETS)}.")
+  datasets.check_images(config["dataset"])
 
 
 def build(config):

@@ -32,7 +32,6 @@ flags.DEFINE_integer("nll_images", None, "Estimate the negative "
                      "log-likelihood on the first this many test images; "
                      "default: all.", lower_bound=1)
 
-IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
 
 # The test and validation images are binarized once, with seeds of their
 # own: every run and seed is measured on the same binary images.
@@ -72,10 +71,7 @@ def binarized_splits(splits):
 
 
 def build(config):
-  if config["dataset"] not in IMAGE_DATASETS:
-    raise datasets.DataError(
-        f"--dataset={config['dataset']} is not an image dataset; use one of "
-        f"{', '.join(IMAGE_DATASETS)}.")
+  datasets.check_images(config["dataset"])
   splits = binarized_splits(datasets.load(
       config["dataset"], config["data_dir"], config["seed"]))
   pixels = splits.x_train.shape[1]
