@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/python -m research.compare
+	$(VENV)/bin/python -m research compare
 
 # Two processes, a test module each at a time (the modules share one
 # TensorFlow session and its fixtures): most tests are single-core Python

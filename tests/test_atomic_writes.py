@@ -11,7 +11,7 @@ import tensorflow as tf
 import training_loops
 from conftest import REPO
 from loop_models import classifier
-from research import experiment
+from research.framework import experiment
 
 
 class _Unserializable:

@@ -1,4 +1,4 @@
-"""research.benchmark runs end to end and reports what it claims; no timing
+"""research.tools.benchmark runs end to end and reports what it claims; no timing
 assertions (speed belongs in the benchmark's own figures)."""
 
 import importlib.util
@@ -9,7 +9,7 @@ from absl.testing import flagsaver
 import numpy as np
 import pytest
 
-from research import benchmark
+from research.tools import benchmark
 
 flags.FLAGS.mark_as_parsed()
 
@@ -143,7 +143,7 @@ def test_floors_and_peers_are_rows_measured_in_the_same_rounds(monkeypatch):
 
 
 def test_peers_script_runs_without_the_project_and_reports_what_imports():
-  """research/peers.py, run by an interpreter without PyTorch or JAX (this
+  """research/tools/peers.py, run by an interpreter without PyTorch or JAX (this
   one has neither), names what is missing; the benchmark then shows no peer
   rows. A missing interpreter is one line."""
   import subprocess

@@ -16,7 +16,8 @@ import layers
 import training_loops
 from loop_models import (SignalAt, Switch, assert_same_run,
                          classification_data, run_loop, sgd)
-from research.callbacks import stopping_callbacks, stopping_report
+from research.experiments.early_stopping import (stopping_callbacks,
+                                                 stopping_report)
 from training_loops import callback_state
 
 # The premise of the resume tests, checked on each uninterrupted run:
@@ -46,7 +47,7 @@ def _model_fn(armed):
 
 
 def _run(loop, data, output_dir, armed=None):
-  """research.callbacks' run: our callbacks in the custom loops, Keras' in
+  """research.experiments.early_stopping' run: our callbacks in the custom loops, Keras' in
   `model.fit`. Returns the `History` and the callbacks."""
   callbacks = stopping_callbacks(loop, output_dir, patience=2)
   history = run_loop(loop, epochs=10, data=data[0], validation_data=data[1],

@@ -1,4 +1,4 @@
-"""research/datasets.py against hand-made files and the shared real data."""
+"""research/framework/datasets.py against hand-made files and the shared real data."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, needs_shared, write_idx
-from research import datasets
+from research.framework import datasets
 
 MNIST_DIR = os.path.join(SHARED, "mnist-t10k")
 CALIFORNIA_DIR = os.path.join(SHARED, "california-housing")

@@ -1,4 +1,4 @@
-"""research.distill: Keras' Distiller in our loops against plain student
+"""research.experiments.distill: Keras' Distiller in our loops against plain student
 training, and the script end to end on tiny settings."""
 
 import functools
@@ -14,7 +14,9 @@ import tensorflow as tf
 
 import training_loops
 from conftest import fast_dev_run_keeps_nothing
-from research import common_flags, compare, distill
+from research.experiments import distill
+from research.framework import common_flags
+from research.tools import compare
 
 flags.FLAGS.mark_as_parsed()
 

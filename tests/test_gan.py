@@ -1,4 +1,4 @@
-"""research.gan: the judge's scores against closed forms, the WGAN-GP step
+"""research.experiments.gan: the judge's scores against closed forms, the WGAN-GP step
 against a hand-written one, and the script end to end on tiny settings."""
 
 import json
@@ -12,7 +12,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import fast_dev_run_keeps_nothing
-from research import compare, gan, models, sample_quality
+from research.experiments import gan
+from research.framework import models, sample_quality
+from research.tools import compare
 
 flags.FLAGS.mark_as_parsed()
 
@@ -109,7 +111,7 @@ def _results(output_dir):
 
 @pytest.fixture(scope="module")
 def digits_judge(tmp_path_factory):
-  """A judge trained once by research.classify's digits recipe."""
+  """A judge trained once by research.experiments.classify's digits recipe."""
   return str(tmp_path_factory.mktemp("judge"))
 
 

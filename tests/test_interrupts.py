@@ -23,7 +23,7 @@ def _script(output_dir, epochs=4):
   # Batches of 8: an eager epoch of about a second, long enough for a
   # signal sent a moment after an epoch's checkpoint to land inside the
   # next one.
-  return [sys.executable, "-m", "research.classify", "--loop=eager",
+  return [sys.executable, "-m", "research", "classify", "--loop=eager",
           "--batch_size=8", f"--epochs={epochs}", "--verbose=0",
           f"--output_dir={output_dir}"]
 

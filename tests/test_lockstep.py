@@ -1,5 +1,5 @@
 """`training_loops.compare`: loops trained in lockstep, and the first step
-and variable where one parts from the others; `research.compare --trace`."""
+and variable where one parts from the others; `research.tools.compare --trace`."""
 
 from absl import flags
 from absl.testing import flagsaver
@@ -11,7 +11,7 @@ import layers
 import losses
 import training_loops
 from training_loops import drivers, keras_fit
-from research import compare as compare_script
+from research.tools import compare as compare_script
 from loop_models import accuracy, classification_data, sgd
 
 flags.FLAGS.mark_as_parsed()

@@ -13,7 +13,7 @@ import layers
 import losses
 import training_loops
 from training_loops import drivers, graph_loops, xla_chunks
-from training_loops.trainer import Trainer
+from training_loops.supervised_step import Trainer
 from loop_models import (CUSTOM_LOOPS, accuracy, assert_same_run,
                          classification_data, classifier, run_loop, sgd,
                          two_regressions)

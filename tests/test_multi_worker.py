@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 from loop_models import wait_for_epochs
 import multi_worker_job
-from research import classify
+from research.experiments import classify
 
 flags.FLAGS.mark_as_parsed()
 
@@ -132,7 +132,7 @@ def test_a_dead_worker_stops_its_peer_fast_and_a_restart_resumes(tmp_path):
 
 # -- a research script's workers and their output directories -------------
 
-_CLASSIFY = ["-m", "research.classify", "--strategy=multi_worker",
+_CLASSIFY = ["-m", "research", "classify", "--strategy=multi_worker",
              "--loop=graph", "--epochs=2", "--verbose=0"]
 
 

@@ -1,4 +1,4 @@
-"""research.optimizers: the schedules against closed forms, each optimizer's
+"""research.framework.optimizers: the schedules against closed forms, each optimizer's
 steps through `training_loops.train` against NumPy updates from the same
 weights and tape gradients, the global clip norm, moving averages,
 gradient accumulation, loss scaling, `Warmup`'s serialization, and every
@@ -16,7 +16,7 @@ import losses
 from conftest import saved_and_loaded
 from layer_harness import global_dtype_policy
 from loop_models import classification_data, classifier, run_loop
-from research import common_flags, optimizers
+from research.framework import common_flags, optimizers
 
 LR, DECAY = 0.1, 0.05
 SCHEDULES = keras.optimizers.schedules

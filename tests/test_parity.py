@@ -1,10 +1,10 @@
-"""research.parity: every Keras feature of its table in every loop agrees
+"""research.tools.parity: every Keras feature of its table in every loop agrees
 with model.fit, and the table says so only when it is true."""
 
 import keras
 
 import training_loops
-from research import parity
+from research.tools import parity
 
 
 def test_every_feature_agrees_with_model_fit_in_every_loop():

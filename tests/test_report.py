@@ -1,4 +1,4 @@
-"""research.report end to end with --quick on a small data directory the
+"""research.tools.report end to end with --quick on a small data directory the
 test writes in ../shared/data's layout (CI has no real data)."""
 
 import json
@@ -12,7 +12,8 @@ import pytest
 
 import training_loops
 from conftest import write_idx
-from research import datasets, report
+from research.framework import datasets
+from research.tools import report
 
 flags.FLAGS.mark_as_parsed()
 
@@ -95,7 +96,7 @@ def test_quick_report_names_every_experiment_and_loop(quick_report):
   output_dir, text = quick_report
   for name in ("classify_none", "classify_zscore", "classify_minmax",
                "deep_net_relu", "deep_net_selu", "deep_net_batchnorm",
-               "deep_net_dropout", "deep_net_alpha_dropout", "callbacks",
+               "deep_net_dropout", "deep_net_alpha_dropout", "early_stopping",
                "regress", "wide_deep_functional", "wide_deep_subclassed",
                "wide_deep_multi_input", "hparam_search", "vae", "gan",
                "wgan_gp", "distill"):
@@ -135,7 +136,7 @@ def test_tables_hold_the_runs_results(quick_report):
   search = _results(output_dir, "hparam_search")["random_search"]
   assert search["best_params"]
   assert f"{search['test_mse']:.4f}" in text
-  for loop, run in _results(output_dir, "callbacks")["loops"].items():
+  for loop, run in _results(output_dir, "early_stopping")["loops"].items():
     assert f"| {loop} | {run['epochs_run']} | " in text
   relu = _results(output_dir, "deep_net_relu")
   first = np.mean(next(iter(relu["gradient_norms"].values())))

@@ -14,9 +14,10 @@ import tensorflow as tf
 
 import training_loops
 from conftest import REPO, SHARED, needs_shared
-from research import (callbacks, classify, compare, datasets, deep_net,
-                      evaluate, hparam_search, models, regress,
-                      wide_deep)
+from research.experiments import (classify, deep_net, early_stopping,
+                                  hparam_search, regress, wide_deep)
+from research.framework import datasets, models
+from research.tools import compare, evaluate
 
 flags.FLAGS.mark_as_parsed()
 
@@ -92,7 +93,7 @@ def test_callbacks_report_where_each_loop_stopped(tmp_path):
   # A learning rate of 0.3 overshoots: val_loss rises after a few epochs.
   with flagsaver.flagsaver(epochs=8, patience=0, learning_rate=0.3,
                            verbose=0, output_dir=str(tmp_path)):
-    callbacks.main(["callbacks"])
+    early_stopping.main(["early_stopping"])
   results = _results(tmp_path)
   stops = set()
   for loop, report in results["loops"].items():
@@ -207,7 +208,7 @@ def bad_runs(tmp_path_factory):
     processes = {
         case: subprocess.Popen(
             [*(_FULL_DISK if case == "full disk" else []), sys.executable,
-             "-m", "research.classify", *arguments,
+             "-m", "research", "classify", *arguments,
              f"--output_dir={output_dirs[case]}"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)
@@ -262,7 +263,7 @@ def test_evaluate_refuses_python_code_unless_trusted(tmp_path, capsys):
 def test_a_script_trains_on_two_cpu_replicas(tmp_path):
   # A fresh process: the CPU can be split only before TensorFlow's first op.
   subprocess.run(
-      [sys.executable, "-m", "research.classify", "--strategy=mirrored",
+      [sys.executable, "-m", "research", "classify", "--strategy=mirrored",
        "--cpu_replicas=2", "--loop=graph", "--epochs=1", "--verbose=0",
        f"--output_dir={tmp_path}"], cwd=REPO, check=True, timeout=300,
       capture_output=True)

@@ -9,8 +9,10 @@ from absl.testing import flagsaver
 import pytest
 
 import training_loops
-from research import (callbacks, classify, common_flags, compare, deep_net,
-                      hparam_search, regress, wide_deep)
+from research.experiments import (classify, deep_net, early_stopping,
+                                  hparam_search, regress, wide_deep)
+from research.framework import common_flags
+from research.tools import compare
 
 flags.FLAGS.mark_as_parsed()
 
@@ -57,7 +59,7 @@ _SHARED = {"experiment", "dataset", "loop", "batch_size", "learning_rate",
 
 
 @pytest.mark.parametrize("script,own", [
-    (classify, {"normalize", "dropout_rate"}), (callbacks, {"patience"}),
+    (classify, {"normalize", "dropout_rate"}), (early_stopping, {"patience"}),
     (regress, set()),
     (deep_net, {"activation", "batchnorm", "dropout", "gradient_batches"}),
     (wide_deep, {"wide_deep_variant", "aux_output"}),
@@ -83,11 +85,11 @@ def test_run_config_records_the_scripts_own_flags(tmp_path, no_training,
     (wide_deep, "wide_deep_variant", "functional", "subclassed", {}),
     (wide_deep, "aux_output", False, True,
      {"wide_deep_variant": "multi_input"}),
-    (callbacks, "patience", 5, 3, {}),
+    (early_stopping, "patience", 5, 3, {}),
     (hparam_search, "sweep_points", 2, 3, {}),
     (hparam_search, "search_iterations", 2, 3, {}),
     (hparam_search, "cv_folds", 2, 3, {}),
-    (compare, "experiment", "classify", "callbacks", {})])
+    (compare, "experiment", "classify", "early_stopping", {})])
 def test_rerun_refuses_a_change_of_any_script_flag(tmp_path, no_training,
                                                    script, flag, first,
                                                    rerun, fixed):
@@ -127,7 +129,7 @@ def test_mnist_gets_classifys_recipe_for_the_flags_not_given():
     config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
   assert (config["normalize"], config["epochs"], config["optimizer"],
           config["dropout_rate"]) == ("zscore", 3, "adamw", 0.2)
-  # As research.report asks for it: the same, without the command line.
+  # As research.tools.report asks for it: the same, without the command line.
   assert common_flags.resolved(
       classify.DEFAULTS, classify.__name__,
       given={"dataset": "fashion_mnist", "normalize": "zscore",

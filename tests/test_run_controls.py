@@ -21,8 +21,9 @@ import tensorflow as tf
 import training_loops
 from conftest import REPO
 from layer_harness import global_dtype_policy
-from research import (classify, common_flags, compare, datasets, experiment,
-                      hparam_search, regress)
+from research.experiments import classify, hparam_search, regress
+from research.framework import common_flags, datasets, experiment
+from research.tools import compare
 
 flags.FLAGS.mark_as_parsed()
 
@@ -204,7 +205,7 @@ def test_deterministic_runs_are_bitwise_identical(tmp_path):
   ops may be deterministic anyway; what can fail here is the flag reaching
   TensorFlow and results.json."""
   processes = {name: subprocess.Popen(
-      [sys.executable, "-m", "research.classify", "--loop=graph",
+      [sys.executable, "-m", "research", "classify", "--loop=graph",
        "--epochs=2", "--verbose=0", "--deterministic",
        f"--output_dir={tmp_path / name}"], cwd=REPO,
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

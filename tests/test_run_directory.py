@@ -24,7 +24,7 @@ import pytest
 import training_loops
 from conftest import REPO
 from loop_models import assert_same_run, run_loop
-from research import classify
+from research.experiments import classify
 
 flags.FLAGS.mark_as_parsed()
 

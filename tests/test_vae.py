@@ -1,4 +1,4 @@
-"""research.vae: the bounds against NumPy and closed forms, and the script
+"""research.experiments.vae: the bounds against NumPy and closed forms, and the script
 end to end on tiny settings."""
 
 import json
@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import SHARED, fast_dev_run_keeps_nothing, needs_shared
-from research import compare, likelihood, models, vae
+from research.experiments import vae
+from research.framework import likelihood, models
+from research.tools import compare
 
 flags.FLAGS.mark_as_parsed()
 

@@ -24,7 +24,7 @@ from training_loops.run_lock import RunLock, RunLockedError
 from training_loops.strategies import (STRATEGIES, WorkerLostError,
                                        make_strategy)
 from training_loops.step import TrainingStep
-from training_loops.trainer import (NonFiniteLossError, Trainer,
+from training_loops.supervised_step import (NonFiniteLossError, Trainer,
                                     TrainingDataError)
 from training_loops.training import (LOOPS, SupervisedOptions, build_driver,
                                      evaluate, train)

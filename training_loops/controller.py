@@ -27,7 +27,8 @@ from training_loops.interrupts import StopRequests, TrainingInterrupted
 from training_loops.strategies import (PEER_FAILURES, WorkerLostError,
                                        is_multi_worker)
 from training_loops.step import first_non_finite
-from training_loops.trainer import NonFiniteLossError, TrainingDataError
+from training_loops.supervised_step import (NonFiniteLossError,
+                                            TrainingDataError)
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from training_loops import drivers
 from training_loops.controller import known_length
 from training_loops.keras_step import KerasStep
 from training_loops.step import first_non_finite
-from training_loops.trainer import NonFiniteLossError, Trainer
+from training_loops.supervised_step import NonFiniteLossError, Trainer
 
 
 @drivers.register("keras_fit")

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from training_loops.step import TrainingStep
-from training_loops.trainer import first_line, shapes
+from training_loops.supervised_step import first_line, shapes
 
 # The methods whose override makes a model's training its own.
 STEP_METHODS = ("train_step", "test_step", "compute_loss")

@@ -26,7 +26,8 @@ import tensorflow as tf
 from training_loops import drivers, training
 from training_loops.controller import Controller, RunOptions
 from training_loops.step import losses_of
-from training_loops.trainer import NonFiniteLossError, TrainingDataError
+from training_loops.supervised_step import (NonFiniteLossError,
+                                            TrainingDataError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from training_loops.controller import (Controller, RunOptions, as_floats,
                                        known_length)
 from training_loops.keras_step import KerasStep, overrides_step
 from training_loops.step import TrainingStep
-from training_loops.trainer import Trainer, first_line, shapes
+from training_loops.supervised_step import Trainer, first_line, shapes
 
 # The loops that ship, in the registry's order; `drivers.register` adds more.
 LOOPS = tuple(drivers.DRIVERS)

@@ -1,6 +1,6 @@
 """The course's MLP classifier, with and without input normalization.
 
-    python -m research.classify --dataset=mnist \
+    python -m research classify --dataset=mnist \
         --data_dir=../shared/data/mnist-t10k --normalize=zscore --loop=all
 """
 
@@ -8,7 +8,7 @@ from absl import app, flags
 import keras
 
 import losses
-from research import common_flags, datasets, experiment, models
+from research.framework import common_flags, datasets, experiment, models
 
 flags.DEFINE_enum("normalize", "zscore", models.NORMALIZATIONS,
                   "Input scaling fitted on the training split: none, "

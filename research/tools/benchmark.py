@@ -1,7 +1,7 @@
 """Throughput of every loop against model.fit and this machine's matmul
 roofline.
 
-    python -m research.benchmark --model=mlp --batch_sizes=32,256 \
+    python -m research benchmark --model=mlp --batch_sizes=32,256 \
         --output=benchmark.json
 
 In one process, so ratios are fair. This VM's CPU speed drifts by tens of
@@ -20,10 +20,10 @@ matmul here. `--profile_dir` adds a profiler trace of each variant
 
 For the MLP, every round also measures the two other references of each
 loop, in the same alternating order: TensorFlow's raw-op floor of its kind
-(`research.floor`, rows `tf_floor`), and with `--peers_python`, PyTorch and
-JAX doing the same kind of work (`research.peers`, rows `peer`):
+(`research.tools.floor`, rows `tf_floor`), and with `--peers_python`, PyTorch and
+JAX doing the same kind of work (`research.tools.peers`, rows `peer`):
 
-    python -m research.benchmark --batch_sizes=32,256 \
+    python -m research benchmark --batch_sizes=32,256 \
         --peers_python=$HOME/peers/bin/python
 """
 
@@ -42,7 +42,8 @@ import tensorflow as tf
 
 import losses
 import training_loops
-from research import experiment, floor, models
+from research.framework import experiment, models
+from research.tools import floor
 
 # (loop, variant, train() keyword arguments)
 VARIANTS = (
@@ -81,12 +82,12 @@ flags.DEFINE_string("profile_dir", None, "Also write a TensorFlow profiler "
 flags.DEFINE_integer("benchmark_seed", 0, "Seed for data and weights.")
 flags.DEFINE_boolean("floors", True, "With --model=mlp, also measure "
                      "TensorFlow's raw-op floor of each loop kind "
-                     "(research.floor) in every round.")
+                     "(research.tools.floor) in every round.")
 flags.DEFINE_string("peers_python", None, "With --model=mlp, an interpreter "
-                    "with PyTorch and/or JAX: research/peers.py runs in it "
+                    "with PyTorch and/or JAX: research/tools/peers.py runs in it "
                     "every round, and each loop shows its ratio to the peer "
                     "doing its kind of work. Neither is a dependency of the "
-                    "project (research/peers.py says how to install them).")
+                    "project (research/tools/peers.py says how to install them).")
 
 FLAGS = flags.FLAGS
 
@@ -220,7 +221,7 @@ def measure(model_name, loop, options, x, y, batch_size, repeats, seed,
 
 
 # The raw-op floor and the peer doing the same kind of work as each of our
-# variants: `research.floor`'s kinds, `research.peers`' variants.
+# variants: `research.tools.floor`'s kinds, `research.tools.peers`' variants.
 REFERENCES = {
     ("eager", "default"): ("eager", "torch_eager"),
     ("function", "default"): ("function", "jax_jit_step"),
@@ -238,7 +239,7 @@ class PeersError(RuntimeError):
 
 
 def measure_peers(peers_python, batch_size, steps, repeats, seed):
-  """`{variant: epoch rates}` of `research.peers` run by `peers_python` (an
+  """`{variant: epoch rates}` of `research.tools.peers` run by `peers_python` (an
   interpreter with PyTorch and/or JAX), the frameworks that failed to import
   left out."""
   command = [peers_python, PEERS_SCRIPT, f"--batch_size={batch_size}",
@@ -251,7 +252,7 @@ def measure_peers(peers_python, batch_size, steps, repeats, seed):
           IndexError) as error:
     detail = (getattr(error, "stderr", "") or str(error)).strip()
     raise PeersError(f"--peers_python {peers_python} could not run "
-                     f"research/peers.py: "
+                     f"research/tools/peers.py: "
                      f"{detail.splitlines()[-1] if detail else error}"
                      ) from None
   return {name: rates for name, rates in results.items()
@@ -293,8 +294,8 @@ def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
   profiler trace of one epoch of each variant, from an extra run after the
   timed rounds, so the profiler's overhead is in no reported rate.
 
-  With `floors` (the MLP only), each round also measures `research.floor`'s
-  raw-op loops, and with `peers_python`, `research.peers` in that
+  With `floors` (the MLP only), each round also measures `research.tools.floor`'s
+  raw-op loops, and with `peers_python`, `research.tools.peers` in that
   interpreter; each of our variants then gets its ratio to the floor and
   the peer of its kind (`REFERENCES`), paired within rounds as the ratio
   to fit.

@@ -9,7 +9,7 @@ distillation, each into its own directory under `<output_dir>/runs/<name>`
 beside it: the figures read back from each run's results.json, each beside
 its published anchor.
 
-    python -m research.report --data_dir=../shared/data \
+    python -m research report --data_dir=../shared/data \
         --output_dir=runs/report [--quick]
 
 `--data_dir` holds `mnist/` (the IDX files) and `california-housing/`
@@ -27,9 +27,9 @@ from matplotlib import figure as matplotlib_figure, ticker
 import numpy as np
 
 import training_loops
-from research import (callbacks, classify, common_flags, datasets, deep_net,
-                      distill, experiment, gan, hparam_search, regress,
-                      reports, vae, wide_deep)
+from research.experiments import (classify, deep_net, distill, early_stopping,
+                                  gan, hparam_search, regress, vae, wide_deep)
+from research.framework import common_flags, datasets, experiment, summaries
 
 flags.DEFINE_boolean("quick", False, "A reduced report in a few minutes: "
                      "2 epochs of at most 20 batches per split, the "
@@ -100,7 +100,7 @@ RUNS = (
           ("batchnorm", "relu", True, "none"),
           ("dropout", "relu", False, "standard"),
           ("alpha_dropout", "selu", False, "alpha"))),
-    Run("callbacks", callbacks, "mnist", _MNIST),
+    Run("early_stopping", early_stopping, "mnist", _MNIST),
     Run("regress", regress, "california-housing", _CALIFORNIA),
     *(Run(f"wide_deep_{variant}", wide_deep, "california-housing",
           {**_CALIFORNIA, "wide_deep_variant": variant, "aux_output": False})
@@ -326,7 +326,7 @@ def _anchor_section(output_dir, results):
   loop = _shown_loop(recipe)
   matrix = recipe["loops"][loop]["confusion_matrix"]
   picture = "confusion_matrix.png"
-  reports.plot_confusion_matrix(
+  summaries.plot_confusion_matrix(
       matrix, os.path.join(output_dir, picture),
       f"MNIST test split: classify, {loop} loop")
   return "\n\n".join([
@@ -377,7 +377,7 @@ def _architecture(activation, batchnorm, dropout):
 
 
 def _callbacks_section(results):
-  run = results["callbacks"]
+  run = results["early_stopping"]
   rows = []
   for loop, report in run["loops"].items():
     val_loss = report["history"]["val_loss"]
@@ -388,7 +388,7 @@ def _callbacks_section(results):
                  f"{report['best_val_loss']:.4f}",
                  _percent(error_percent(report))])
   return "\n\n".join([
-      "## 3. Early stopping (callbacks, MNIST)",
+      "## 3. Early stopping (MNIST)",
       f"EarlyStopping on val_loss, patience {run['patience']}, restoring "
       "the best weights (the test error is theirs); epochs counted from "
       "1.",

@@ -5,7 +5,7 @@ Reports test accuracy and, per hidden layer, the kernel-gradient norm over
 the first batches at initialization (vanishing: norms shrink towards the
 input).
 
-    python -m research.deep_net --activation=selu --dropout=alpha
+    python -m research deep_net --activation=selu --dropout=alpha
 """
 
 from absl import app, flags
@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 import losses
-from research import classify, common_flags, datasets, experiment, models
+from research.experiments import classify
+from research.framework import common_flags, datasets, experiment, models
 
 flags.DEFINE_enum("activation", "relu", ("relu", "selu"),
                   "Hidden activation (selu uses LeCun-normal init).")

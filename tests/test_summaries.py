@@ -1,4 +1,4 @@
-"""research.reports: model summaries against Keras' own counts, confusion
+"""research.framework.summaries: model summaries against Keras' own counts, confusion
 matrices against scikit-learn, HParams sessions read back as TensorBoard
 reads them."""
 
@@ -21,7 +21,7 @@ from tensorboard.plugins.hparams import (api_pb2, backend_context,
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 import layers
-from research import models, reports
+from research.framework import models, summaries
 
 
 def _mlp(dtype=None):
@@ -89,7 +89,7 @@ def _keras_printed_counts(model):
 @pytest.mark.parametrize("name", MODELS)
 def test_model_summary_counts_as_keras_does(name):
   model = MODELS[name]()
-  summary = reports.model_summary(model)
+  summary = summaries.model_summary(model)
   json.dumps(summary)  # results.json takes it as it is
   trainable = summary["trainable_parameters"]
   non_trainable = summary["non_trainable_parameters"]
@@ -106,7 +106,7 @@ def test_model_summary_counts_as_keras_does(name):
 
 @pytest.mark.parametrize("dtype", [None, "mixed_float16"])
 def test_model_summary_of_a_known_model(dtype):
-  assert reports.model_summary(_mlp(dtype)) == {
+  assert summaries.model_summary(_mlp(dtype)) == {
       "trainable_parameters": 15 + 6 + 8, "non_trainable_parameters": 6,
       "layers": [
           {"name": "features", "type": "InputLayer",
@@ -120,10 +120,10 @@ def test_model_summary_of_a_known_model(dtype):
 
 
 def test_model_summary_shapes_of_sequential_shared_and_multi_output_layers():
-  sequential = reports.model_summary(_sequential())["layers"]
+  sequential = summaries.model_summary(_sequential())["layers"]
   assert [row["output_shape"] for row in sequential] == [
       [None, 3], [None, 3], [None, 2]]
-  shared = reports.model_summary(_shared_and_two_outputs())
+  shared = summaries.model_summary(_shared_and_two_outputs())
   assert [(row["name"], row["output_shape"], row["parameters"])
           for row in shared["layers"][1:]] == [
               ("shared", [None, 4], 20),
@@ -132,7 +132,7 @@ def test_model_summary_shapes_of_sequential_shared_and_multi_output_layers():
 
 
 def test_model_summary_of_wide_and_deep_models():
-  two_inputs = reports.model_summary(
+  two_inputs = summaries.model_summary(
       models.wide_deep_multi_input(_x(), 3, aux_output=True))
   shapes = {row["name"]: row["output_shape"] for row in two_inputs["layers"]}
   assert (shapes["wide"], shapes["deep"]) == ([None, 5], [None, 6])
@@ -141,7 +141,7 @@ def test_model_summary_of_wide_and_deep_models():
               if row["type"] == "WideDeepMerge"]
   assert merge["output_shape"] == [None, 5 + 3]
   # A subclassed model's layers run eagerly: no symbolic output to read.
-  subclassed = reports.model_summary(models.wide_deep_subclassed(_x(), 3))
+  subclassed = summaries.model_summary(models.wide_deep_subclassed(_x(), 3))
   assert {row["output_shape"] for row in subclassed["layers"]} == {None}
 
 
@@ -174,7 +174,7 @@ def test_confusion_matrix_matches_scikit_learn(label_shape):
   x, y = _classification_data()
   labels = y if label_shape == "[batch]" else y[:, None]
   data = tf.data.Dataset.from_tensor_slices((x, labels)).batch(16)  # 16+2
-  matrix = reports.confusion_matrix(model, data, 4)
+  matrix = summaries.confusion_matrix(model, data, 4)
   assert matrix == _sklearn_matrix(model, x, y)
   assert all(type(count) is int for row in matrix for count in row)
 
@@ -185,7 +185,7 @@ def test_confusion_matrix_of_a_model_built_under_a_strategy(mirrored):
     model = _classifier()
   x, y = _classification_data()
   data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-  assert reports.confusion_matrix(model, data, 4) == _sklearn_matrix(
+  assert summaries.confusion_matrix(model, data, 4) == _sklearn_matrix(
       model, x, y)
 
 
@@ -193,7 +193,7 @@ def test_confusion_matrix_of_a_model_built_under_a_strategy(mirrored):
 def test_plot_confusion_matrix_writes_a_png(tmp_path, classes):
   matrix = np.random.default_rng(0).integers(0, 50, (classes, classes))
   path = tmp_path / "confusion_matrix_graph.png"
-  reports.plot_confusion_matrix(matrix.tolist(), path, "classify: graph")
+  summaries.plot_confusion_matrix(matrix.tolist(), path, "classify: graph")
   with open(path, "rb") as stream:
     assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.listdir(tmp_path) == [path.name]  # no temporary left
@@ -202,7 +202,7 @@ def test_plot_confusion_matrix_writes_a_png(tmp_path, classes):
 def test_plot_confusion_matrix_is_skipped_without_matplotlib(tmp_path,
                                                              monkeypatch):
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
-  reports.plot_confusion_matrix([[1, 0], [0, 1]], tmp_path / "cm.png", "t")
+  summaries.plot_confusion_matrix([[1, 0], [0, 1]], tmp_path / "cm.png", "t")
   assert not os.listdir(tmp_path)
 
 
@@ -211,7 +211,7 @@ def test_log_hparams_writes_a_session_tensorboard_reads(tmp_path):
              "loop": "graph", "jit_compile": False, "export_dir": None,
              "hidden": [300, 100]}
   metrics = {"val_loss": 0.25, "test_accuracy": np.float32(0.75)}
-  reports.log_hparams(str(tmp_path / "graph"), hparams, metrics)
+  summaries.log_hparams(str(tmp_path / "graph"), hparams, metrics)
   accumulator = event_accumulator.EventAccumulator(
       str(tmp_path / "graph"), size_guidance={event_accumulator.TENSORS: 0})
   accumulator.Reload()
@@ -232,7 +232,7 @@ def test_log_hparams_writes_a_session_tensorboard_reads(tmp_path):
 
 def test_sessions_under_one_logdir_compare_in_the_hparams_plugin(tmp_path):
   for loop, val_loss in (("eager", 0.5), ("graph", 0.25)):
-    reports.log_hparams(str(tmp_path / loop),
+    summaries.log_hparams(str(tmp_path / loop),
                         {"loop": loop, "export_dir": None},
                         {"val_loss": val_loss})
   # What the HParams tab's session table asks TensorBoard's backend for.

@@ -1,7 +1,7 @@
 """The course's regression MLP: Standardize -> Dense(30, relu) -> Dense(1),
 MSE, SGD. Reports test MSE (the test loss).
 
-    python -m research.regress --dataset=california_housing \
+    python -m research regress --dataset=california_housing \
         --data_dir=../shared/data/california-housing
 """
 
@@ -9,7 +9,7 @@ from absl import app
 import keras
 
 import losses
-from research import common_flags, datasets, experiment, models
+from research.framework import common_flags, datasets, experiment, models
 
 DEFAULTS = common_flags.Defaults(dataset="diabetes", epochs=30,
                                  learning_rate=0.01)

@@ -29,7 +29,7 @@ from tensorflow.python.framework import config as tf_config
 
 import training_loops
 from training_loops import drivers
-from research import common_flags, datasets, optimizers, reports
+from research.framework import common_flags, datasets, optimizers, summaries
 
 # A loop "matches" model.fit when its final training loss is this close
 # (relative): float32 reassociation across graph rewrites, not more.
@@ -455,16 +455,16 @@ def _run_loop(experiment, loop, plan, outputs):
             "step_history": history.step_history, "test": test,
             "steps_per_second": typical_rate(history),
             "wall_seconds": sum(history.wall_seconds),
-            "model": reports.model_summary(model),
+            "model": summaries.model_summary(model),
             **experiment.loop_report(history, callbacks)}
   if experiment.splits.num_classes and experiment.loss is not None:
-    matrix = reports.confusion_matrix(model, test_data,
+    matrix = summaries.confusion_matrix(model, test_data,
                                       experiment.splits.num_classes)
     report["confusion_matrix"] = matrix
-    reports.plot_confusion_matrix(
+    summaries.plot_confusion_matrix(
         matrix, os.path.join(output_dir, f"confusion_matrix_{loop}.png"),
         f"{experiment.name}: {loop}, test split")
-  reports.log_hparams(
+  summaries.log_hparams(
       os.path.join(output_dir, "hparams", loop),
       {"experiment": experiment.name, **config, "loop": loop},
       {**{key: values[-1] for key, values in history.history.items()

@@ -1,11 +1,11 @@
 """The main job: one experiment with all four loops on the same data and
 seed, side by side with model.fit.
 
-    python -m research.compare                          # classify on digits
-    python -m research.compare --experiment=regress --dataset=california_housing \
+    python -m research compare                          # classify on digits
+    python -m research compare --experiment=regress --dataset=california_housing \
         --data_dir=../shared/data/california-housing
-    python -m research.compare --trace --loop=graph --trace_steps=20
-    python -m research.compare --experiment=distill --trace --loop=eager \
+    python -m research compare --trace --loop=graph --trace_steps=20
+    python -m research compare --experiment=distill --trace --loop=eager \
         --dataset=mnist --data_dir=../shared/data/mnist --trace_steps=100
 
 Prints per loop the final train loss, validation and test metrics, steps/s,
@@ -13,7 +13,7 @@ the speed ratio to keras_fit and whether the final loss matches keras_fit.
 With --trace, it instead trains the loops in lockstep on the same training
 batches and prints the first step and variable where one parts from the
 first (`training_loops.compare`); that writes nothing. distill's
-comparison is research.distill's own three runs; its trace follows the
+comparison is research.experiments.distill's own three runs; its trace follows the
 distilled student's step, under an untrained teacher.
 """
 
@@ -24,10 +24,11 @@ from absl import app, flags
 import keras
 
 import training_loops
-from research import (callbacks, classify, common_flags, deep_net, distill,
-                      experiment, gan, regress, vae, wide_deep)
+from research.experiments import (classify, deep_net, distill, early_stopping,
+                                  gan, regress, vae, wide_deep)
+from research.framework import common_flags, experiment
 
-EXPERIMENTS = {"classify": classify, "callbacks": callbacks,
+EXPERIMENTS = {"classify": classify, "early_stopping": early_stopping,
                "regress": regress, "deep_net": deep_net,
                "wide_deep": wide_deep, "vae": vae, "gan": gan,
                "distill": distill}

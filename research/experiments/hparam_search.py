@@ -7,7 +7,7 @@
 Every trial is logged as a TensorBoard HParams run, so trials compare in
 TensorBoard's HParams tab:
 
-    python -m research.hparam_search --dataset=california_housing \
+    python -m research hparam_search --dataset=california_housing \
         --data_dir=../shared/data/california-housing
     tensorboard --logdir runs/hparam_search/hparams
 """
@@ -26,8 +26,9 @@ import tensorflow as tf
 
 import losses
 import training_loops
-from research import (common_flags, datasets, experiment, models,
-                      optimizers, regress, reports)
+from research.experiments import regress
+from research.framework import (common_flags, datasets, experiment, models,
+                                optimizers, summaries)
 
 flags.DEFINE_integer("sweep_points", 5, "Learning rates in the sweep "
                      "(log-spaced over [1e-4, 3e-2]).", lower_bound=2)
@@ -120,7 +121,7 @@ def learning_rate_sweep(config, output_dir, strategy):
              "val_loss": report["history"]["val_loss"][-1],
              "test_loss": report["test"]["loss"]}
     rows.append(row)
-    reports.log_hparams(
+    summaries.log_hparams(
         os.path.join(output_dir, "hparams", f"sweep_{index}"),
         {"learning_rate": row["learning_rate"]}, {"val_loss": row["val_loss"]})
   return rows
@@ -144,7 +145,7 @@ def randomized_search(config, output_dir):
   for index, params in enumerate(search.cv_results_["params"]):
     cv_mse = -float(search.cv_results_["mean_test_score"][index])
     trials.append({"params": _plain(params), "cv_mse": cv_mse})
-    reports.log_hparams(
+    summaries.log_hparams(
         os.path.join(output_dir, "hparams", f"search_{index}"),
         _plain(params), {"cv_mse": cv_mse})
   test_mse = float(np.mean(np.square(

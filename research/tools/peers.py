@@ -1,4 +1,4 @@
-"""The frameworks a researcher would pick instead, on research.benchmark's
+"""The frameworks a researcher would pick instead, on research.tools.benchmark's
 workload: the MLP 784-300-100-10 (ReLU, softmax cross-entropy, SGD 0.01) on
 uniform [0, 1) inputs and random labels.
 
@@ -10,10 +10,10 @@ uniform [0, 1) inputs and random labels.
                   (beside our graph loop with XLA).
 
 Neither framework is a dependency of the project: run this file with an
-interpreter that has them, as research.benchmark's `--peers_python` does:
+interpreter that has them, as research.tools.benchmark's `--peers_python` does:
 
     python3 -m venv ~/peers && ~/peers/bin/pip install torch==2.13.0 jax
-    ~/peers/bin/python research/peers.py --batch_size=32 --steps=300
+    ~/peers/bin/python research/tools/peers.py --batch_size=32 --steps=300
 
 It imports nothing of the project. It prints one JSON object: variant ->
 steps/s of each of `--epochs` epochs after a warm-up epoch, or

@@ -1,6 +1,6 @@
 """Evaluates a saved `.keras` model on a dataset's test split.
 
-    python -m research.evaluate --model_path=runs/export/graph.keras \
+    python -m research evaluate --model_path=runs/export/graph.keras \
         --dataset=digits
 
 Models load in Keras' safe mode: a file that carries Python code (a Lambda
@@ -17,7 +17,7 @@ import numpy as np
 
 # `optimizers` registers the learning-rate schedules a saved model's
 # optimizer may hold.
-from research import common_flags, datasets, optimizers  # noqa: F401
+from research.framework import common_flags, datasets, optimizers  # noqa: F401
 
 flags.DEFINE_string("model_path", None, "A .keras file to evaluate.")
 flags.DEFINE_boolean("unsafe_deserialization", False,

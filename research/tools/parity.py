@@ -1,6 +1,6 @@
 """Keras features in every loop against `model.fit`: the parity table.
 
-    python -m research.parity
+    python -m research parity
 
 Each feature (a Keras callback, an optimizer option, a dtype policy) trains
 the same small classifier, built from this project's layers and losses, in

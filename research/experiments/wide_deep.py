@@ -3,7 +3,7 @@ model, the same as a subclass, and a two-input model (wide = features 0-4,
 deep = features 2-7) with an optional auxiliary output (loss weights
 0.9 / 0.1).
 
-    python -m research.wide_deep --dataset=california_housing \
+    python -m research wide_deep --dataset=california_housing \
         --data_dir=../shared/data/california-housing \
         --wide_deep_variant=multi_input --aux_output
 """
@@ -12,7 +12,7 @@ from absl import app, flags
 import keras
 
 import losses
-from research import common_flags, datasets, experiment, models
+from research.framework import common_flags, datasets, experiment, models
 
 flags.DEFINE_enum("wide_deep_variant", "functional",
                   ("functional", "subclassed", "multi_input"),

@@ -10,7 +10,7 @@ import dataclasses
 from absl import flags
 
 import training_loops
-from research import datasets
+from research.framework import datasets
 
 FLAGS = flags.FLAGS
 
@@ -45,7 +45,7 @@ flags.DEFINE_integer("verbose", 2, "0 silent, 1 progress bars, 2 a line "
 flags.register_validator("learning_rate", lambda v: v is None or v > 0,
                          message="--learning_rate must be positive.")
 
-# -- the optimizer (research.optimizers builds it) ---------------------------
+# -- the optimizer (research.framework.optimizers builds it) ---------------------------
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop",
               "adagrad")
 LR_SCHEDULES = ("constant", "exponential", "piecewise", "cosine")
@@ -120,7 +120,7 @@ class Defaults:
   flag is not given on the command line (any flag of the config, e.g.
   classify's tuned MNIST optimizer, schedule and dropout). `choices` maps
   another flag to a recipe per value, applied likewise after the
-  dataset's (e.g. research.gan's `{"objective": {"wgan_gp": {...}}}`).
+  dataset's (e.g. research.experiments.gan's `{"objective": {"wgan_gp": {...}}}`).
   """
   dataset: str
   loop: str = "all"
@@ -148,10 +148,10 @@ def resolved(defaults, *modules, given=None, command_line=True):
   absl's own flags (`--verbosity`, ...) are in no config.
 
   `given`: flag values taken as if given on the command line, for a script
-  that runs other scripts' experiments (`research.report`).
+  that runs other scripts' experiments (`research.tools.report`).
   `command_line` False: the flags' defaults, not this process's command
   line, with `given` on top (an experiment that runs another's recipe
-  unchanged, as research.gan trains its judge).
+  unchanged, as research.experiments.gan trains its judge).
   """
   given = dict(given or {})
   values = {flag.name: flag.value if command_line else flag.default

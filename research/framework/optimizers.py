@@ -40,7 +40,7 @@ import math
 import keras
 from keras import ops
 
-from research import common_flags
+from research.framework import common_flags
 
 _MOMENTUM_DEFAULT = 0.9
 # Adam's decay rates, flags of the experiments that set them.
@@ -200,7 +200,7 @@ def optimizer_fn(config, steps_per_epoch, epochs):
       "gradient_accumulation_steps": accumulation if accumulation > 1
                                      else None}
   if name in ("adam", "adamw"):
-    # An experiment may define Adam's decay rates (research.gan does).
+    # An experiment may define Adam's decay rates (research.experiments.gan does).
     kwargs.update({key: config[key] for key in ADAM_BETAS
                    if config.get(key) is not None})
   if name in ("momentum", "nesterov"):

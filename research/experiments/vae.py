@@ -2,7 +2,7 @@
 binarized MNIST: an MLP encoder and decoder, a Gaussian latent and a
 Bernoulli decoder, trained by the model's own step in every loop.
 
-    python -m research.vae --data_dir=../shared/data/mnist --loop=all
+    python -m research vae --data_dir=../shared/data/mnist --loop=all
 
 Reports per loop the test negative ELBO in nats per image with its
 reconstruction and KL parts, and the importance-weighted estimate of the
@@ -18,8 +18,8 @@ from absl import app, flags
 import numpy as np
 import tensorflow as tf
 
-from research import (common_flags, datasets, experiment, likelihood, models,
-                      pictures)
+from research.framework import (common_flags, datasets, experiment, likelihood,
+                                models, pictures)
 
 flags.DEFINE_integer("latent_dim", 20, "Dimensions of the Gaussian latent.",
                      lower_bound=1)

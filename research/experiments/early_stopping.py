@@ -1,8 +1,8 @@
 """The classifier with TensorBoard logs, best-model checkpoints and early
 stopping: our callbacks in the custom loops, Keras' own in model.fit.
 
-    python -m research.callbacks --epochs=100 --patience=5
-    tensorboard --logdir runs/callbacks/logs
+    python -m research early_stopping --epochs=100 --patience=5
+    tensorboard --logdir runs/early_stopping/logs
 """
 
 import functools
@@ -13,7 +13,8 @@ import keras
 
 import losses
 import training_loops
-from research import classify, common_flags, datasets, experiment, models
+from research.experiments import classify
+from research.framework import common_flags, datasets, experiment, models
 
 flags.DEFINE_integer("patience", 5, "EarlyStopping patience (epochs).",
                      lower_bound=0)
@@ -45,7 +46,7 @@ def stopping_report(history, callbacks):
 def build(config):
   splits = datasets.load_for("classification", config)
   return experiment.Experiment(
-      name="callbacks", splits=splits,
+      name="early_stopping", splits=splits,
       model_fn=lambda: models.mlp_classifier(splits.x_train,
                                              splits.num_classes),
       loss=losses.SparseCategoricalCrossentropy(),

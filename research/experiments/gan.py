@@ -4,9 +4,9 @@ non-saturating generator loss (--objective=gan), and Gulrajani et al.
 MNIST: two networks (MLPs, or small convolutional ones), two optimizers,
 the model's own step in every loop.
 
-    python -m research.gan --data_dir=../shared/data/mnist --objective=gan
+    python -m research gan --data_dir=../shared/data/mnist --objective=gan
 
-Judged by the toolkit's own MNIST classifier (research.classify's recipe):
+Judged by the toolkit's own MNIST classifier (research.experiments.classify's recipe):
 loaded from --judge_dir when it holds one, else trained there first. Per
 loop: the classifier Inception Score and the Fréchet distance in its last
 hidden layer against the test set, on --score_samples samples, and the
@@ -23,8 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 import training_loops
-from research import (classify, common_flags, datasets, experiment, models,
-                      pictures, sample_quality)
+from research.experiments import classify
+from research.framework import (common_flags, datasets, experiment, models,
+                                pictures, sample_quality)
 
 flags.DEFINE_enum("objective", "gan", ("gan", "wgan_gp"),
                   "gan: Goodfellow et al.'s, non-saturating; wgan_gp: "
@@ -54,7 +55,7 @@ flags.DEFINE_float("beta_1", None, "Adam's first-moment decay for both "
 flags.DEFINE_float("beta_2", None, "Adam's second-moment decay for both "
                    "networks; default: the objective's.")
 flags.DEFINE_string("judge_dir", os.path.join("runs", "judge"),
-                    "A research.classify run directory holding the judging "
+                    "A research.experiments.classify run directory holding the judging "
                     "classifier (export/graph.keras, else another loop's "
                     "export); trained there with classify's recipe for "
                     "--dataset when absent.")
@@ -166,7 +167,7 @@ def build(config):
 
 
 def judge_path(judge_dir):
-  """The classifier a research.classify run in `judge_dir` exported: its
+  """The classifier a research.experiments.classify run in `judge_dir` exported: its
   graph loop's, else the first loop's there; the graph loop's path when
   there is none."""
   paths = [os.path.join(judge_dir, "export", f"{loop}.keras")
@@ -176,11 +177,11 @@ def judge_path(judge_dir):
 
 def load_judge(config):
   """The classifier in `--judge_dir` (`judge_path`), trained there first
-  with research.classify's recipe, graph loop, when absent; says which."""
+  with research.experiments.classify's recipe, graph loop, when absent; says which."""
   judge_dir = config["judge_dir"]
   path = judge_path(judge_dir)
   if not os.path.isfile(path):
-    print(f"judge: no classifier at {path}; training research.classify's "
+    print(f"judge: no classifier at {path}; training research.experiments.classify's "
           f"{config['dataset']} recipe there (graph loop).", flush=True)
     judge_config = common_flags.resolved(
         classify.DEFAULTS, classify.__name__, command_line=False,

@@ -4,7 +4,7 @@ Network, section 3, on MNIST: a teacher of two hidden layers of 1200
 layers of 800 trained alone, and the same student trained on the teacher's
 soft targets at temperature 20 beside the labels.
 
-    python -m research.distill --data_dir=../shared/data/mnist --loop=all
+    python -m research distill --data_dir=../shared/data/mnist --loop=all
 
 The teacher is trained once, by the graph loop, into <output_dir>/teacher;
 the student alone and the distilled student are trained by every loop
@@ -28,7 +28,7 @@ import numpy as np
 
 import losses
 import training_loops
-from research import common_flags, datasets, experiment, models
+from research.framework import common_flags, datasets, experiment, models
 
 flags.DEFINE_float("temperature", 20.0, "The softmax temperature of the "
                    "soft targets, > 0.")
@@ -119,7 +119,7 @@ def build(config, splits=None, role="distilled", teacher_path=None):
   when None): the teacher or the student alone (the supervised step), or
   the student distilled (Keras' `Distiller`) from the teacher saved at
   `teacher_path`, or from an untrained one when None: the same step, which
-  is what `research.compare --trace` follows through the loops."""
+  is what `research.tools.compare --trace` follows through the loops."""
   check(config)
   if splits is None:
     splits = image_splits(config)
