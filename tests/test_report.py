@@ -4,16 +4,18 @@ test writes in ../shared/data's layout (CI has no real data)."""
 import json
 import os
 import re
+import warnings
 
 from absl import flags
 from absl.testing import flagsaver
 import numpy as np
 import pytest
+from sklearn import exceptions, neural_network
 
 import training_loops
 from conftest import write_idx
 from research.framework import datasets
-from research.tools import report
+from research.tools import report, sklearn_reference
 
 flags.FLAGS.mark_as_parsed()
 
@@ -88,8 +90,87 @@ def test_quick_report_cites_its_anchors(quick_report):
               "| LeCun et al. (1998): 2-layer NN, 300 hidden units | "
               "4.70% |"):
     assert row in text
-  for anchor in ("0.315", "0.269", "0.280"):
-    assert anchor in text
+  # No figure the report did not compute stands among its measurements.
+  assert "anchor:" not in text and "goal for the course net" not in text
+  assert not re.search(r"issue ?[0-9]|#[0-9]", text, re.IGNORECASE)
+
+
+def _table_rows(text, first_cell):
+  """The cells of the Markdown table rows whose first cell starts with
+  `first_cell`."""
+  return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+          for line in text.splitlines()
+          if line.startswith(f"| {first_cell}")]
+
+
+def test_sklearn_reference_is_fitted_on_regress_split(quick_report):
+  output_dir, text = quick_report
+  regress = _results(output_dir, "regress")
+  recorded = _results(output_dir, "sklearn_reference")
+  assert recorded["settings"]["max_iter"] == sklearn_reference.QUICK_MAX_ITER
+  # Fitted here, independently: regress's split, z-scored by hand.
+  splits = datasets.load("california_housing", regress["flags"]["data_dir"],
+                         regress["seed"])
+  assert recorded["data"] == regress["data"] == splits.sizes
+  mean = splits.x_train.mean(axis=0, dtype=np.float64)
+  std = splits.x_train.std(axis=0, dtype=np.float64)
+  def scaled(x):
+    return ((x - mean) / std).astype("float32")
+  rows = _table_rows(text, "scikit-learn MLPRegressor (computed in this run)")
+  assert [row[0] for row in rows] == [
+      "scikit-learn MLPRegressor (computed in this run): one hidden layer "
+      "of 30",
+      "scikit-learn MLPRegressor (computed in this run): three hidden "
+      "layers of 100"]
+  for row, sizes in zip(rows, ((30,), (100, 100, 100))):
+    # Its own table: a figure and its fit, not one column per loop.
+    assert len(row) == 4
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", exceptions.ConvergenceWarning)
+      model = neural_network.MLPRegressor(
+          hidden_layer_sizes=sizes, random_state=regress["seed"],
+          max_iter=sklearn_reference.QUICK_MAX_ITER).fit(
+              scaled(splits.x_train), splits.y_train)
+    mse = np.mean((model.predict(scaled(splits.x_test)) - splits.y_test) ** 2)
+    assert float(row[1]) == pytest.approx(mse, abs=2e-4)
+    assert int(row[2]) == model.n_iter_
+    # The section's sentence quotes the same figures.
+    assert f"{row[1]} with {row[0].split(': ')[1]}" in text
+  assert (f"**Quick run**: at most {sklearn_reference.QUICK_MAX_ITER} "
+          "iterations") in text
+
+
+def test_gradient_norm_sentence_follows_the_table(quick_report):
+  _, text = quick_report
+  section = text[text.index("## 2. Vanishing gradients"):
+                 text.index("## 3. ")]
+  rows = _table_rows(section, "deep_net_")
+  assert len(rows) == 5
+  larger = [row[0] for row in rows if float(row[2]) > float(row[3])]
+  smaller = [row[0] for row in rows if float(row[2]) < float(row[3])]
+  counted = re.search(r"larger at the input \(layer 1\) than at the output "
+                      r"\(the last hidden layer\) in (\d+) of (\d+) runs"
+                      r"(?: \(([^)]*)\))? and smaller in (\d+)"
+                      r"(?: \(([^)]*)\))?", section)
+  assert counted, "the gradient-norm sentence is missing"
+  assert int(counted[1]) == len(larger) and int(counted[2]) == 5
+  assert (counted[3] or "").split(", ") == (larger or [""])
+  assert int(counted[4]) == len(smaller)
+  assert (counted[5] or "").split(", ") == (smaller or [""])
+  assert "shrink towards the input, the first layers barely learn" not in text
+
+
+def test_gradient_norm_comparison_counts_each_way():
+  assert report.gradient_norm_comparison(
+      {"a": (2e-3, 1e-3), "b": (1e-3, 2e-3), "c": (3e-3, 1e-4)}) == (
+          "In the table, the norm is larger at the input (layer 1) than at "
+          "the output (the last hidden layer) in 2 of 3 runs (a, c) and "
+          "smaller in 1 (b).")
+  assert report.gradient_norm_comparison(
+      {"a": (1e-3, 2e-3), "b": (1e-3, 1e-3)}) == (
+          "In the table, the norm is larger at the input (layer 1) than at "
+          "the output (the last hidden layer) in 0 of 2 runs, smaller in 1 "
+          "(a) and equal in 1 (b).")
 
 
 def test_quick_report_names_every_experiment_and_loop(quick_report):

@@ -7,7 +7,9 @@ the GAN and WGAN-GP (judged by the report's own classify run) and
 distillation, each into its own directory under `<output_dir>/runs/<name>`
 (a rerun resumes them), and writes `<output_dir>/REPORT.md` with PNG charts
 beside it: the figures read back from each run's results.json, each beside
-its published anchor.
+its published anchor; California housing's beside scikit-learn's
+MLPRegressor, fitted by the report on the regress run's split into
+`<output_dir>/runs/sklearn_reference` (research.tools.sklearn_reference).
 
     python -m research report --data_dir=../shared/data \
         --output_dir=runs/report [--quick]
@@ -30,6 +32,7 @@ import training_loops
 from research.experiments import (classify, deep_net, distill, early_stopping,
                                   gan, hparam_search, regress, vae, wide_deep)
 from research.framework import common_flags, datasets, experiment, summaries
+from research.tools import sklearn_reference
 
 flags.DEFINE_boolean("quick", False, "A reduced report in a few minutes: "
                      "2 epochs of at most 20 batches per split, the "
@@ -58,13 +61,10 @@ LECUN_ROWS = (("3-layer NN, 300+100 hidden units", 3.05),
               ("3-layer NN, 300+100 hidden units, distortions", 2.5),
               ("2-layer NN, 300 hidden units", 4.7))
 
-# scikit-learn's MLPRegressor on the same standardized features, and the
-# goal set for the course net, in test MSE.
-CALIFORNIA_ANCHORS = (("scikit-learn MLPRegressor, one hidden layer of 30",
-                       0.315),
-                      ("scikit-learn MLPRegressor, three hidden layers of "
-                       "100", 0.269),
-                      ("goal for the course net", 0.28))
+# The directory under `runs/` of scikit-learn's MLPRegressor, fitted by the
+# report on the regress run's split (research.tools.sklearn_reference).
+_SKLEARN_RUN = "sklearn_reference"
+_SKLEARN_LABEL = "scikit-learn MLPRegressor (computed in this run)"
 
 _DPI = 80
 
@@ -178,7 +178,9 @@ def main(argv):
     strategy = experiment.strategy_for(configs[0])
     finished = [(run, *_run(run, config, strategy))
                 for run, config in zip(RUNS, configs)]
-    write_report(output_dir, finished, quick=flags.FLAGS.quick)
+    reference = _sklearn_reference(runs_dir, finished, flags.FLAGS.quick)
+    write_report(output_dir, finished, quick=flags.FLAGS.quick,
+                 reference=reference)
   except training_loops.TrainingInterrupted as interruption:
     print(f"{interruption} A rerun resumes.", file=sys.stderr)
     sys.exit(128 + interruption.signal_number)
@@ -203,16 +205,35 @@ def _run(run, config, strategy):
     return json.load(stream), seconds
 
 
+def _sklearn_reference(runs_dir, finished, quick):
+  """scikit-learn's MLPRegressor on the regress run's split (its dataset,
+  data directory and seed, as its results.json records them), into
+  `runs/sklearn_reference`; its results and wall time."""
+  print(f"== {_SKLEARN_RUN}", flush=True)
+  start = time.monotonic()
+  regress_results = next(result for run, result, _ in finished
+                         if run.name == "regress")
+  run_flags = regress_results["flags"]
+  reference = sklearn_reference.reference(
+      os.path.join(runs_dir, _SKLEARN_RUN), run_flags["dataset"],
+      run_flags["data_dir"], regress_results["seed"],
+      sklearn_reference.QUICK_MAX_ITER if quick
+      else sklearn_reference.MAX_ITER)
+  return reference, time.monotonic() - start
+
+
 # ------------------------------------------------------------------ report
 
 
-def write_report(output_dir, finished, quick):
+def write_report(output_dir, finished, quick, reference):
   """Writes REPORT.md and its charts into `output_dir`.
 
   Args:
     output_dir: the report's directory.
     finished: `(Run, results, wall seconds)` for every run of `RUNS`.
     quick: whether the runs were `--quick`'s.
+    reference: `(results, wall seconds)` of scikit-learn's MLPRegressor
+      (`sklearn_reference.reference`).
   """
   results = {run.name: result for run, result, _ in finished}
   sections = [
@@ -225,12 +246,12 @@ def write_report(output_dir, finished, quick):
       _anchor_section(output_dir, results),
       _deep_net_section(output_dir, results),
       _callbacks_section(results),
-      _california_section(results),
+      _california_section(results, reference[0], quick),
       _vae_section(results),
       _gan_section(results),
       _distill_section(results),
       _loops_section(output_dir, results),
-      _runs_section(finished)]
+      _runs_section(finished, reference)]
   path = os.path.join(output_dir, "REPORT.md")
   with training_loops.replaced_atomically(path) as temporary:
     with open(temporary, "w", encoding="utf-8") as stream:
@@ -344,13 +365,15 @@ def _deep_net_section(output_dir, results):
   loops = _loops(results[runs[0]])
   figure = matplotlib_figure.Figure(figsize=(7, 4))
   axes = figure.subplots()
-  rows = []
+  rows, first_and_last = [], {}
   for name in runs:
     norms = [np.mean(batches)
              for batches in results[name]["gradient_norms"].values()]
     label = _architecture(**results[name]["architecture"])
     axes.plot(range(1, len(norms) + 1), norms, marker=".", label=label)
-    rows.append([name, label, f"{norms[0]:.2e}", f"{norms[-1]:.2e}",
+    first, last = f"{norms[0]:.2e}", f"{norms[-1]:.2e}"
+    first_and_last[name] = (float(first), float(last))
+    rows.append([name, label, first, last,
                  *(_percent(error_percent(results[name]["loops"][loop]))
                    for loop in loops)])
   axes.set(xlabel="hidden layer (input side first)", yscale="log",
@@ -362,12 +385,43 @@ def _deep_net_section(output_dir, results):
   return "\n\n".join([
       "## 2. Vanishing gradients (deep_net: 20 x Dense(100), MNIST)",
       "Kernel-gradient norms of the hidden layers at initialization (mean "
-      "over the first batches): where they shrink towards the input, the "
-      "first layers barely learn.",
+      "over the first batches). Vanishing gradients would show as norms "
+      "shrinking towards the input, the first layers barely learning. "
+      + gradient_norm_comparison(first_and_last),
       _table(["run", "architecture", "grad norm, layer 1",
               "grad norm, last layer",
               *(f"test error, {loop}" for loop in loops)], rows),
       _save(figure, output_dir, "gradient_norms.png")])
+
+
+def gradient_norm_comparison(first_and_last):
+  """What the gradient-norm table shows, in a sentence: in how many runs
+  the first hidden layer's norm is larger than the last's (the input side's
+  than the output side's), and in which.
+
+  Args:
+    first_and_last: `{run: (first hidden layer's norm, last's)}`, as the
+      table shows them.
+  """
+  larger = [name for name, (first, last) in first_and_last.items()
+            if first > last]
+  smaller = [name for name, (first, last) in first_and_last.items()
+             if first < last]
+  equal = [name for name in first_and_last
+           if name not in larger and name not in smaller]
+  total = len(first_and_last)
+
+  def which(names):
+    return f" ({', '.join(names)})" if names else ""
+
+  parts = [f"larger at the input (layer 1) than at the output (the last "
+           f"hidden layer) in {len(larger)} of {total} runs"
+           f"{which(larger)}",
+           f"smaller in {len(smaller)}{which(smaller)}"]
+  if equal:
+    parts.append(f"equal in {len(equal)}{which(equal)}")
+  return (f"In the table, the norm is {', '.join(parts[:-1])} and "
+          f"{parts[-1]}.")
 
 
 def _architecture(activation, batchnorm, dropout):
@@ -396,7 +450,7 @@ def _callbacks_section(results):
               "best val loss", "test error"], rows)])
 
 
-def _california_section(results):
+def _california_section(results, reference, quick):
   runs = ["regress", *(name for name in results
                        if name.startswith("wide_deep_"))]
   loops = _loops(results[runs[0]])
@@ -408,19 +462,41 @@ def _california_section(results):
                *(f"{found['test_mse']:.4f}"
                  if loop == search["flags"]["loop"] else "-"
                  for loop in loops)])
-  rows += [[f"anchor: {name}", *[f"{value:.3f}"] * len(loops)]
-           for name, value in CALIFORNIA_ANCHORS]
   sweep = [[f"{row['learning_rate']:.1e}", f"{row['val_loss']:.4f}",
             f"{row['test_loss']:.4f}"]
            for row in search["learning_rate_sweep"]]
+  models = reference["models"]
+  settings = reference["settings"]
+  described = [(sklearn_reference.describe(model["hidden_layer_sizes"]),
+                model) for model in models]
+  reference_rows = [
+      [f"{_SKLEARN_LABEL}: {words}", f"{model['test_mse']:.4f}",
+       model["iterations"],
+       "yes" if model["converged"] else "no (stopped at max_iter)"]
+      for words, model in described]
   return "\n\n".join([
       "## 4. California housing: test MSE",
       "The course net (regress), the wide & deep variants and the "
       "hyperparameter search's best (its loop only; cross-validated MSE "
       f"{found['best_cv_mse']:.4f}), beside scikit-learn's MLPRegressor "
-      "on the same standardized features and the goal set for the course "
-      "net.",
+      "fitted in this run on the same split and standardized features ("
+      + ", ".join(f"{model['test_mse']:.4f} with {words}"
+                  for words, model in described) + ").",
       _table(["model", *(f"test MSE, {loop}" for loop in loops)], rows),
+      f"{_SKLEARN_LABEL}: regress's training split "
+      f"({reference['data']['train']} examples, dataset "
+      f"`{settings['dataset']}`, seed {settings['seed']}), features "
+      "standardized on it (StandardScaler), scikit-learn's defaults "
+      "otherwise (Adam, ReLU) with random_state the seed and at most "
+      f"{settings['max_iter']} iterations; test MSE on regress's "
+      f"{reference['data']['test']} test examples. "
+      + ("**Quick run**: at most "
+         f"{settings['max_iter']} iterations (scikit-learn's default is "
+         f"{sklearn_reference.MAX_ITER}), so these are not the full "
+         "reference. " if quick else "")
+      + f"Results in `runs/{_SKLEARN_RUN}/results.json`.",
+      _table(["model", "test MSE", "iterations", "converged (tol)"],
+             reference_rows),
       f"hparam_search's learning-rate sweep ({search['flags']['loop']} "
       "loop):",
       _table(["learning rate", "final val MSE", "test MSE"], sweep)])
@@ -600,14 +676,19 @@ def _training_seconds(result):
   return total
 
 
-def _runs_section(finished):
+def _runs_section(finished, reference):
   first = finished[0][1]
   rows = [[run.name, f"`runs/{run.name}`", f"{seconds:.0f}",
            f"{_training_seconds(result):.0f}" if "loops" in result else "-"]
           for run, result, seconds in finished]
+  reference_results, reference_seconds = reference
+  rows.append([_SKLEARN_RUN, f"`runs/{_SKLEARN_RUN}`",
+               f"{reference_seconds:.0f}",
+               f"{sum(m['seconds'] for m in reference_results['models']):.0f}"])
   parts = ["## The runs",
            "Wall time: this invocation's (a resumed run's is the resume's); "
-           "training: the loops' training seconds from results.json.",
+           "training: the loops' training seconds from results.json "
+           f"({_SKLEARN_RUN}'s: its fits').",
            _table(["experiment", "directory", "wall time (s)",
                    "training (s)"], rows),
            "Versions: " + ", ".join(
