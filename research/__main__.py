@@ -2,7 +2,6 @@
 lists them."""
 
 import importlib
-import re
 import runpy
 import sys
 
@@ -20,8 +19,8 @@ def _listing():
     lines.append(f"{title}:")
     for name in names:
       module = importlib.import_module(f"research.{_package(name)}.{name}")
-      summary = " ".join((module.__doc__ or "").split())
-      lines.append(f"  {name:15} {re.split(r'(?<=[.:]) ', summary)[0]}")
+      summary = (module.__doc__ or "").strip().splitlines()[0]
+      lines.append(f"  {name:15} {summary}")
     lines.append("")
   return "\n".join(lines)
 

@@ -69,15 +69,14 @@ def write_idx(path, array, magic=None, cut=0):
     stream.write(content[:len(content) - cut])
 
 
-def fast_dev_run_keeps_nothing(main, output_dir, capsys, **settings):
-  """Runs a script's `main` with `--fast_dev_run --loop=all` and `settings`
-  into `output_dir`: every loop's row printed, "nothing was kept" said,
-  and `output_dir` not there afterwards."""
-  from absl.testing import flagsaver
+def fast_dev_run_keeps_nothing(script, output_dir, capsys, **settings):
+  """Runs an experiment module's `main` with `fast_dev_run`, every loop and
+  `settings` into `output_dir`: every loop's row printed, "nothing was
+  kept" said, and `output_dir` not there afterwards."""
   from training_loops import LOOPS
-  with flagsaver.flagsaver(fast_dev_run=True, loop="all", verbose=0,
-                           output_dir=str(output_dir), **settings):
-    main(["script"])
+  script.main(script.Config.resolved(
+      fast_dev_run=True, loop="all", verbose=0, output_dir=str(output_dir),
+      **settings))
   printed = capsys.readouterr().out
   assert "nothing was kept" in printed
   for loop in LOOPS:

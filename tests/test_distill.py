@@ -5,8 +5,6 @@ import functools
 import json
 import os
 
-from absl import flags
-from absl.testing import flagsaver
 import keras
 import numpy as np
 import pytest
@@ -15,17 +13,13 @@ import tensorflow as tf
 import training_loops
 from conftest import fast_dev_run_keeps_nothing
 from research.experiments import distill
-from research.framework import common_flags
+from research.framework import run_config
 from research.tools import compare
 
-flags.FLAGS.mark_as_parsed()
-
-
 def _config(**given):
-  return common_flags.resolved(
-      distill.DEFAULTS, distill.__name__, command_line=False,
-      given={"dataset": "digits", "teacher_units": 16, "student_units": 12,
-             **given})
+  return distill.Config.resolved(
+      **{"dataset": "digits", "teacher_units": 16, "student_units": 12,
+         **given})
 
 
 def _adam():
@@ -87,11 +81,17 @@ def _results(output_dir):
 
 
 def test_the_script_reports_three_error_counts_per_loop(tmp_path, capsys):
-  with flagsaver.flagsaver(dataset="digits", epochs=2, teacher_epochs=3,
-                           limit_batches=4, loop="all", teacher_units=32,
-                           student_units=16, verbose=0,
-                           output_dir=str(tmp_path)):
-    distill.main(["distill"])
+  distill.main(
+      distill.Config.resolved(
+          dataset="digits",
+          epochs=2,
+          teacher_epochs=3,
+          limit_batches=4,
+          loop="all",
+          teacher_units=32,
+          student_units=16,
+          verbose=0,
+          output_dir=str(tmp_path)))
   results = _results(tmp_path)
   printed = capsys.readouterr().out
   assert "distill on digits: test errors out of 128" in printed
@@ -113,19 +113,23 @@ def test_the_script_reports_three_error_counts_per_loop(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("settings,message", [
-    (dict(temperature=0.0), "--temperature=0.0 is not positive"),
-    (dict(temperature=-1.0), "--temperature=-1.0 is not positive"),
-    (dict(student_loss_weight=1.5), "--student_loss_weight=1.5 is outside"),
+    (dict(temperature=0.0), "--temperature=0.0 is out of range; accepted: "
+                            "> 0."),
+    (dict(temperature=-1.0), "--temperature=-1.0 is out of range"),
+    (dict(student_loss_weight=1.5), "--student_loss_weight=1.5 is out of "
+                                    "range; accepted: >= 0 and <= 1."),
     (dict(dataset="diabetes"), "--dataset=diabetes is not an image dataset"),
     (dict(dataset="mnist", data_dir=os.path.dirname(__file__)),
      "has no mnist IDX files"),
 ])
 def test_bad_settings_are_one_line_before_anything_is_written(
     tmp_path, settings, message):
-  with flagsaver.flagsaver(**{"dataset": "digits", **settings},
-                           output_dir=str(tmp_path / "run")):
-    with pytest.raises(SystemExit) as exit_:
-      distill.main(["distill"])
+  # Refused by the config (a value out of range) or the run's checks.
+  with pytest.raises((SystemExit, run_config.SettingsError)) as exit_:
+    distill.main(
+        distill.Config.resolved(
+            **{"dataset": "digits", **settings},
+            output_dir=str(tmp_path / "run")))
   assert message in str(exit_.value) and "\n" not in str(exit_.value)
   assert not os.path.exists(tmp_path / "run")
 
@@ -135,15 +139,17 @@ def test_compare_traces_the_distilled_students_step(capsys):
   # What the trace trains: the Distiller's step, under an untrained teacher.
   traced = distill.build(_config(**settings)).model_fn(_adam)
   assert isinstance(traced, keras.distillation.Distiller)
-  with flagsaver.flagsaver(experiment="distill", trace=True, trace_steps=2,
-                           **settings):
-    compare.main(["compare"])
+  compare.compare(
+      "distill",
+      compare.EXPERIMENTS["distill"].Config.resolved(**settings),
+      trace_loops=True,
+      trace_steps=2)
   assert ("eager, function, graph and keras_fit agree over 2 steps"
           in capsys.readouterr().out)
 
 
 def test_fast_dev_run_trains_every_role_and_loop_and_keeps_nothing(
     tmp_path, capsys):
-  fast_dev_run_keeps_nothing(distill.main, tmp_path / "run", capsys,
+  fast_dev_run_keeps_nothing(distill, tmp_path / "run", capsys,
                              dataset="digits", teacher_units=16,
                              student_units=12)

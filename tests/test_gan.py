@@ -4,8 +4,6 @@ against a hand-written one, and the script end to end on tiny settings."""
 import json
 import os
 
-from absl import flags
-from absl.testing import flagsaver
 import keras
 import numpy as np
 import pytest
@@ -13,11 +11,8 @@ import tensorflow as tf
 
 from conftest import fast_dev_run_keeps_nothing
 from research.experiments import gan
-from research.framework import models, sample_quality
+from research.framework import models, run_config, sample_quality
 from research.tools import compare
-
-flags.FLAGS.mark_as_parsed()
-
 
 def test_inception_score_spans_one_to_the_number_of_classes():
   certain = np.eye(10)[np.arange(1000) % 10]
@@ -118,11 +113,17 @@ def digits_judge(tmp_path_factory):
 @pytest.mark.parametrize("objective", ["gan", "wgan_gp"])
 def test_the_script_scores_every_loop_and_draws_each_epoch(
     tmp_path, digits_judge, objective, capsys):
-  with flagsaver.flagsaver(dataset="digits", objective=objective, epochs=2,
-                           limit_batches=2, score_samples=200, loop="all",
-                           judge_dir=digits_judge, verbose=0,
-                           output_dir=str(tmp_path)):
-    gan.main(["gan"])
+  gan.main(
+      gan.Config.resolved(
+          dataset="digits",
+          objective=objective,
+          epochs=2,
+          limit_batches=2,
+          score_samples=200,
+          loop="all",
+          judge_dir=digits_judge,
+          verbose=0,
+          output_dir=str(tmp_path)))
   printed = capsys.readouterr().out
   assert "judge: " in printed
   results = _results(tmp_path)
@@ -174,10 +175,12 @@ def test_a_judge_that_does_not_load_is_one_line_before_anything_is_written(
   export = tmp_path / "judge" / "export"
   export.mkdir(parents=True)
   (export / "graph.keras").write_text("not a model")
-  with flagsaver.flagsaver(dataset="digits", judge_dir=str(tmp_path / "judge"),
-                           output_dir=str(tmp_path / "run")):
-    with pytest.raises(SystemExit) as exit_:
-      gan.main(["gan"])
+  with pytest.raises(SystemExit) as exit_:
+    gan.main(
+        gan.Config.resolved(
+            dataset="digits",
+            judge_dir=str(tmp_path / "judge"),
+            output_dir=str(tmp_path / "run")))
   message = str(exit_.value)
   assert "graph.keras does not load as a Keras model" in message
   assert "\n" not in message
@@ -188,35 +191,43 @@ def test_a_judge_that_does_not_load_is_one_line_before_anything_is_written(
     (dict(dataset="mnist", data_dir=os.path.dirname(__file__)),
      "has no mnist IDX files"),
     (dict(dataset="diabetes"), "--dataset=diabetes is not an image dataset"),
-    (dict(discriminator_dropout=1.0), "--discriminator_dropout=1.0 is outside"),
+    (dict(discriminator_dropout=1.0),
+     "--discriminator_dropout=1.0 is out of range; accepted: >= 0 and < 1."),
 ])
 def test_bad_data_or_settings_are_one_line_before_anything_is_written(
     tmp_path, settings, message):
-  with flagsaver.flagsaver(**{"dataset": "digits", **settings},
-                           judge_dir=str(tmp_path / "judge"),
-                           output_dir=str(tmp_path / "run")):
-    with pytest.raises(SystemExit) as exit_:
-      gan.main(["gan"])
+  # Refused by the config (a value out of range) or the run's checks.
+  with pytest.raises((SystemExit, run_config.SettingsError)) as exit_:
+    gan.main(
+        gan.Config.resolved(
+            **{"dataset": "digits", **settings},
+            judge_dir=str(tmp_path / "judge"),
+            output_dir=str(tmp_path / "run")))
   assert message in str(exit_.value) and "\n" not in str(exit_.value)
   assert not os.path.exists(tmp_path / "run")
   assert not os.path.exists(tmp_path / "judge")
 
 
 def test_betas_are_refused_for_another_optimizer(tmp_path, digits_judge):
-  with flagsaver.flagsaver(dataset="digits", optimizer="sgd", beta_1=0.5,
-                           judge_dir=digits_judge,
-                           output_dir=str(tmp_path / "run")):
-    with pytest.raises(SystemExit) as exit_:
-      gan.main(["gan"])
+  with pytest.raises(SystemExit) as exit_:
+    gan.main(
+        gan.Config.resolved(
+            dataset="digits",
+            optimizer="sgd",
+            beta_1=0.5,
+            judge_dir=digits_judge,
+            output_dir=str(tmp_path / "run")))
   assert "--beta_1 is for --optimizer=adam or adamw, not sgd" in str(
       exit_.value)
 
 
 def test_compare_traces_the_wgan_gps_own_step(capsys, digits_judge):
-  with flagsaver.flagsaver(experiment="gan", dataset="digits",
-                           objective="wgan_gp", judge_dir=digits_judge,
-                           trace=True, trace_steps=3):
-    compare.main(["compare"])
+  compare.compare(
+      "gan",
+      compare.EXPERIMENTS["gan"].Config.resolved(
+          dataset="digits", objective="wgan_gp", judge_dir=digits_judge),
+      trace_loops=True,
+      trace_steps=3)
   assert ("eager, function, graph and keras_fit agree over 3 steps"
           in capsys.readouterr().out)
 
@@ -224,7 +235,7 @@ def test_compare_traces_the_wgan_gps_own_step(capsys, digits_judge):
 def test_fast_dev_run_trains_conv_wgan_gp_in_every_loop_and_keeps_nothing(
     tmp_path, digits_judge, capsys):
   # The penalty's second derivative through convolutions, in every loop.
-  fast_dev_run_keeps_nothing(gan.main, tmp_path / "run", capsys,
+  fast_dev_run_keeps_nothing(gan, tmp_path / "run", capsys,
                              dataset="digits", networks="conv",
                              objective="wgan_gp", score_samples=50,
                              judge_dir=digits_judge)

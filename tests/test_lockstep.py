@@ -1,8 +1,6 @@
 """`training_loops.compare`: loops trained in lockstep, and the first step
 and variable where one parts from the others; `research.tools.compare --trace`."""
 
-from absl import flags
-from absl.testing import flagsaver
 import keras
 import numpy as np
 import pytest
@@ -11,10 +9,9 @@ import layers
 import losses
 import training_loops
 from training_loops import drivers, keras_fit
+from research.experiments import classify
 from research.tools import compare as compare_script
 from loop_models import accuracy, classification_data, sgd
-
-flags.FLAGS.mark_as_parsed()
 
 NUDGE = 1e-3
 
@@ -193,14 +190,16 @@ def test_bad_arguments_are_one_line_errors(register, bad, match):
 def test_research_compare_trace_prints_the_report_and_writes_nothing(
     tmp_path, capsys):
   output_dir = tmp_path / "run"
-  with flagsaver.flagsaver(trace=True, loop="graph", trace_steps=3,
-                           output_dir=str(output_dir)):
-    compare_script.main(["compare"])
+  compare_script.compare(
+      "classify", classify.Config.resolved(loop="graph",
+                                           output_dir=str(output_dir)),
+      trace_loops=True, trace_steps=3)
   assert capsys.readouterr().out == (
       "graph and keras_fit agree over 3 steps: every loss and variable "
       "within rtol=1e-05, atol=1e-06 of graph's.\n")
   assert not output_dir.exists()
-  with flagsaver.flagsaver(trace=True, loop="keras_fit"):
-    with pytest.raises(SystemExit, match="error: --trace compares --loop "
-                                         "with keras_fit"):
-      compare_script.main(["compare"])
+  with pytest.raises(SystemExit, match="error: --trace compares --loop "
+                                       "with keras_fit"):
+    compare_script.compare("classify",
+                           classify.Config.resolved(loop="keras_fit"),
+                           trace_loops=True)

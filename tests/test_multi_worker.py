@@ -11,8 +11,6 @@ import subprocess
 import sys
 import time
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 
@@ -20,9 +18,6 @@ from conftest import REPO
 from loop_models import wait_for_epochs
 import multi_worker_job
 from research.experiments import classify
-
-flags.FLAGS.mark_as_parsed()
-
 
 def _free_ports(count):
   sockets = [socket.socket() for _ in range(count)]
@@ -191,9 +186,9 @@ def test_workers_in_either_layout_train_the_one_process_run(script_runs,
   shared, own = _loss_of(script_runs["shared"]), _loss_of(
       script_runs["own"][0])
   np.testing.assert_allclose(shared, own, rtol=1e-6)
-  with flagsaver.flagsaver(loop="graph", epochs=2, verbose=0,
-                           output_dir=str(tmp_path)):
-    classify.main(["classify"])
+  classify.main(
+      classify.Config.resolved(
+          loop="graph", epochs=2, verbose=0, output_dir=str(tmp_path)))
   np.testing.assert_allclose(shared, _loss_of(tmp_path), rtol=1e-4)
 
 

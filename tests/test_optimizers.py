@@ -16,20 +16,17 @@ import losses
 from conftest import saved_and_loaded
 from layer_harness import global_dtype_policy
 from loop_models import classification_data, classifier, run_loop
-from research.framework import common_flags, optimizers
+from research.framework import optimizers, run_config
 
 LR, DECAY = 0.1, 0.05
 SCHEDULES = keras.optimizers.schedules
 
 
-def _config(**flags):
-  """A resolved config: every shared flag at its default, optimizer sgd at
-  learning rate LR (the experiment's defaults), then `flags`."""
-  config = {flag.name: flag.default for flag in
-            common_flags.FLAGS.get_flags_for_module(common_flags.__name__)}
-  config.update(optimizer="sgd", learning_rate=LR)
-  config.update(flags)
-  return config
+def _config(**values):
+  """The shared config: every field at its default, optimizer sgd at
+  learning rate LR (the experiment's defaults), then `values`."""
+  return run_config.RunConfig(**{"optimizer": "sgd", "learning_rate": LR,
+                                 **values})
 
 
 # -- schedules ---------------------------------------------------------------
@@ -54,7 +51,7 @@ def _cosine(decay_steps):
       math.pi * min(step, decay_steps) / decay_steps))
 
 
-PIECES = {"lr_boundaries": ["3", "6"], "lr_values": ["0.3", "0.2", "0.1"]}
+PIECES = {"lr_boundaries": [3, 6], "lr_values": [0.3, 0.2, 0.1]}
 # A run of 2 epochs of 10 steps: (flags, schedule class, closed form, steps).
 SCHEDULE_CASES = {
     "constant_warmup": ({"warmup_steps": 4}, optimizers.Warmup,
@@ -420,36 +417,31 @@ REFUSALS = {
                                  ("--lr_boundaries", "--lr_values",
                                   "--lr_schedule")),
     "values_without_piecewise": ({"lr_schedule": "cosine",
-                                  "lr_values": ["0.1"]}, 1,
+                                  "lr_values": [0.1]}, 1,
                                  ("--lr_values", "--lr_schedule")),
     "piecewise_without_pieces": ({"lr_schedule": "piecewise"}, 1,
                                  ("--lr_boundaries", "--lr_values")),
     "piecewise_without_values": ({"lr_schedule": "piecewise",
-                                  "lr_boundaries": ["3"]}, 1,
+                                  "lr_boundaries": [3]}, 1,
                                  ("--lr_values",)),
-    "boundary_not_a_number": ({**VALID_PIECES, "lr_boundaries": ["3", "x"]},
-                              1, ("--lr_boundaries",)),
     "boundary_not_an_integer": ({**VALID_PIECES,
-                                 "lr_boundaries": ["3", "6.5"]}, 1,
+                                 "lr_boundaries": [3, 6.5]}, 1,
                                 ("--lr_boundaries",)),
     "boundaries_not_increasing": ({**VALID_PIECES,
-                                   "lr_boundaries": ["6", "6"]}, 1,
+                                   "lr_boundaries": [6, 6]}, 1,
                                   ("--lr_boundaries",)),
-    "boundary_zero": ({**VALID_PIECES, "lr_boundaries": ["0", "6"]}, 1,
+    "boundary_zero": ({**VALID_PIECES, "lr_boundaries": [0, 6]}, 1,
                       ("--lr_boundaries",)),
-    "value_not_a_number": ({**VALID_PIECES,
-                            "lr_values": ["0.3", "fast", "0.1"]}, 1,
-                           ("--lr_values",)),
-    "value_negative": ({**VALID_PIECES, "lr_values": ["0.3", "-0.2", "0.1"]},
+    "value_negative": ({**VALID_PIECES, "lr_values": [0.3, -0.2, 0.1]},
                        1, ("--lr_values",)),
-    "value_nan": ({**VALID_PIECES, "lr_values": ["0.3", "nan", "0.1"]}, 1,
+    "value_nan": ({**VALID_PIECES, "lr_values": [0.3, float("nan"), 0.1]}, 1,
                   ("--lr_values",)),
-    "value_infinite": ({**VALID_PIECES, "lr_values": ["inf", "0.2", "0.1"]},
+    "value_infinite": ({**VALID_PIECES, "lr_values": [float("inf"), 0.2, 0.1]},
                        1, ("--lr_values",)),
-    "values_one_short": ({**VALID_PIECES, "lr_values": ["0.3", "0.2"]}, 1,
+    "values_one_short": ({**VALID_PIECES, "lr_values": [0.3, 0.2]}, 1,
                          ("--lr_values", "--lr_boundaries")),
     "values_one_over": ({**VALID_PIECES,
-                         "lr_values": ["0.3", "0.2", "0.1", "0.05"]}, 1,
+                         "lr_values": [0.3, 0.2, 0.1, 0.05]}, 1,
                         ("--lr_values", "--lr_boundaries")),
     "decay_steps_with_constant": ({"decay_steps": 5}, 1,
                                   ("--decay_steps", "--lr_schedule")),
@@ -471,7 +463,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", REFUSALS)
 def test_check_refuses_bad_flags_with_one_line_naming_them(case):
   flags, replicas, named = REFUSALS[case]
-  with pytest.raises(common_flags.SettingsError) as error:
+  with pytest.raises(run_config.SettingsError) as error:
     optimizers.check(_config(**flags), 10, 2, replicas=replicas)
   message = str(error.value)
   assert "\n" not in message

@@ -6,8 +6,6 @@ import re
 import subprocess
 import sys
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -18,8 +16,6 @@ from research.experiments import (classify, deep_net, early_stopping,
                                   hparam_search, regress, wide_deep)
 from research.framework import datasets, models
 from research.tools import compare, evaluate
-
-flags.FLAGS.mark_as_parsed()
 
 MNIST_DIR = os.path.join(SHARED, "mnist-t10k")
 
@@ -42,8 +38,10 @@ def _check_results(results, experiment, loops, epochs, metrics=()):
 
 
 def test_compare_runs_every_loop_side_by_side(tmp_path, capsys):
-  with flagsaver.flagsaver(epochs=2, output_dir=str(tmp_path), verbose=0):
-    compare.main(["compare"])
+  compare.compare(
+      "classify",
+      compare.EXPERIMENTS["classify"].Config.resolved(
+          epochs=2, output_dir=str(tmp_path), verbose=0))
   results = _results(tmp_path)
   _check_results(results, "classify", ("eager", "function", "graph",
                                        "keras_fit"), 2, {"accuracy"})
@@ -62,11 +60,16 @@ def test_compare_runs_every_loop_side_by_side(tmp_path, capsys):
 def test_classify_on_real_mnist_exports_a_reloadable_model(tmp_path,
                                                            normalize):
   export_dir = tmp_path / "export"
-  with flagsaver.flagsaver(dataset="mnist", data_dir=MNIST_DIR, loop="graph",
-                           epochs=1, normalize=normalize, verbose=0,
-                           output_dir=str(tmp_path), export_dir=str(
-                               export_dir)):
-    classify.main(["classify"])
+  classify.main(
+      classify.Config.resolved(
+          dataset="mnist",
+          data_dir=MNIST_DIR,
+          loop="graph",
+          epochs=1,
+          normalize=normalize,
+          verbose=0,
+          output_dir=str(tmp_path),
+          export_dir=str(export_dir)))
   results = _results(tmp_path)
   _check_results(results, "classify", ["graph"], 1, {"accuracy"})
   assert results["normalize"] == normalize
@@ -81,9 +84,9 @@ def test_classify_on_real_mnist_exports_a_reloadable_model(tmp_path,
 
 
 def test_regress_reports_test_mse(tmp_path):
-  with flagsaver.flagsaver(loop="function", epochs=2, verbose=0,
-                           output_dir=str(tmp_path)):
-    regress.main(["regress"])
+  regress.main(
+      regress.Config.resolved(
+          loop="function", epochs=2, verbose=0, output_dir=str(tmp_path)))
   results = _results(tmp_path)
   _check_results(results, "regress", ["function"], 2, {"mae"})
   assert results["flags"]["dataset"] == "diabetes"
@@ -91,9 +94,13 @@ def test_regress_reports_test_mse(tmp_path):
 
 def test_callbacks_report_where_each_loop_stopped(tmp_path):
   # A learning rate of 0.3 overshoots: val_loss rises after a few epochs.
-  with flagsaver.flagsaver(epochs=8, patience=0, learning_rate=0.3,
-                           verbose=0, output_dir=str(tmp_path)):
-    early_stopping.main(["early_stopping"])
+  early_stopping.main(
+      early_stopping.Config.resolved(
+          epochs=8,
+          patience=0,
+          learning_rate=0.3,
+          verbose=0,
+          output_dir=str(tmp_path)))
   results = _results(tmp_path)
   stops = set()
   for loop, report in results["loops"].items():
@@ -112,10 +119,16 @@ def test_callbacks_report_where_each_loop_stopped(tmp_path):
     ("selu", False, "alpha"), ("relu", True, "standard")])
 def test_deep_net_reports_gradient_norms_per_layer(tmp_path, activation,
                                                    batchnorm, dropout):
-  with flagsaver.flagsaver(loop="graph", epochs=1, activation=activation,
-                           batchnorm=batchnorm, dropout=dropout, verbose=0,
-                           gradient_batches=2, output_dir=str(tmp_path)):
-    deep_net.main(["deep_net"])
+  deep_net.main(
+      deep_net.Config.resolved(
+          loop="graph",
+          epochs=1,
+          activation=activation,
+          batchnorm=batchnorm,
+          dropout=dropout,
+          verbose=0,
+          gradient_batches=2,
+          output_dir=str(tmp_path)))
   results = _results(tmp_path)
   _check_results(results, "deep_net", ["graph"], 1, {"accuracy"})
   norms = results["gradient_norms"]
@@ -127,10 +140,14 @@ def test_deep_net_reports_gradient_norms_per_layer(tmp_path, activation,
 @pytest.mark.parametrize("variant,aux", [
     ("functional", False), ("subclassed", False), ("multi_input", True)])
 def test_wide_deep_variants(tmp_path, variant, aux):
-  with flagsaver.flagsaver(loop="graph", epochs=2, wide_deep_variant=variant,
-                           aux_output=aux, verbose=0,
-                           output_dir=str(tmp_path)):
-    wide_deep.main(["wide_deep"])
+  wide_deep.main(
+      wide_deep.Config.resolved(
+          loop="graph",
+          epochs=2,
+          wide_deep_variant=variant,
+          aux_output=aux,
+          verbose=0,
+          output_dir=str(tmp_path)))
   results = _results(tmp_path)
   report = results["loops"]["graph"]
   expected = {"loss", "main_loss", "aux_loss", "main_mae"} if aux else {
@@ -140,9 +157,14 @@ def test_wide_deep_variants(tmp_path, variant, aux):
 
 
 def test_hparam_search_sweeps_searches_and_logs_hparams(tmp_path):
-  with flagsaver.flagsaver(epochs=1, sweep_points=2, search_iterations=2,
-                           cv_folds=2, verbose=0, output_dir=str(tmp_path)):
-    hparam_search.main(["hparam_search"])
+  hparam_search.main(
+      hparam_search.Config.resolved(
+          epochs=1,
+          sweep_points=2,
+          search_iterations=2,
+          cv_folds=2,
+          verbose=0,
+          output_dir=str(tmp_path)))
   results = _results(tmp_path)
   rates = [row["learning_rate"] for row in results["learning_rate_sweep"]]
   np.testing.assert_allclose(rates, [1e-4, 3e-2])
@@ -170,9 +192,12 @@ _BAD_ARGUMENTS = {
                          "error: --data_dir '/nonexistent' is not a "
                          "directory."),
     "negative rate": (["--learning_rate=-1"],
-                      "--learning_rate must be positive"),
-    "zero epochs": (["--epochs=0"], "epochs"),
-    "zero batch": (["--batch_size=0"], "batch_size"),
+                      "error: --learning_rate=-1.0 is out of range; "
+                      "accepted: > 0."),
+    "zero epochs": (["--epochs=0"], "error: --epochs=0 is out of range; "
+                                    "accepted: >= 1."),
+    "zero batch": (["--batch_size=0"], "error: --batch_size=0 is out of "
+                                       "range; accepted: >= 1."),
     "uneven shards": (["--strategy=mirrored", "--cpu_replicas=2",
                        "--batch_size=33"],
                       "error: --batch_size=33 is not divisible by the 2 "
@@ -230,13 +255,16 @@ def test_scripts_exit_with_a_clear_line(bad_runs, case):
 
 def test_evaluate_reloads_an_exported_keras_file(tmp_path, capsys):
   export_dir = tmp_path / "export"
-  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0,
-                           output_dir=str(tmp_path / "run"),
-                           export_dir=str(export_dir)):
-    classify.main(["classify"])
+  classify.main(
+      classify.Config.resolved(
+          loop="graph",
+          epochs=1,
+          verbose=0,
+          output_dir=str(tmp_path / "run"),
+          export_dir=str(export_dir)))
   accuracy = _results(tmp_path / "run")["loops"]["graph"]["test"]["accuracy"]
-  with flagsaver.flagsaver(model_path=str(export_dir / "graph.keras")):
-    evaluate.main(["evaluate"])
+  evaluate.main(
+      evaluate.Config.resolved(model_path=str(export_dir / "graph.keras")))
   printed = capsys.readouterr().out
   assert f"test accuracy: {accuracy:.4f}" in printed
 
@@ -248,16 +276,15 @@ def test_evaluate_refuses_python_code_unless_trusted(tmp_path, capsys):
       keras.layers.Lambda(lambda x: x / 16.0)(inputs))
   path = str(tmp_path / "lambda.keras")
   keras.Model(inputs, outputs).save(path)
-  with flagsaver.flagsaver(model_path=path):
-    with pytest.raises(SystemExit, match="contains Python code .* Pass "
-                                         "--unsafe_deserialization"):
-      evaluate.main(["evaluate"])
-  with flagsaver.flagsaver(model_path=path, unsafe_deserialization=True):
-    evaluate.main(["evaluate"])
+  with pytest.raises(SystemExit, match="contains Python code .* Pass "
+                                       "--unsafe_deserialization"):
+    evaluate.main(evaluate.Config.resolved(model_path=path))
+  evaluate.main(
+      evaluate.Config.resolved(model_path=path, unsafe_deserialization=True))
   assert "test accuracy:" in capsys.readouterr().out
-  with flagsaver.flagsaver(model_path=str(tmp_path / "absent.keras")):
-    with pytest.raises(SystemExit, match="Model file not found"):
-      evaluate.main(["evaluate"])
+  with pytest.raises(SystemExit, match="Model file not found"):
+    evaluate.main(
+        evaluate.Config.resolved(model_path=str(tmp_path / "absent.keras")))
 
 
 def test_a_script_trains_on_two_cpu_replicas(tmp_path):

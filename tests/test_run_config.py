@@ -1,30 +1,37 @@
-"""One config per experiment: run_config.json records every flag a script
-defines, and a rerun into the same output dir that changes one is refused
-with one line naming it."""
+"""One typed config per experiment: its fields, types, defaults and
+recipes; the flags generated from it and parsed into it; run_config.json
+its serialization, and a rerun into the same output dir that changes a
+field refused with one line naming it."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 from absl import flags
-from absl.testing import flagsaver
 import pytest
 
 import training_loops
-from research.experiments import (classify, deep_net, early_stopping,
+from conftest import REPO
+from research import EXPERIMENTS
+from research.experiments import (classify, deep_net, early_stopping, gan,
                                   hparam_search, regress, wide_deep)
-from research.framework import common_flags
-from research.tools import compare
-
-flags.FLAGS.mark_as_parsed()
+from research.framework import experiment, run_config
 
 
 def test_rerun_refuses_an_output_dir_with_other_flags(tmp_path):
-  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0,
-                           output_dir=str(tmp_path)):
-    regress.main(["regress"])
-  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0, seed=7,
-                           output_dir=str(tmp_path)):
-    with pytest.raises(SystemExit, match="seed: 42 then, 7 now"):
-      regress.main(["regress"])
+  regress.main(
+      regress.Config.resolved(
+          loop="graph", epochs=1, verbose=0, output_dir=str(tmp_path)))
+  with pytest.raises(SystemExit, match="seed: 42 then, 7 now"):
+    regress.main(
+        regress.Config.resolved(
+            loop="graph",
+            epochs=1,
+            verbose=0,
+            seed=7,
+            output_dir=str(tmp_path)))
 
 
 class _TrainingStarted(Exception):
@@ -41,16 +48,15 @@ def no_training(monkeypatch):
 
 
 def _run_until_training(script, **flag_values):
-  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0, **flag_values):
-    script.main([script.__name__])
+  script.main(
+      script.Config.resolved(loop="graph", epochs=1, verbose=0, **flag_values))
 
 
 # What run_config.json records besides a script's own flags: the shared
 # flags a rerun may not change.
 _SHARED = {"experiment", "dataset", "loop", "batch_size", "learning_rate",
            "seed", "strategy", "cpu_replicas", "data_dir",
-           # issue 14's research-run controls, with the names it asks for
-           "optimizer", "momentum", "weight_decay", "lr_schedule",
+           "optimizer", "momentum", "beta_1", "beta_2", "weight_decay", "lr_schedule",
            "warmup_steps", "decay_steps", "decay_rate", "lr_boundaries",
            "lr_values", "precision", "clipnorm", "ema_momentum",
            "gradient_accumulation_steps", "eval_every_steps",
@@ -63,17 +69,19 @@ _SHARED = {"experiment", "dataset", "loop", "batch_size", "learning_rate",
     (regress, set()),
     (deep_net, {"activation", "batchnorm", "dropout", "gradient_batches"}),
     (wide_deep, {"wide_deep_variant", "aux_output"}),
-    (hparam_search, {"sweep_points", "search_iterations", "cv_folds"}),
-    # compare: its own and classify's
-    (compare, {"experiment", "normalize", "dropout_rate"})])
-def test_run_config_records_the_scripts_own_flags(tmp_path, no_training,
-                                                  script, own):
+    (hparam_search, {"sweep_points", "search_iterations", "cv_folds"})])
+def test_run_config_records_the_experiments_own_fields(tmp_path, no_training,
+                                                       script, own):
   with pytest.raises(_TrainingStarted):
     _run_until_training(script, output_dir=str(tmp_path))
   recorded = json.loads((tmp_path / "run_config.json").read_text())
   assert set(recorded) == _SHARED | own
-  for name in own:
-    assert recorded[name] == flags.FLAGS[name].value
+  config = script.Config.resolved(loop="graph", epochs=1, verbose=0,
+                                  output_dir=str(tmp_path))
+  # The config's serialization, less what a rerun may change.
+  assert recorded == {"experiment": recorded["experiment"], **{
+      name: value for name, value in config.as_dict().items()
+      if name not in ("epochs", "verbose", "output_dir", "export_dir")}}
 
 
 @pytest.mark.parametrize("script,flag,first,rerun,fixed", [
@@ -88,8 +96,7 @@ def test_run_config_records_the_scripts_own_flags(tmp_path, no_training,
     (early_stopping, "patience", 5, 3, {}),
     (hparam_search, "sweep_points", 2, 3, {}),
     (hparam_search, "search_iterations", 2, 3, {}),
-    (hparam_search, "cv_folds", 2, 3, {}),
-    (compare, "experiment", "classify", "early_stopping", {})])
+    (hparam_search, "cv_folds", 2, 3, {})])
 def test_rerun_refuses_a_change_of_any_script_flag(tmp_path, no_training,
                                                    script, flag, first,
                                                    rerun, fixed):
@@ -102,6 +109,15 @@ def test_rerun_refuses_a_change_of_any_script_flag(tmp_path, no_training,
   line = str(refused.value)
   assert line.startswith("error: ") and "\n" not in line
   assert f"{flag}: {first!r} then, {rerun!r} now" in line
+
+
+def test_rerun_refuses_another_experiment_in_the_same_directory(
+    tmp_path, no_training):
+  with pytest.raises(_TrainingStarted):
+    _run_until_training(classify, output_dir=str(tmp_path))
+  with pytest.raises(SystemExit, match="experiment: 'classify' then, "
+                                       "'early_stopping' now"):
+    _run_until_training(early_stopping, output_dir=str(tmp_path))
 
 
 def test_a_flag_an_older_run_did_not_record_is_named_as_such(tmp_path,
@@ -117,38 +133,118 @@ def test_a_flag_an_older_run_did_not_record_is_named_as_such(tmp_path,
     _run_until_training(classify, output_dir=str(tmp_path))
 
 
-def test_mnist_gets_classifys_recipe_for_the_flags_not_given():
-  with flagsaver.flagsaver(dataset="mnist"):
-    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
-  assert {name: config[name] for name in classify.MNIST_RECIPE} == (
-      classify.MNIST_RECIPE)
-  # A flag given wins, even at its own default; the rest of the recipe
+def test_mnist_gets_classifys_recipe_for_the_fields_not_given():
+  config = classify.Config.resolved(dataset="mnist")
+  assert {name: getattr(config, name)
+          for name in classify.MNIST_RECIPE} == classify.MNIST_RECIPE
+  # A field given wins, even at its own default; the rest of the recipe
   # stays.
-  with flagsaver.flagsaver(dataset="fashion_mnist", normalize="zscore",
-                           epochs=3):
-    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
-  assert (config["normalize"], config["epochs"], config["optimizer"],
-          config["dropout_rate"]) == ("zscore", 3, "adamw", 0.2)
-  # As research.tools.report asks for it: the same, without the command line.
-  assert common_flags.resolved(
-      classify.DEFAULTS, classify.__name__,
-      given={"dataset": "fashion_mnist", "normalize": "zscore",
-             "epochs": 3}) == config
-  with flagsaver.flagsaver(dataset="digits"):
-    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
-  assert (config["normalize"], config["optimizer"], config["learning_rate"],
-          config["lr_schedule"], config["dropout_rate"]) == (
+  config = classify.Config.resolved(dataset="fashion_mnist",
+                                    normalize="zscore", epochs=3)
+  assert (config.normalize, config.epochs, config.optimizer,
+          config.dropout_rate) == ("zscore", 3, "adamw", 0.2)
+  config = classify.Config.resolved(dataset="digits")
+  assert (config.normalize, config.optimizer, config.learning_rate,
+          config.lr_schedule, config.dropout_rate) == (
               "zscore", "sgd", 0.01, "constant", 0.0)
+  assert config == classify.Config()  # digits has no recipe
 
 
 def test_california_gets_hparam_searchs_recipe():
-  with flagsaver.flagsaver(dataset="california_housing", epochs=5):
-    config = common_flags.resolved(hparam_search.DEFAULTS,
-                                   hparam_search.__name__)
-  assert (config["optimizer"], config["lr_schedule"], config["epochs"],
-          config["search_iterations"]) == ("adam", "cosine", 5, 12)
-  with flagsaver.flagsaver(dataset="diabetes"):
-    config = common_flags.resolved(hparam_search.DEFAULTS,
-                                   hparam_search.__name__)
-  assert (config["optimizer"], config["epochs"],
-          config["search_iterations"]) == ("sgd", 20, 6)
+  config = hparam_search.Config.resolved(dataset="california_housing",
+                                         epochs=5)
+  assert (config.optimizer, config.lr_schedule, config.epochs,
+          config.search_iterations) == ("adam", "cosine", 5, 12)
+  config = hparam_search.Config.resolved(dataset="diabetes")
+  assert (config.optimizer, config.epochs,
+          config.search_iterations) == ("sgd", 20, 6)
+
+
+def test_a_recipe_follows_any_field_and_applies_in_order():
+  """gan's recipes: the dataset's (batch size), then the objective's."""
+  config = gan.Config.resolved(objective="wgan_gp", beta_2=0.99)
+  assert (config.batch_size, config.critic_steps, config.learning_rate,
+          config.beta_1, config.beta_2, config.epochs) == (
+              64, 5, 1e-4, 0.5, 0.99, 10)
+  assert gan.Config.resolved().critic_steps == 1
+
+
+def test_the_config_is_typed_frozen_and_checked():
+  config = classify.Config(epochs=3, learning_rate=1)
+  assert isinstance(config.learning_rate, float)  # an int is a float
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.epochs = 4
+  for values, message in [
+      ({"epochs": "3"}, "--epochs='3' is not a int"),
+      ({"epochs": 0}, "--epochs=0 is out of range; accepted: >= 1."),
+      ({"fast_dev_run": 1}, "--fast_dev_run=1 is not a bool"),
+      ({"normalize": "l2"}, "--normalize=l2 is not one of the accepted "
+                            "values: none, zscore, minmax."),
+      ({"dropout_rate": 1.0}, "accepted: >= 0 and < 1."),
+      ({"lr_values": ["0.1"]}, "--lr_values=('0.1',) is not a list of "
+                               "float numbers."),
+      ({"loop": None}, "--loop needs a value.")]:
+    with pytest.raises(run_config.SettingsError) as refused:
+      classify.Config(**values)
+    assert message in str(refused.value), values
+  assert classify.Config(lr_boundaries=[10, 20]).lr_boundaries == (10, 20)
+  with pytest.raises(run_config.SettingsError,
+                     match="has no patience; accepted: dataset, loop"):
+    classify.Config.resolved(patience=3)
+
+
+def test_flags_are_generated_from_the_config_and_parsed_into_it():
+  flag_values = flags.FlagValues()
+  gan.Config.define_flags(flag_values)
+  flag_values(["gan", "--objective=wgan_gp", "--lr_boundaries=10,20",
+               "--nogenerator_batch_norm", "--epochs=3"])
+  config = gan.Config.from_flags(flag_values)
+  # The flags given, the recipes for the rest.
+  assert config == gan.Config.resolved(
+      objective="wgan_gp", lr_boundaries=(10, 20),
+      generator_batch_norm=False, epochs=3)
+  assert config.critic_steps == 5 and config.lr_boundaries == (10, 20)
+  # No flag holds another experiment's field, and the same field name may
+  # mean something else in another experiment: each has its own flags.
+  assert "patience" not in flag_values
+  assert "Recipes: --objective=gan: critic_steps=1" in (
+      flag_values["critic_steps"].help)
+
+
+def test_every_experiment_has_a_typed_config_and_a_main():
+  for name in EXPERIMENTS:
+    module = __import__(f"research.experiments.{name}", fromlist=[name])
+    assert issubclass(module.Config, run_config.RunConfig), name
+    assert dataclasses.is_dataclass(module.Config), name
+    assert module.Config.__dataclass_params__.frozen, name
+    assert callable(module.main), name
+
+
+def _command(*arguments):
+  return subprocess.run([sys.executable, *arguments], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+def test_the_old_module_spelling_is_refused_naming_the_new_command():
+  done = _command("-m", "research.callbacks", "--epochs=1")
+  assert done.returncode != 0
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.endswith("(ImportError: research.callbacks is run as "
+                       "`python -m research early_stopping` now.)")
+  assert "Traceback" not in done.stderr
+
+
+def test_python_m_research_lists_and_runs_the_experiments_and_tools():
+  listed = _command("-m", "research")
+  assert listed.returncode == 0
+  for name in EXPERIMENTS:
+    assert f"\n  {name} " in listed.stdout, name
+  refused = _command("-m", "research", "clasify")
+  assert refused.returncode == 1
+  assert refused.stderr.strip().splitlines()[-1].startswith(
+      "error: no experiment or tool 'clasify'; accepted: classify,")
+  bad = _command("-m", "research", "classify", "--epochs=0")
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "error: --epochs=0 is out of range; accepted: >= 1.")

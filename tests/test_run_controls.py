@@ -3,6 +3,7 @@ the run (against a run built by hand with Keras' own optimizer, or a closed
 form), the dev-run modes, determinism, the reports every run writes, and a
 one-line refusal for every bad value, with nothing written."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,7 +12,6 @@ import subprocess
 import sys
 
 from absl import flags
-from absl.testing import flagsaver
 import keras
 import numpy as np
 import pytest
@@ -22,10 +22,9 @@ import training_loops
 from conftest import REPO
 from layer_harness import global_dtype_policy
 from research.experiments import classify, hparam_search, regress
-from research.framework import common_flags, datasets, experiment
+from research.framework import datasets, experiment, run_config
 from research.tools import compare
 
-flags.FLAGS.mark_as_parsed()
 
 # digits: 1437 training examples, so 45 batches of 32 an epoch.
 STEPS_PER_EPOCH = 45
@@ -34,8 +33,7 @@ STEPS_PER_EPOCH = 45
 def _run_classify(output_dir, **flag_values):
   flag_values = {"loop": "graph", "epochs": 1, "verbose": 0,
                  "output_dir": str(output_dir), **flag_values}
-  with flagsaver.flagsaver(**flag_values):
-    classify.main(["classify"])
+  classify.main(classify.Config.resolved(**flag_values))
   with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as f:
     return json.load(f)
 
@@ -44,15 +42,14 @@ def _by_hand(optimizer_fn, epochs=1, precision="float32"):
   # `global_dtype_policy` is the tests' own, not the code under test.
   """The graph loop on classify's experiment with its default flags, the
   optimizer built by hand: the reference a flag's run must equal."""
-  with flagsaver.flagsaver(loop="graph", epochs=epochs, verbose=0):
-    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
+  config = classify.Config.resolved(loop="graph", epochs=epochs, verbose=0)
   built = classify.build(config)
-  keras.utils.set_random_seed(config["seed"])
-  data = experiment.make_dataset(built, "train", 32, config["seed"])
+  keras.utils.set_random_seed(config.seed)
+  data = experiment.make_dataset(built, "train", 32, config.seed)
   with global_dtype_policy(precision):
     return training_loops.train(
         built.model_fn, optimizer_fn, built.loss, data, loop="graph",
-        epochs=epochs, metrics=built.metrics, seed=config["seed"],
+        epochs=epochs, metrics=built.metrics, seed=config.seed,
         verbose=0)
 
 
@@ -159,11 +156,16 @@ def test_fast_dev_run_runs_every_loop_on_one_batch_and_keeps_nothing(
   monkeypatch.setattr(experiment, "_run_loops", _recording(
       experiment._run_loops, returned))
   output_dir = tmp_path / "run"
-  with flagsaver.flagsaver(loop="all", epochs=20, verbose=0,
-                           fast_dev_run=True, output_dir=str(output_dir),
-                           export_dir=str(tmp_path / "export"),
-                           eval_every_steps=1, checkpoint_every_steps=1):
-    classify.main(["classify"])
+  classify.main(
+      classify.Config.resolved(
+          loop="all",
+          epochs=20,
+          verbose=0,
+          fast_dev_run=True,
+          output_dir=str(output_dir),
+          export_dir=str(tmp_path / "export"),
+          eval_every_steps=1,
+          checkpoint_every_steps=1))
   printed = capsys.readouterr().out
   assert "nothing was kept" in printed
   assert not output_dir.exists() and not (tmp_path / "export").exists()
@@ -229,8 +231,7 @@ def test_every_run_reports_its_model_confusion_matrix_and_hparams(tmp_path):
   assert [row["type"] for row in summary["layers"]][-1] == "Dense"
   assert summary["layers"][-1]["output_shape"] == [None, 10]
   # The confusion matrix against scikit-learn on the exported model.
-  with flagsaver.flagsaver():
-    config = common_flags.resolved(classify.DEFAULTS, classify.__name__)
+  config = classify.Config.resolved()
   splits = datasets.load_for("classification", config)
   predicted = model.predict(splits.x_test, verbose=0).argmax(axis=-1)
   np.testing.assert_array_equal(
@@ -248,9 +249,13 @@ def test_every_run_reports_its_model_confusion_matrix_and_hparams(tmp_path):
 
 
 def test_regression_runs_have_no_confusion_matrix(tmp_path):
-  with flagsaver.flagsaver(loop="graph", epochs=1, verbose=0,
-                           output_dir=str(tmp_path), optimizer="adam"):
-    regress.main(["regress"])
+  regress.main(
+      regress.Config.resolved(
+          loop="graph",
+          epochs=1,
+          verbose=0,
+          output_dir=str(tmp_path),
+          optimizer="adam"))
   results = json.loads((tmp_path / "results.json").read_text())
   assert "confusion_matrix" not in results["loops"]["graph"]
   assert results["model"]["trainable_parameters"] > 0
@@ -258,42 +263,48 @@ def test_regression_runs_have_no_confusion_matrix(tmp_path):
 
 
 def test_compare_trace_uses_the_flags_optimizer(capsys):
-  with flagsaver.flagsaver(trace=True, trace_steps=3, loop="graph",
-                           optimizer="adam", learning_rate=1e-3):
-    compare.main(["compare"])
+  compare.compare("classify", classify.Config.resolved(
+      loop="graph", optimizer="adam", learning_rate=1e-3), trace_loops=True,
+                  trace_steps=3)
   assert "agree" in capsys.readouterr().out
 
 
 def test_hparam_search_refuses_a_schedule_that_ignores_the_learning_rate(
     tmp_path):
-  with flagsaver.flagsaver(loop="graph", verbose=0, lr_schedule="piecewise",
-                           lr_boundaries=["10"], lr_values=["0.1", "0.01"],
-                           output_dir=str(tmp_path / "run")):
-    with pytest.raises(SystemExit, match="--lr_schedule=piecewise sets the "
-                                         "learning rates itself"):
-      hparam_search.main(["hparam_search"])
+  with pytest.raises(SystemExit, match="--lr_schedule=piecewise sets the "
+                                       "learning rates itself"):
+    hparam_search.main(
+        hparam_search.Config.resolved(
+            loop="graph",
+            verbose=0,
+            lr_schedule="piecewise",
+            lr_boundaries=[10],
+            lr_values=[0.1, 0.01],
+            output_dir=str(tmp_path / "run")))
   assert not (tmp_path / "run").exists()
 
 
 def test_hparam_search_refuses_multi_worker(tmp_path):
   # The check itself, under the default strategy: a real multi-worker one
   # needs a cluster (TF_CONFIG), and its search trains outside it anyway.
-  with flagsaver.flagsaver(loop="graph", verbose=0):
-    config = common_flags.resolved(hparam_search.DEFAULTS,
-                                   hparam_search.__name__)
+  config = hparam_search.Config.resolved(loop="graph", verbose=0)
   with pytest.raises(SystemExit, match="^error: hparam_search runs in one "
                                        "process: --strategy=multi_worker"):
-    hparam_search.sweep_and_search({**config, "strategy": "multi_worker"},
+    hparam_search.sweep_and_search(
+        dataclasses.replace(config, strategy="multi_worker"),
                                    tf.distribute.get_strategy(),
                                    str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
 def test_hparam_search_fast_dev_run_keeps_nothing(tmp_path, capsys):
-  with flagsaver.flagsaver(loop="graph", verbose=0, fast_dev_run=True,
-                           output_dir=str(tmp_path / "run"),
-                           optimizer="adam"):
-    hparam_search.main(["hparam_search"])
+  hparam_search.main(
+      hparam_search.Config.resolved(
+          loop="graph",
+          verbose=0,
+          fast_dev_run=True,
+          output_dir=str(tmp_path / "run"),
+          optimizer="adam"))
   assert not (tmp_path / "run").exists()
   assert "nothing was kept" in capsys.readouterr().out
 
@@ -306,9 +317,9 @@ def test_hparam_search_fast_dev_run_keeps_nothing(tmp_path, capsys):
     (dict(momentum=0.5), "--momentum"),
     (dict(optimizer="momentum", momentum=1.5), "--momentum"),
     (dict(lr_schedule="piecewise"), "--lr_boundaries"),
-    (dict(lr_schedule="piecewise", lr_boundaries=["10"],
-          lr_values=["0.1"]), "--lr_values"),
-    (dict(lr_boundaries=["10"]), "--lr_boundaries"),
+    (dict(lr_schedule="piecewise", lr_boundaries=[10],
+          lr_values=[0.1]), "--lr_values"),
+    (dict(lr_boundaries=[10]), "--lr_boundaries"),
     (dict(weight_decay=-1.0), "--weight_decay"),
     (dict(clipnorm=0.0), "--clipnorm"),
     (dict(ema_momentum=1.0), "--ema_momentum"),
@@ -318,10 +329,13 @@ def test_hparam_search_fast_dev_run_keeps_nothing(tmp_path, capsys):
 ])
 def test_bad_values_are_refused_with_one_line_and_nothing_written(
     tmp_path, flag_values, message):
+  """Refused by the config (a value out of its field's range) or by the
+  run's checks (values that conflict): one line either way."""
   output_dir = tmp_path / "run"
-  with pytest.raises(SystemExit) as exited:
+  with pytest.raises((SystemExit, run_config.SettingsError)) as refused:
     _run_classify(output_dir, **flag_values)
-  error = str(exited.value.code)
+  error = (str(refused.value.code) if refused.type is SystemExit
+           else f"error: {refused.value}")
   assert error.startswith("error: ") and message in error
   assert "\n" not in error
   assert not output_dir.exists()
@@ -332,8 +346,9 @@ def test_bad_values_are_refused_with_one_line_and_nothing_written(
                          "<sgd|momentum|nesterov|adam|adamw|rmsprop|adagrad>"),
     ("--lr_schedule=linear", "flag --lr_schedule=linear: value should be"),
     ("--precision=float16", "flag --precision=float16: value should be"),
-    ("--eval_every_steps=0", "flag --eval_every_steps=0: 0 is not a "
-                             "positive integer"),
+    ("--eval_every_steps=0", "--eval_every_steps=0 is out of range; "
+                             "accepted: >= 1."),
+    ("--lr_boundaries=10,x", "--lr_boundaries=10,x is not a list of int"),
     ("--checkpoint_every_steps=-1", "--checkpoint_every_steps=-1"),
     ("--limit_batches=0", "--limit_batches=0"),
     ("--overfit_batches=0", "--overfit_batches=0"),
@@ -342,16 +357,23 @@ def test_bad_values_are_refused_with_one_line_and_nothing_written(
     ("--decay_steps=0", "--decay_steps=0"),
 ])
 def test_unknown_and_non_positive_values_fail_at_parsing(argument, message):
-  """absl's parse, which app.run turns into one line and exit 1 before
-  main runs (`test_research.py::test_scripts_exit_with_a_clear_line`)."""
-  with flagsaver.flagsaver():
-    with pytest.raises(flags.IllegalFlagValueError, match=re.escape(message)):
-      flags.FLAGS(["classify", argument])
+  """The command line's flags: absl refuses a value outside an enum's
+  choices as it parses; the config, a number outside its field's range.
+  Either is one line before main runs
+  (`test_research.py::test_scripts_exit_with_a_clear_line`)."""
+  flag_values = flags.FlagValues()
+  classify.Config.define_flags(flag_values)
+  with pytest.raises((flags.IllegalFlagValueError, run_config.SettingsError),
+                     match=re.escape(message)):
+    flag_values(["classify", argument])
+    classify.Config.from_flags(flag_values)
 
 
 def test_helpfull_describes_every_control():
-  """What --helpfull prints for the shared flags."""
-  described = flags.FLAGS.module_help(common_flags.__name__)
+  """What --helpfull prints for the shared settings."""
+  flag_values = flags.FlagValues()
+  classify.Config.define_flags(flag_values)
+  described = flag_values.module_help(run_config.__name__)
   for name in ("optimizer", "momentum", "weight_decay", "lr_schedule",
                "warmup_steps", "decay_steps", "decay_rate", "lr_boundaries",
                "lr_values", "precision", "clipnorm", "ema_momentum",

@@ -14,8 +14,6 @@ import socket
 import subprocess
 import sys
 
-from absl import flags
-from absl.testing import flagsaver
 import keras
 import matplotlib.figure
 import numpy as np
@@ -26,16 +24,18 @@ from conftest import REPO
 from loop_models import assert_same_run, run_loop
 from research.experiments import classify
 
-flags.FLAGS.mark_as_parsed()
-
-
 def _classify(output_dir, **flag_values):
   """classify's main on digits, one graph-loop epoch; a one-line error is
   a SystemExit with its text."""
-  with flagsaver.flagsaver(**{"loop": "graph", "epochs": 1, "verbose": 0,
-                              "output_dir": str(output_dir),
-                              **flag_values}):
-    classify.main(["classify"])
+  classify.main(
+      classify.Config.resolved(
+          **{
+              "loop": "graph",
+              "epochs": 1,
+              "verbose": 0,
+              "output_dir": str(output_dir),
+              **flag_values
+          }))
 
 
 def _files(directory):

@@ -4,8 +4,6 @@ end to end on tiny settings."""
 import json
 import os
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,8 +12,6 @@ from conftest import SHARED, fast_dev_run_keeps_nothing, needs_shared
 from research.experiments import vae
 from research.framework import likelihood, models
 from research.tools import compare
-
-flags.FLAGS.mark_as_parsed()
 
 PIXELS, LATENT = 16, 3
 
@@ -143,10 +139,16 @@ def _results(output_dir):
 
 
 def test_the_script_reports_each_loops_bounds_and_draws(tmp_path):
-  with flagsaver.flagsaver(dataset="digits", epochs=2, limit_batches=3,
-                           latent_dim=2, nll_samples=20, loop="all",
-                           verbose=0, output_dir=str(tmp_path)):
-    vae.main(["vae"])
+  vae.main(
+      vae.Config.resolved(
+          dataset="digits",
+          epochs=2,
+          limit_batches=3,
+          latent_dim=2,
+          nll_samples=20,
+          loop="all",
+          verbose=0,
+          output_dir=str(tmp_path)))
   results = _results(tmp_path)
   assert results["experiment"] == "vae" and results["own_step"]
   fit = results["loops"]["keras_fit"]
@@ -170,11 +172,9 @@ def test_the_script_reports_each_loops_bounds_and_draws(tmp_path):
 def test_a_rerun_with_another_latent_size_is_refused(tmp_path, capsys):
   settings = dict(dataset="digits", epochs=1, limit_batches=1, loop="graph",
                   nll_samples=2, verbose=0, output_dir=str(tmp_path))
-  with flagsaver.flagsaver(**settings):
-    vae.main(["vae"])
-  with flagsaver.flagsaver(**settings, latent_dim=5):
-    with pytest.raises(SystemExit) as exit_:
-      vae.main(["vae"])
+  vae.main(vae.Config.resolved(**settings))
+  with pytest.raises(SystemExit) as exit_:
+    vae.main(vae.Config.resolved(**settings, latent_dim=5))
   assert "latent_dim: 20 then, 5 now" in str(exit_.value)
 
 
@@ -186,21 +186,23 @@ def test_a_rerun_with_another_latent_size_is_refused(tmp_path, capsys):
 ])
 def test_bad_data_is_one_line_before_anything_is_written(tmp_path, settings,
                                                          message):
-  with flagsaver.flagsaver(**settings, output_dir=str(tmp_path / "run")):
-    with pytest.raises(SystemExit) as exit_:
-      vae.main(["vae"])
+  with pytest.raises(SystemExit) as exit_:
+    vae.main(vae.Config.resolved(**settings, output_dir=str(tmp_path / "run")))
   assert message in str(exit_.value) and "\n" not in str(exit_.value)
   assert not os.path.exists(tmp_path / "run")
 
 
 def test_compare_traces_the_vaes_own_step(capsys):
-  with flagsaver.flagsaver(experiment="vae", dataset="digits", trace=True,
-                           trace_steps=3, batch_size=16):
-    compare.main(["compare"])
+  compare.compare(
+      "vae",
+      compare.EXPERIMENTS["vae"].Config.resolved(
+          dataset="digits", batch_size=16),
+      trace_loops=True,
+      trace_steps=3)
   assert ("eager, function, graph and keras_fit agree over 3 steps"
           in capsys.readouterr().out)
 
 
 def test_fast_dev_run_trains_every_loop_and_keeps_nothing(tmp_path, capsys):
-  fast_dev_run_keeps_nothing(vae.main, tmp_path / "run", capsys,
+  fast_dev_run_keeps_nothing(vae, tmp_path / "run", capsys,
                              dataset="digits", nll_samples=5)

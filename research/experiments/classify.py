@@ -4,30 +4,34 @@
         --data_dir=../shared/data/mnist-t10k --normalize=zscore --loop=all
 """
 
-from absl import app, flags
+import dataclasses
+from typing import ClassVar
+
 import keras
 
 import losses
-from research.framework import common_flags, datasets, experiment, models
-
-flags.DEFINE_enum("normalize", "zscore", models.NORMALIZATIONS,
-                  "Input scaling fitted on the training split: none, "
-                  "zscore (Standardize) or minmax (MinMaxScale).")
-
-flags.DEFINE_float("dropout_rate", 0.0, "Dropout after each hidden layer, "
-                   "in [0, 1).", lower_bound=0.0, upper_bound=0.99)
+from research.framework import datasets, experiment, models, run_config
 
 # The full MNIST's recipe (and Fashion-MNIST's, the same format): min-max
 # scaled pixels (z-scores blow up the rarely inked border pixels), AdamW
-# with a cosine schedule to 0, and dropout. 1.44% test error with seed 42
-# where LeCun et al. (1998) report 3.05% for this network; see README.
+# with a cosine schedule to 0, and dropout.
 MNIST_RECIPE = {"normalize": "minmax", "optimizer": "adamw",
                 "learning_rate": 1e-3, "weight_decay": 0.05,
                 "lr_schedule": "cosine", "epochs": 20, "dropout_rate": 0.2}
 
-DEFAULTS = common_flags.Defaults(
-    dataset="digits", epochs=20, learning_rate=0.01,
-    datasets={"mnist": MNIST_RECIPE, "fashion_mnist": MNIST_RECIPE})
+
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.RunConfig):
+  dataset: str = "digits"
+  normalize: str = run_config.setting(
+      "zscore", "Input scaling fitted on the training split: none, zscore "
+      "(Standardize) or minmax (MinMaxScale).",
+      choices=models.NORMALIZATIONS)
+  dropout_rate: float = run_config.setting(
+      0.0, "Dropout after each hidden layer.", at_least=0, below=1)
+
+  RECIPES: ClassVar[dict] = {
+      "dataset": {"mnist": MNIST_RECIPE, "fashion_mnist": MNIST_RECIPE}}
 
 
 def accuracy():
@@ -39,13 +43,13 @@ def build(config):
   return experiment.Experiment(
       name="classify", splits=splits,
       model_fn=lambda: models.mlp_classifier(
-          splits.x_train, splits.num_classes, config["normalize"],
-          dropout_rate=config["dropout_rate"], seed=config["seed"]),
+          splits.x_train, splits.num_classes, config.normalize,
+          dropout_rate=config.dropout_rate, seed=config.seed),
       loss=losses.SparseCategoricalCrossentropy(), metrics=[accuracy()],
-      extra={"normalize": config["normalize"]})
+      extra={"normalize": config.normalize})
 
 
-main = experiment.main_for(build, DEFAULTS)
+main = experiment.main_for(build)
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)

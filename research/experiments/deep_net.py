@@ -1,33 +1,40 @@
-"""A 20-layer Dense(100) classifier: the course's lesson on vanishing
+"""A 20-layer MLP: vanishing gradients, SELU, batch normalization, dropout.
+
+A 20-layer Dense(100) classifier: the course's lesson on vanishing
 gradients, SELU self-normalization, batch normalization and dropout.
 
 Reports test accuracy and, per hidden layer, the kernel-gradient norm over
-the first batches at initialization (vanishing: norms shrink towards the
-input).
+the first batches at initialization (vanishing gradients show as
+norms shrinking towards the input).
 
     python -m research deep_net --activation=selu --dropout=alpha
 """
 
-from absl import app, flags
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 import losses
 from research.experiments import classify
-from research.framework import common_flags, datasets, experiment, models
+from research.framework import datasets, experiment, models, run_config
 
-flags.DEFINE_enum("activation", "relu", ("relu", "selu"),
-                  "Hidden activation (selu uses LeCun-normal init).")
-flags.DEFINE_boolean("batchnorm", False,
-                     "BatchNormalization after each hidden layer.")
-flags.DEFINE_enum("dropout", "none", ("none", "standard", "alpha"),
-                  "Dropout before the softmax: standard, or alpha (SELU).")
-flags.DEFINE_integer("gradient_batches", 3, "Batches for the gradient-norm "
-                     "report.", lower_bound=1)
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.RunConfig):
+  dataset: str = "digits"
+  epochs: int = 10
+  activation: str = run_config.setting(
+      "relu", "Hidden activation (selu uses LeCun-normal init).",
+      choices=("relu", "selu"))
+  batchnorm: bool = run_config.setting(
+      False, "BatchNormalization after each hidden layer.")
+  dropout: str = run_config.setting(
+      "none", "Dropout before the softmax: standard, or alpha (SELU).",
+      choices=("none", "standard", "alpha"))
+  gradient_batches: int = run_config.setting(
+      3, "Batches for the gradient-norm report.", at_least=1)
 
-DEFAULTS = common_flags.Defaults(dataset="digits", epochs=10,
-                                 learning_rate=0.01)
 
 
 def initial_gradient_norms(model_fn, loss, splits, batch_size, batches,
@@ -55,26 +62,26 @@ def build(config):
 
   def model_fn():
     return models.deep_classifier(
-        splits.x_train, splits.num_classes, config["activation"],
-        config["batchnorm"], config["dropout"], seed=config["seed"])
+        splits.x_train, splits.num_classes, config.activation,
+        config.batchnorm, config.dropout, seed=config.seed)
 
   loss = losses.SparseCategoricalCrossentropy()
   norms = initial_gradient_norms(model_fn, loss, splits,
-                                 config["batch_size"],
-                                 config["gradient_batches"], config["seed"])
+                                 config.batch_size,
+                                 config.gradient_batches, config.seed)
   print("kernel-gradient norms at initialization (mean of "
-        f"{config['gradient_batches']} batches), input side first:")
+        f"{config.gradient_batches} batches), input side first:")
   print("  " + " ".join(f"{np.mean(v):.2e}" for v in norms.values()))
   return experiment.Experiment(
       name="deep_net", splits=splits, model_fn=model_fn, loss=loss,
       metrics=[classify.accuracy()],
       extra={"gradient_norms": norms,
-             "architecture": {"activation": config["activation"],
-                              "batchnorm": config["batchnorm"],
-                              "dropout": config["dropout"]}})
+             "architecture": {"activation": config.activation,
+                              "batchnorm": config.batchnorm,
+                              "dropout": config.dropout}})
 
 
-main = experiment.main_for(build, DEFAULTS)
+main = experiment.main_for(build)
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)

@@ -1,4 +1,6 @@
-"""Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural
+"""Knowledge distillation (Hinton et al., 2015) on MNIST.
+
+Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural
 Network, section 3, on MNIST: a teacher of two hidden layers of 1200
 (dropout, inputs jittered by up to 2 pixels), a student of two hidden
 layers of 800 trained alone, and the same student trained on the teacher's
@@ -18,30 +20,17 @@ recovers.
 """
 
 import contextlib
+import dataclasses
 import os
-import sys
 import tempfile
+from typing import ClassVar
 
-from absl import app, flags
 import keras
 import numpy as np
 
 import losses
 import training_loops
-from research.framework import common_flags, datasets, experiment, models
-
-flags.DEFINE_float("temperature", 20.0, "The softmax temperature of the "
-                   "soft targets, > 0.")
-flags.DEFINE_float("student_loss_weight", 0.1, "The labels' share of the "
-                   "distilled student's loss, in [0, 1]; the rest is the "
-                   "soft targets' (Keras' LogitsDistillation: the KL "
-                   "divergence, times the temperature squared).")
-flags.DEFINE_integer("teacher_units", 1200, "Units of each of the "
-                     "teacher's two hidden layers.", lower_bound=1)
-flags.DEFINE_integer("student_units", 800, "Units of each of the "
-                     "student's two hidden layers.", lower_bound=1)
-flags.DEFINE_integer("teacher_epochs", None, "The teacher's epochs; "
-                     "default: --epochs.", lower_bound=1)
+from research.framework import datasets, experiment, models, run_config
 
 # The teacher's regularization, the paper's: dropout on the hidden layers
 # and (less) on the inputs, and jittered inputs.
@@ -50,30 +39,40 @@ TEACHER_DROPOUT, TEACHER_INPUT_DROPOUT, JITTER_PIXELS = 0.5, 0.2, 2
 MNIST_RECIPE = {"batch_size": 128, "epochs": 30, "teacher_epochs": 80,
                 "lr_schedule": "cosine"}
 
-DEFAULTS = common_flags.Defaults(
-    dataset="mnist", epochs=20, learning_rate=1e-3, optimizer="adam",
-    datasets={"mnist": MNIST_RECIPE, "fashion_mnist": MNIST_RECIPE})
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.RunConfig):
+  dataset: str = "mnist"
+  learning_rate: float = 1e-3
+  optimizer: str = "adam"
+  temperature: float = run_config.setting(
+      20.0, "The softmax temperature of the soft targets.", above=0)
+  student_loss_weight: float = run_config.setting(
+      0.1, "The labels' share of the distilled student's loss; the rest is "
+      "the soft targets' (Keras' LogitsDistillation: the KL divergence, "
+      "times the temperature squared).", at_least=0, at_most=1)
+  teacher_units: int = run_config.setting(
+      1200, "Units of each of the teacher's two hidden layers.", at_least=1)
+  student_units: int = run_config.setting(
+      800, "Units of each of the student's two hidden layers.", at_least=1)
+  teacher_epochs: int | None = run_config.setting(
+      None, "The teacher's epochs; default: --epochs.", at_least=1)
+
+  RECIPES: ClassVar[dict] = {
+      "dataset": {"mnist": MNIST_RECIPE, "fashion_mnist": MNIST_RECIPE}}
+
 
 ROLES = ("teacher", "student", "distilled")
 
 
 def check(config):
   """One line for the flags the run cannot take, before anything runs."""
-  datasets.check_images(config["dataset"])
-  if not config["temperature"] > 0:
-    raise common_flags.SettingsError(
-        f"--temperature={config['temperature']} is not positive; accepted: "
-        "a number > 0 (the paper: 20).")
-  if not 0 <= config["student_loss_weight"] <= 1:
-    raise common_flags.SettingsError(
-        f"--student_loss_weight={config['student_loss_weight']} is outside "
-        "[0, 1]; accepted: 0 <= weight <= 1.")
+  datasets.check_images(config.dataset)
 
 
 def image_splits(config):
   """The dataset with 2-D images (scikit-learn's digits come flat)."""
-  splits = datasets.load(config["dataset"], config["data_dir"],
-                         config["seed"])
+  splits = datasets.load(config.dataset, config.data_dir,
+                         config.seed)
   if splits.x_train.ndim == 2:
     side = int(np.sqrt(splits.x_train.shape[1]))
     for split in ("train", "val", "test"):
@@ -107,11 +106,11 @@ def net(splits, config, role):
   shape, classes = splits.x_train.shape[1:], splits.num_classes
   if role == "teacher":
     return models.logits_mlp(
-        shape, classes, [config["teacher_units"]] * 2, scale,
+        shape, classes, [config.teacher_units] * 2, scale,
         TEACHER_INPUT_DROPOUT, TEACHER_DROPOUT, JITTER_PIXELS,
-        seed=config["seed"], name="teacher")
-  return models.logits_mlp(shape, classes, [config["student_units"]] * 2,
-                           scale, seed=config["seed"], name="student")
+        seed=config.seed, name="teacher")
+  return models.logits_mlp(shape, classes, [config.student_units] * 2,
+                           scale, seed=config.seed, name="student")
 
 
 def build(config, splits=None, role="distilled", teacher_path=None):
@@ -141,9 +140,9 @@ def build(config, splits=None, role="distilled", teacher_path=None):
         # "kl_divergence", skips the softmax and the temperature squared
         # and compares the scaled logits themselves.
         distillation_losses=keras.distillation.LogitsDistillation(
-            temperature=config["temperature"],
+            temperature=config.temperature,
             loss=keras.losses.KLDivergence()),
-        student_loss_weight=config["student_loss_weight"])
+        student_loss_weight=config.student_loss_weight)
     distiller.compile(optimizer=optimizer_fn(), loss=_loss(),
                       metrics=[_accuracy()])
     return distiller
@@ -153,56 +152,47 @@ def build(config, splits=None, role="distilled", teacher_path=None):
                                                     test_data))
 
 
-def main(argv, defaults=DEFAULTS):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  experiment.quiet_logs()
-  config = common_flags.resolved(defaults, __name__)
-  experiment.configure_process(config)
-  strategy = experiment.strategy_for(config)
-  try:
-    results = run(config, strategy)
-  except training_loops.TrainingInterrupted as interruption:
-    print(f"{interruption} A rerun resumes.", file=sys.stderr)
-    sys.exit(128 + interruption.signal_number)
-  except experiment.ONE_LINE_ERRORS as error:
-    sys.exit(f"error: {error}")
+def _run_and_print(config, strategy):
+  results = run(config, strategy)
   print(format_table(results))
+  return results
+
+
+main = experiment.main_running(_run_and_print)
 
 
 def run(config, strategy):
   """The teacher (graph loop, once), then the student alone and distilled
   in every loop selected; writes and returns the combined results."""
   check(config)
-  output_dir = config["output_dir"] or os.path.join("runs", "distill")
+  output_dir = config.output_dir or os.path.join("runs", "distill")
   # Read once, before anything is written: a bad dataset is one line.
   splits = image_splits(config)
   with contextlib.ExitStack() as stack:
-    if config["fast_dev_run"]:
+    if config.fast_dev_run:
       output_dir = stack.enter_context(
           tempfile.TemporaryDirectory(prefix="fast_dev_run_"))
     parts = {role: os.path.join(output_dir, role) for role in ROLES}
-    teacher_config = {
-        **config, "loop": "graph", "output_dir": parts["teacher"],
-        "export_dir": os.path.join(parts["teacher"], "export"),
-        "epochs": config["teacher_epochs"] or config["epochs"],
+    teacher_config = dataclasses.replace(
+        config, loop="graph", output_dir=parts["teacher"],
+        export_dir=os.path.join(parts["teacher"], "export"),
+        epochs=(1 if config.fast_dev_run
+                else config.teacher_epochs or config.epochs),
         # A dev run's teacher is kept until its students have run.
-        "fast_dev_run": False,
-        "limit_batches": 1 if config["fast_dev_run"]
-                         else config["limit_batches"]}
-    if config["fast_dev_run"]:
-      teacher_config["epochs"] = 1
+        fast_dev_run=False,
+        limit_batches=1 if config.fast_dev_run else config.limit_batches)
     teacher = experiment.run(build(teacher_config, splits, "teacher"),
                              teacher_config, strategy)
     teacher_path = os.path.join(parts["teacher"], "export", "graph.keras")
     alone = experiment.run(
         build(config, splits, "student"),
-        {**config, "output_dir": parts["student"]}, strategy)
+        dataclasses.replace(config, output_dir=parts["student"]), strategy)
     distilled = experiment.run(
         build(config, splits, "distilled", teacher_path),
-        {**config, "output_dir": parts["distilled"]}, strategy)
+        dataclasses.replace(config, output_dir=parts["distilled"]),
+        strategy)
     results = combined(config, teacher, alone, distilled)
-    if not config["fast_dev_run"]:
+    if not config.fast_dev_run:
       training_loops.write_json_atomically(
           os.path.join(output_dir, "results.json"), results, indent=2)
   return results
@@ -227,7 +217,8 @@ def combined(config, teacher, alone, distilled):
         "wall_seconds": {
             "student_alone": alone["loops"][loop]["wall_seconds"],
             "student_distilled": report["wall_seconds"]}}
-  return {"experiment": "distill", "flags": config, "seed": config["seed"],
+  return {"experiment": "distill", "flags": config.as_dict(),
+          "seed": config.seed,
           "versions": experiment.versions(),
           "test_images": teacher["loops"]["graph"]["test"]["images"],
           "teacher": {"loop": "graph", "wall_seconds":
@@ -255,4 +246,4 @@ def format_table(results):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)

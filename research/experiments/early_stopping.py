@@ -1,26 +1,30 @@
-"""The classifier with TensorBoard logs, best-model checkpoints and early
+"""The classifier with TensorBoard, best-model checkpoints, early stopping.
+
+The classifier with TensorBoard logs, best-model checkpoints and early
 stopping: our callbacks in the custom loops, Keras' own in model.fit.
 
     python -m research early_stopping --epochs=100 --patience=5
     tensorboard --logdir runs/early_stopping/logs
 """
 
+import dataclasses
 import functools
 import os
 
-from absl import app, flags
 import keras
 
 import losses
 import training_loops
 from research.experiments import classify
-from research.framework import common_flags, datasets, experiment, models
+from research.framework import datasets, experiment, models, run_config
 
-flags.DEFINE_integer("patience", 5, "EarlyStopping patience (epochs).",
-                     lower_bound=0)
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.RunConfig):
+  dataset: str = "digits"
+  epochs: int = 100
+  patience: int = run_config.setting(5, "EarlyStopping patience (epochs).",
+                                     at_least=0)
 
-DEFAULTS = common_flags.Defaults(dataset="digits", epochs=100,
-                                 learning_rate=0.01)
 
 
 def stopping_callbacks(loop, output_dir, patience):
@@ -52,11 +56,11 @@ def build(config):
       loss=losses.SparseCategoricalCrossentropy(),
       metrics=[classify.accuracy()],
       callbacks=functools.partial(stopping_callbacks,
-                                  patience=config["patience"]),
-      loop_report=stopping_report, extra={"patience": config["patience"]})
+                                  patience=config.patience),
+      loop_report=stopping_report, extra={"patience": config.patience})
 
 
-main = experiment.main_for(build, DEFAULTS)
+main = experiment.main_for(build)
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)

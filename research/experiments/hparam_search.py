@@ -1,4 +1,6 @@
-"""Hyperparameter search for the regression MLP, two ways:
+"""Hyperparameter search for the regression MLP: a sweep, a random search.
+
+Hyperparameter search for the regression MLP, two ways:
 
 (a) a sweep over learning rates from 1e-4 to 3e-2 with the chosen loop;
 (b) scikit-learn's RandomizedSearchCV over hidden layers, units and learning
@@ -12,12 +14,13 @@ TensorBoard's HParams tab:
     tensorboard --logdir runs/hparam_search/hparams
 """
 
+import dataclasses
 import math
 import os
 import sys
 import tempfile
+from typing import ClassVar
 
-from absl import app, flags
 import keras
 import numpy as np
 from scipy import stats
@@ -27,26 +30,31 @@ import tensorflow as tf
 import losses
 import training_loops
 from research.experiments import regress
-from research.framework import (common_flags, datasets, experiment, models,
-                                optimizers, summaries)
-
-flags.DEFINE_integer("sweep_points", 5, "Learning rates in the sweep "
-                     "(log-spaced over [1e-4, 3e-2]).", lower_bound=2)
-flags.DEFINE_integer("search_iterations", 6, "RandomizedSearchCV candidates.",
-                     lower_bound=1)
-flags.DEFINE_integer("cv_folds", 3, "Cross-validation folds.", lower_bound=2)
+from research.framework import (datasets, experiment, models, optimizers,
+                                run_config, summaries)
 
 # California housing's recipe: Adam with a cosine schedule to 0, twice the
-# epochs and candidates. The best of the course's search space (0-3 hidden
-# layers of 1-100 units) then reaches 0.259 test MSE (two layers of 100),
-# where the course's net alone gets 0.369; see README.
+# epochs and candidates.
 CALIFORNIA_RECIPE = {"optimizer": "adam", "lr_schedule": "cosine",
                      "epochs": 40, "search_iterations": 12}
 
-DEFAULTS = common_flags.Defaults(
-    dataset="diabetes", loop="graph", epochs=20, learning_rate=0.01,
-    datasets={"california_housing": CALIFORNIA_RECIPE})
 SWEEP_RANGE = (1e-4, 3e-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.RunConfig):
+  dataset: str = "diabetes"
+  loop: str = "graph"
+  sweep_points: int = run_config.setting(
+      5, "Learning rates in the sweep (log-spaced over [1e-4, 3e-2]).",
+      at_least=2)
+  search_iterations: int = run_config.setting(
+      6, "RandomizedSearchCV candidates.", at_least=1)
+  cv_folds: int = run_config.setting(3, "Cross-validation folds.",
+                                     at_least=2)
+
+  RECIPES: ClassVar[dict] = {
+      "dataset": {"california_housing": CALIFORNIA_RECIPE}}
 
 
 class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
@@ -55,15 +63,15 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
 
   keras.wrappers.SKLearnRegressor would only ever call `model.fit`; this
   wrapper lets the search run the loop under study, with the optimizer and
-  precision the run's flags name (`run_config`: a resolved config; None:
-  plain SGD in float32) at the candidate's learning rate, its schedule
+  precision the run's config names (`settings`: a `run_config.RunConfig`;
+  None: plain SGD in float32) at the candidate's learning rate, its schedule
   spanning the run's `--epochs`. The batch limits and the step cadence are
   the sweep's; cross-validation trains on every batch.
   """
 
   def __init__(self, hidden_layers=1, units=30, learning_rate=3e-3,
                epochs=10, batch_size=32, loop="graph", seed=42,
-               run_config=None):
+               settings=None):
     self.hidden_layers = hidden_layers
     self.units = units
     self.learning_rate = learning_rate
@@ -71,7 +79,7 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
     self.batch_size = batch_size
     self.loop = loop
     self.seed = seed
-    self.run_config = run_config
+    self.settings = settings
 
   def fit(self, x, y):
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
@@ -79,14 +87,15 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
     data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
         len(y), seed=self.seed).batch(self.batch_size).with_options(
             experiment.IN_MEMORY_DATA_OPTIONS)
-    if self.run_config is None:
+    if self.settings is None:
       optimizer_fn = lambda: keras.optimizers.SGD(self.learning_rate)
       precision = "float32"
     else:
       optimizer_fn = optimizers.optimizer_fn(
-          {**self.run_config, "learning_rate": self.learning_rate},
-          math.ceil(len(y) / self.batch_size), self.run_config["epochs"])
-      precision = self.run_config["precision"]
+          dataclasses.replace(self.settings,
+                              learning_rate=self.learning_rate),
+          math.ceil(len(y) / self.batch_size), self.settings.epochs)
+      precision = self.settings.precision
     with experiment.dtype_policy(precision):
       self.history_ = training_loops.train(
           lambda: models.regressor(x, self.hidden_layers, self.units),
@@ -102,21 +111,22 @@ class ToolkitRegressor(base.RegressorMixin, base.BaseEstimator):
 
 
 def learning_rate_sweep(config, output_dir, strategy):
-  """Trains the regressor under `strategy` at `config["sweep_points"]`
+  """Trains the regressor under `strategy` at `config.sweep_points`
   learning rates; returns a row per rate."""
   rows = []
-  rates = np.geomspace(*SWEEP_RANGE, config["sweep_points"])
+  rates = np.geomspace(*SWEEP_RANGE, config.sweep_points)
   for index, learning_rate in enumerate(rates):
-    trial = {**config, "learning_rate": float(learning_rate),
-             "output_dir": os.path.join(output_dir, f"sweep_{index}"),
-             "export_dir": None}
+    trial = dataclasses.replace(
+        config, learning_rate=float(learning_rate),
+        output_dir=os.path.join(output_dir, f"sweep_{index}"),
+        export_dir=None)
     try:
       results = experiment.run(regress.build(trial), trial, strategy)
     except training_loops.NonFiniteLossError as error:  # a result, too
       row = {"learning_rate": float(learning_rate), "val_loss": np.inf,
              "test_loss": np.inf, "diverged": str(error)}
     else:
-      report = results["loops"][config["loop"]]
+      report = results["loops"][config.loop]
       row = {"learning_rate": float(learning_rate),
              "val_loss": report["history"]["val_loss"][-1],
              "test_loss": report["test"]["loss"]}
@@ -131,14 +141,14 @@ def randomized_search(config, output_dir):
   """RandomizedSearchCV on the training split; the best model's test MSE."""
   splits = datasets.load_for("regression", config)
   search = model_selection.RandomizedSearchCV(
-      ToolkitRegressor(epochs=1 if config["fast_dev_run"] else
-                       config["epochs"], batch_size=config["batch_size"],
-                       loop=config["loop"], seed=config["seed"],
-                       run_config=config),
+      ToolkitRegressor(epochs=1 if config.fast_dev_run else
+                       config.epochs, batch_size=config.batch_size,
+                       loop=config.loop, seed=config.seed,
+                       settings=config),
       {"hidden_layers": [0, 1, 2, 3], "units": list(range(1, 101)),
        "learning_rate": stats.loguniform(3e-4, 3e-2)},
-      n_iter=config["search_iterations"], cv=config["cv_folds"],
-      scoring="neg_mean_squared_error", random_state=config["seed"],
+      n_iter=config.search_iterations, cv=config.cv_folds,
+      scoring="neg_mean_squared_error", random_state=config.seed,
       error_score=-np.inf, refit=True)  # a diverged candidate scores -inf
   search.fit(splits.x_train, splits.y_train)
   trials = []
@@ -160,24 +170,22 @@ def _plain(params):
           for key, value in params.items()}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def main(config):
+  """Runs the sweep and the search `config` describes."""
   experiment.quiet_logs()
-  config = common_flags.resolved(DEFAULTS, __name__)
-  if config["loop"] == "all":
-    raise app.UsageError("hparam_search trains one loop per trial; pick "
-                         "--loop=eager|function|graph|keras_fit.")
+  if config.loop == "all":
+    sys.exit("error: hparam_search trains one loop per trial; accepted: "
+             "--loop=eager, function, graph or keras_fit.")
   experiment.configure_process(config)
   strategy = experiment.strategy_for(config)
-  if config["fast_dev_run"]:  # the smallest sweep and search, then gone
-    config = {**config, "sweep_points": 2, "search_iterations": 1,
-              "cv_folds": 2}
+  if config.fast_dev_run:  # the smallest sweep and search, then gone
+    config = dataclasses.replace(config, sweep_points=2, search_iterations=1,
+                                 cv_folds=2)
     with tempfile.TemporaryDirectory(prefix="fast_dev_run_") as scratch:
       sweep_and_search(config, strategy, scratch)
     print("fast_dev_run: the sweep and the search ran; nothing was kept.")
   else:
-    sweep_and_search(config, strategy, config["output_dir"]
+    sweep_and_search(config, strategy, config.output_dir
                      or os.path.join("runs", "hparam_search"))
 
 
@@ -187,26 +195,26 @@ def sweep_and_search(config, strategy, output_dir):
   flags end it with one line before anything is written, and so does what
   `experiment.ONE_LINE_ERRORS` names, later."""
   try:
-    if config["lr_schedule"] == "piecewise":
-      raise common_flags.SettingsError(
+    if config.lr_schedule == "piecewise":
+      raise run_config.SettingsError(
           "--lr_schedule=piecewise sets the learning rates itself "
           "(--lr_values), which hparam_search tunes; accepted here: "
           "constant, exponential, cosine.")
-    if config["strategy"] == "multi_worker":
+    if config.strategy == "multi_worker":
       # Its cross-validated search trains outside any strategy, and every
       # worker would write the search's files.
-      raise common_flags.SettingsError(
+      raise run_config.SettingsError(
           "hparam_search runs in one process: --strategy=multi_worker is "
           "not accepted here (default, one_device or mirrored are).")
     experiment.RunPlan.checked(regress.build(config), config, strategy,
-                               (config["loop"],))
+                               (config.loop,))
     with training_loops.RunLock(output_dir):
       experiment.claim_output_dir(output_dir, "hparam_search", config)
       sweep = learning_rate_sweep(config, output_dir, strategy)
       found = randomized_search(config, output_dir)
       best = min(sweep, key=lambda row: row["val_loss"])
-      results = {"experiment": "hparam_search", "flags": config,
-                 "seed": config["seed"], "versions": experiment.versions(),
+      results = {"experiment": "hparam_search", "flags": config.as_dict(),
+                 "seed": config.seed, "versions": experiment.versions(),
                  "learning_rate_sweep": sweep, "best_learning_rate": best,
                  "random_search": found}
       training_loops.write_json_atomically(
@@ -221,4 +229,4 @@ def sweep_and_search(config, strategy, output_dir):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)

@@ -1,18 +1,24 @@
-"""The course's regression MLP: Standardize -> Dense(30, relu) -> Dense(1),
+"""The course's regression MLP, trained with MSE.
+
+The course's regression MLP: Standardize -> Dense(30, relu) -> Dense(1),
 MSE, SGD. Reports test MSE (the test loss).
 
     python -m research regress --dataset=california_housing \
         --data_dir=../shared/data/california-housing
 """
 
-from absl import app
+import dataclasses
+
 import keras
 
 import losses
-from research.framework import common_flags, datasets, experiment, models
+from research.framework import datasets, experiment, models, run_config
 
-DEFAULTS = common_flags.Defaults(dataset="diabetes", epochs=30,
-                                 learning_rate=0.01)
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.RunConfig):
+  dataset: str = "diabetes"
+  epochs: int = 30
+
 
 
 def build(config):
@@ -24,7 +30,7 @@ def build(config):
       metrics=[keras.metrics.MeanAbsoluteError(name="mae")])
 
 
-main = experiment.main_for(build, DEFAULTS)
+main = experiment.main_for(build)
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)

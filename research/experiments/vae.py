@@ -1,4 +1,6 @@
-"""Kingma & Welling (2014), Auto-Encoding Variational Bayes, on dynamically
+"""A variational autoencoder (Kingma & Welling, 2014) on binarized MNIST.
+
+Kingma & Welling (2014), Auto-Encoding Variational Bayes, on dynamically
 binarized MNIST: an MLP encoder and decoder, a Gaussian latent and a
 Bernoulli decoder, trained by the model's own step in every loop.
 
@@ -12,26 +14,15 @@ the ELBO per epoch and, with --latent_dim=2, the latent manifold and the
 test set's latent means coloured by digit.
 """
 
+import dataclasses
 import os
+from typing import ClassVar
 
-from absl import app, flags
 import numpy as np
 import tensorflow as tf
 
-from research.framework import (common_flags, datasets, experiment, likelihood,
-                                models, pictures)
-
-flags.DEFINE_integer("latent_dim", 20, "Dimensions of the Gaussian latent.",
-                     lower_bound=1)
-flags.DEFINE_integer("hidden_units", 400, "Units of each of the encoder's "
-                     "and the decoder's two hidden layers.", lower_bound=1)
-flags.DEFINE_integer("nll_samples", 1000, "Importance samples per test "
-                     "image for the negative log-likelihood estimate.",
-                     lower_bound=1)
-flags.DEFINE_integer("nll_images", None, "Estimate the negative "
-                     "log-likelihood on the first this many test images; "
-                     "default: all.", lower_bound=1)
-
+from research.framework import (datasets, experiment, likelihood, models,
+                                pictures, run_config)
 
 # The test and validation images are binarized once, with seeds of their
 # own: every run and seed is measured on the same binary images.
@@ -44,9 +35,26 @@ EVALUATION_SEED = 0
 # cosine decay from 1e-3 over the run.
 MNIST_RECIPE = {"batch_size": 100, "epochs": 100, "lr_schedule": "cosine"}
 
-DEFAULTS = common_flags.Defaults(
-    dataset="mnist", epochs=20, learning_rate=1e-3, optimizer="adam",
-    datasets={"mnist": MNIST_RECIPE, "fashion_mnist": MNIST_RECIPE})
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.RunConfig):
+  dataset: str = "mnist"
+  learning_rate: float = 1e-3
+  optimizer: str = "adam"
+  latent_dim: int = run_config.setting(
+      20, "Dimensions of the Gaussian latent.", at_least=1)
+  hidden_units: int = run_config.setting(
+      400, "Units of each of the encoder's and the decoder's two hidden "
+      "layers.", at_least=1)
+  nll_samples: int = run_config.setting(
+      1000, "Importance samples per test image for the negative "
+      "log-likelihood estimate.", at_least=1)
+  nll_images: int | None = run_config.setting(
+      None, "Estimate the negative log-likelihood on the first this many "
+      "test images; default: all.", at_least=1)
+
+  RECIPES: ClassVar[dict] = {
+      "dataset": {"mnist": MNIST_RECIPE, "fashion_mnist": MNIST_RECIPE}}
+
 
 
 def binarized_splits(splits):
@@ -71,22 +79,22 @@ def binarized_splits(splits):
 
 
 def build(config):
-  datasets.check_images(config["dataset"])
+  datasets.check_images(config.dataset)
   splits = binarized_splits(datasets.load(
-      config["dataset"], config["data_dir"], config["seed"]))
+      config.dataset, config.data_dir, config.seed))
   pixels = splits.x_train.shape[1]
-  latent_dim = config["latent_dim"]
+  latent_dim = config.latent_dim
 
   def model_fn(optimizer_fn):
-    return models.mlp_vae(pixels, latent_dim, config["hidden_units"],
-                          optimizer=optimizer_fn(), seed=config["seed"])
+    return models.mlp_vae(pixels, latent_dim, config.hidden_units,
+                          optimizer=optimizer_fn(), seed=config.seed)
 
   def evaluate(model, test_data):
     test = likelihood.negative_elbo(model, test_data, EVALUATION_SEED)
-    if config["nll_images"]:
-      test_data = test_data.unbatch().take(config["nll_images"])
+    if config.nll_images:
+      test_data = test_data.unbatch().take(config.nll_images)
     test["nll"] = likelihood.importance_weighted_nll(
-        model, test_data, config["nll_samples"], EVALUATION_SEED)
+        model, test_data, config.nll_samples, EVALUATION_SEED)
     return test
 
   return experiment.Experiment(
@@ -131,7 +139,7 @@ def draw(model, splits, path, title, count=100):
                               f"{title}, test latent means by digit")
 
 
-main = experiment.main_for(build, DEFAULTS)
+main = experiment.main_for(build)
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)

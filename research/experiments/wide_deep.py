@@ -1,4 +1,6 @@
-"""Wide & deep regression (Cheng et al., 2016) three ways: a functional
+"""Wide & deep regression (Cheng et al., 2016), written three ways.
+
+Wide & deep regression (Cheng et al., 2016) three ways: a functional
 model, the same as a subclass, and a two-input model (wide = features 0-4,
 deep = features 2-7) with an optional auxiliary output (loss weights
 0.9 / 0.1).
@@ -8,32 +10,39 @@ deep = features 2-7) with an optional auxiliary output (loss weights
         --wide_deep_variant=multi_input --aux_output
 """
 
-from absl import app, flags
+import dataclasses
+
 import keras
 
 import losses
-from research.framework import common_flags, datasets, experiment, models
+from research.framework import datasets, experiment, models, run_config
 
-flags.DEFINE_enum("wide_deep_variant", "functional",
-                  ("functional", "subclassed", "multi_input"),
-                  "How the model is written.")
-flags.DEFINE_boolean("aux_output", False, "multi_input only: add the "
-                     "auxiliary output on the deep path.")
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.RunConfig):
+  dataset: str = "diabetes"
+  epochs: int = 30
+  # The course trains wide & deep at 1e-3: the wide path feeds raw (scaled)
+  # features with heavy tails straight to the output, and 1e-2 diverges.
+  learning_rate: float = 1e-3
+  wide_deep_variant: str = run_config.setting(
+      "functional", "How the model is written.",
+      choices=("functional", "subclassed", "multi_input"))
+  aux_output: bool = run_config.setting(
+      False, "multi_input only: add the auxiliary output on the deep path.")
 
-# The course trains wide & deep at 1e-3: the wide path feeds raw (scaled)
-# features with heavy tails straight to the output, and 1e-2 diverges.
-DEFAULTS = common_flags.Defaults(dataset="diabetes", epochs=30,
-                                 learning_rate=1e-3)
 
 
 def build(config):
   splits = datasets.load_for("regression", config)
   if splits.x_train.shape[1] < 8:
-    raise ValueError("wide & deep needs at least 8 features.")
-  variant, aux = config["wide_deep_variant"], config["aux_output"]
+    raise datasets.DataError(
+        f"{config.dataset} has {splits.x_train.shape[1]} features; wide & "
+        "deep needs at least 8.")
+  variant, aux = config.wide_deep_variant, config.aux_output
   if aux and variant != "multi_input":
-    raise app.UsageError("--aux_output needs --wide_deep_variant="
-                         "multi_input.")
+    raise run_config.SettingsError(
+        f"--aux_output is for --wide_deep_variant=multi_input, not "
+        f"{variant}; accepted: multi_input, or no --aux_output.")
   builders = {
       "functional": lambda: models.wide_deep_functional(splits.x_train),
       "subclassed": lambda: models.wide_deep_subclassed(splits.x_train),
@@ -55,7 +64,7 @@ def build(config):
       extra={"variant": variant, "aux_output": aux}, **spec)
 
 
-main = experiment.main_for(build, DEFAULTS)
+main = experiment.main_for(build)
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)

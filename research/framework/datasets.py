@@ -94,10 +94,10 @@ def load_for(task, config):
   """`load` with the flags in `config`, after checking that the dataset
   suits `task` ("classification" or "regression")."""
   allowed = CLASSIFICATION if task == "classification" else REGRESSION
-  if config["dataset"] not in allowed:
-    raise DataError(f"--dataset={config['dataset']} is not a {task} "
+  if config.dataset not in allowed:
+    raise DataError(f"--dataset={config.dataset} is not a {task} "
                     f"dataset; use one of {', '.join(allowed)}.")
-  return load(config["dataset"], config["data_dir"], config["seed"])
+  return load(config.dataset, config.data_dir, config.seed)
 
 
 # --------------------------------------------------------------- IDX files

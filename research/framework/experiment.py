@@ -19,7 +19,7 @@ import tempfile
 from typing import Callable
 
 import absl
-from absl import app, flags, logging
+from absl import flags, logging
 import keras
 import numpy as np
 import sklearn
@@ -29,7 +29,7 @@ from tensorflow.python.framework import config as tf_config
 
 import training_loops
 from training_loops import drivers
-from research.framework import common_flags, datasets, optimizers, summaries
+from research.framework import datasets, optimizers, run_config, summaries
 
 # A loop "matches" model.fit when its final training loss is this close
 # (relative): float32 reassociation across graph rewrites, not more.
@@ -106,23 +106,27 @@ class Experiment:
   extra: dict = dataclasses.field(default_factory=dict)
 
 
-def main_for(build, defaults, flags_of=()):
-  """An absl `main` that resolves the config (the shared flags and those
-  defined by `build`'s module and the modules named in `flags_of`), builds
-  the experiment with `build(config)` and runs it; bad data ends it with a
-  one-line error."""
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def main_for(build):
+  """A `main(config)` for an experiment: builds it with `build(config)` and
+  runs it (`run`); bad settings or data end it with a one-line error."""
+  return main_running(
+      lambda config, strategy: run(build(config), config, strategy))
+
+
+def main_running(run_fn):
+  """A `main(config)` that calls `run_fn(config, strategy)` with the
+  process configured and the strategy the config names; an interruption
+  exits with 128 + its signal's number, bad settings or data with one
+  line."""
+  def main(config):
     quiet_logs()
-    config = common_flags.resolved(defaults, build.__module__, *flags_of)
     configure_process(config)
     strategy = strategy_for(config)
     try:
-      run(build(config), config, strategy)
+      return run_fn(config, strategy)
     except training_loops.TrainingInterrupted as interruption:
-      print(f"{interruption} Partial results are in results.json.",
-            file=sys.stderr)
+      print(f"{interruption} Partial results are in results.json; a rerun "
+            "resumes.", file=sys.stderr)
       sys.exit(128 + interruption.signal_number)
     except ONE_LINE_ERRORS as error:
       sys.exit(f"error: {error}")
@@ -134,7 +138,7 @@ def main_for(build, defaults, flags_of=()):
 # with (a damaged or foreign checkpoint, a held directory, a failed write;
 # an `OSError` is one a writer outside ours met, e.g. Keras'
 # `ModelCheckpoint` under model.fit).
-ONE_LINE_ERRORS = (datasets.DataError, common_flags.SettingsError,
+ONE_LINE_ERRORS = (datasets.DataError, run_config.SettingsError,
                    training_loops.CheckpointMismatchError,
                    training_loops.CheckpointNotSharedError,
                    training_loops.DamagedCheckpointError,
@@ -148,14 +152,14 @@ ONE_LINE_ERRORS = (datasets.DataError, common_flags.SettingsError,
 def quiet_logs():
   """Warnings and errors only, unless `--verbosity` says otherwise: every
   checkpoint save logs INFO lines, which would drown a script's output."""
-  if not flags.FLAGS["verbosity"].present:
+  if not flags.FLAGS.is_parsed() or not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
 
 
 def configure_process(config):
   """Process-wide settings: op determinism (TensorFlow has no public way
   to turn it off again, so only a script's `main` turns it on)."""
-  if config["deterministic"]:
+  if config.deterministic:
     tf.config.experimental.enable_op_determinism()
 
 
@@ -164,8 +168,8 @@ def strategy_for(config):
   error for bad ones. Call it before anything runs a TensorFlow op: the CPU
   can be split into replicas only until then."""
   try:
-    return training_loops.make_strategy(config["strategy"],
-                                        config["cpu_replicas"])
+    return training_loops.make_strategy(config.strategy,
+                                        config.cpu_replicas)
   except (ValueError, RuntimeError) as error:
     sys.exit(f"error: {error}")
 
@@ -182,7 +186,7 @@ def run(experiment, config, strategy):
   deletes and the rest to a temporary directory.
 
   Args:
-    config: the resolved config (`common_flags.resolved`).
+    config: the experiment's `run_config.RunConfig`.
     strategy: the `tf.distribute` strategy the flags name (`strategy_for`).
 
   Raises:
@@ -190,11 +194,11 @@ def run(experiment, config, strategy):
     training_loops.WriteError: a file could not be written.
     And the errors `training_loops.train` raises.
   """
-  output_dir = config["output_dir"] or os.path.join("runs", experiment.name)
-  loops = (training_loops.LOOPS if config["loop"] == "all"
-           else (config["loop"],))
+  output_dir = config.output_dir or os.path.join("runs", experiment.name)
+  loops = (training_loops.LOOPS if config.loop == "all"
+           else (config.loop,))
   plan = RunPlan.checked(experiment, config, strategy, loops)
-  if config["fast_dev_run"]:
+  if config.fast_dev_run:
     with tempfile.TemporaryDirectory(prefix="fast_dev_run_") as scratch:
       results = _run_loops(experiment, plan, loops, Outputs.within(scratch))
     print("fast_dev_run: every selected loop trained, validated and tested "
@@ -205,13 +209,13 @@ def run(experiment, config, strategy):
     with tempfile.TemporaryDirectory(prefix="worker_outputs_") as scratch:
       return _run_loops(experiment, plan, loops, Outputs(
           scratch, os.path.join(output_dir, "checkpoints"),
-          os.path.join(scratch, "export") if config["export_dir"]
+          os.path.join(scratch, "export") if config.export_dir
           else None))
   with training_loops.RunLock(output_dir):
     claim_output_dir(output_dir, experiment.name, config)
     return _run_loops(experiment, plan, loops, Outputs(
         output_dir, os.path.join(output_dir, "checkpoints"),
-        config["export_dir"]))
+        config.export_dir))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +241,8 @@ class Outputs:
 
 def _run_loops(experiment, plan, loops, outputs):
   config = plan.config
-  results = {"experiment": experiment.name, "flags": config,
-             "seed": config["seed"], "versions": versions(),
+  results = {"experiment": experiment.name, "flags": config.as_dict(),
+             "seed": config.seed, "versions": versions(),
              "op_determinism": tf_config.is_op_determinism_enabled(),
              "data": experiment.splits.sizes,
              "steps_per_epoch": plan.steps_per_epoch,
@@ -282,7 +286,7 @@ class RunPlan:
     steps_per_epoch: training steps an epoch.
     optimizer_fn: builds the optimizer `--optimizer` and its flags name.
   """
-  config: dict
+  config: run_config.RunConfig
   strategy: object
   epochs: int
   batches: dict
@@ -292,49 +296,49 @@ class RunPlan:
 
   @classmethod
   def checked(cls, experiment, config, strategy, loops):
-    """The plan, or a `common_flags.SettingsError` naming the flag."""
+    """The plan, or a `run_config.SettingsError` naming the flag."""
     replicas = strategy.num_replicas_in_sync
-    if config["batch_size"] % replicas:
+    if config.batch_size % replicas:
       # Uneven shards would give each replica's BatchNormalization and
       # dropout a different batch size from run to run of the same global
       # batch.
-      raise common_flags.SettingsError(
-          f"--batch_size={config['batch_size']} is not divisible by the "
-          f"{replicas} replicas of --strategy={config['strategy']}.")
+      raise run_config.SettingsError(
+          f"--batch_size={config.batch_size} is not divisible by the "
+          f"{replicas} replicas of --strategy={config.strategy}.")
     chosen = [name for name in ("fast_dev_run", "limit_batches",
-                                "overfit_batches") if config[name]]
+                                "overfit_batches") if getattr(config, name)]
     if len(chosen) > 1:
-      raise common_flags.SettingsError(
+      raise run_config.SettingsError(
           f"--{' and --'.join(chosen)} each choose the batches a run uses: "
           "pass one of them.")
-    full = math.ceil(len(experiment.splits.y_train) / config["batch_size"])
-    limit = (1 if config["fast_dev_run"] else config["limit_batches"]
-             or config["overfit_batches"])
-    if config["overfit_batches"] and config["overfit_batches"] > full:
-      raise common_flags.SettingsError(
-          f"--overfit_batches={config['overfit_batches']} is more than the "
-          f"{full} training batches of {config['batch_size']}; accepted: 1 "
+    full = math.ceil(len(experiment.splits.y_train) / config.batch_size)
+    limit = (1 if config.fast_dev_run else config.limit_batches
+             or config.overfit_batches)
+    if config.overfit_batches and config.overfit_batches > full:
+      raise run_config.SettingsError(
+          f"--overfit_batches={config.overfit_batches} is more than the "
+          f"{full} training batches of {config.batch_size}; accepted: 1 "
           f"to {full}.")
-    if config["checkpoint_every_steps"] and not any(
+    if config.checkpoint_every_steps and not any(
         map(_resumes_mid_epoch, loops)):
       resuming = filter(_resumes_mid_epoch, training_loops.LOOPS)
-      raise common_flags.SettingsError(
+      raise run_config.SettingsError(
           f"--checkpoint_every_steps needs a loop that resumes inside an "
-          f"epoch ({', '.join(resuming)}), not --loop={config['loop']}.")
+          f"epoch ({', '.join(resuming)}), not --loop={config.loop}.")
     steps_per_epoch = min(full, limit) if limit else full
     # A dev run's optimizer and schedule are the full run's: it checks
     # that run's code paths, cut short.
-    schedule_steps = full if config["fast_dev_run"] else steps_per_epoch
-    optimizers.check(config, schedule_steps, config["epochs"], replicas)
+    schedule_steps = full if config.fast_dev_run else steps_per_epoch
+    optimizers.check(config, schedule_steps, config.epochs, replicas)
     return cls(config=config, strategy=strategy,
-               epochs=1 if config["fast_dev_run"] else config["epochs"],
+               epochs=1 if config.fast_dev_run else config.epochs,
                batches={split: (limit if split == "train" or not
-                                config["overfit_batches"] else None)
+                                config.overfit_batches else None)
                         for split in ("train", "val", "test")},
-               overfit=bool(config["overfit_batches"]),
+               overfit=bool(config.overfit_batches),
                steps_per_epoch=steps_per_epoch,
                optimizer_fn=optimizers.optimizer_fn(
-                   config, schedule_steps, config["epochs"]))
+                   config, schedule_steps, config.epochs))
 
   def step_arguments(self, experiment):
     """The step's arguments of `training_loops.train` (and `compare`):
@@ -354,8 +358,8 @@ class RunPlan:
     every epoch from the seed (unless overfitting), each cut to its
     `batches`."""
     shuffled = split == "train" and not self.overfit
-    dataset = make_dataset(experiment, split, self.config["batch_size"],
-                           self.config["seed"] if shuffled else None)
+    dataset = make_dataset(experiment, split, self.config.batch_size,
+                           self.config.seed if shuffled else None)
     if self.batches[split]:
       dataset = dataset.take(self.batches[split])
     return dataset
@@ -371,9 +375,10 @@ def _identity(name, config):
   """The experiment and the flags a rerun into the same directory must
   keep."""
   resumable = set(_RESUMABLE_CHANGES)
-  if config["lr_schedule"] == "cosine" and config["decay_steps"] is None:
+  if config.lr_schedule == "cosine" and config.decay_steps is None:
     resumable.discard("epochs")  # the cosine spans the run's epochs
-  return {"experiment": name, **{key: value for key, value in config.items()
+  return {"experiment": name, **{key: value for key, value
+                                  in config.as_dict().items()
                                   if key not in resumable}}
 
 
@@ -403,7 +408,7 @@ def check_output_dir(output_dir, name, config):
       for key in {**recorded, **identity}
       if recorded.get(key) != identity.get(key)]
   if differences:
-    raise common_flags.SettingsError(
+    raise run_config.SettingsError(
         f"{output_dir} holds a run with other settings "
         f"({'; '.join(differences)}); its checkpoints would be resumed. "
         "Use another --output_dir, or delete that one.")
@@ -419,24 +424,24 @@ def _recorded_value(recorded, key):
 def _run_loop(experiment, loop, plan, outputs):
   config, strategy = plan.config, plan.strategy
   output_dir = outputs.directory
-  seed = config["seed"]
+  seed = config.seed
   keras.utils.set_random_seed(seed)  # before the data: it seeds the shuffle
   train_data, validation_data, test_data = (
       plan.dataset(experiment, split) for split in ("train", "val", "test"))
   callbacks = experiment.callbacks(loop, output_dir)
-  checkpoint_every_steps = config["checkpoint_every_steps"]
+  checkpoint_every_steps = config.checkpoint_every_steps
   if checkpoint_every_steps and not _resumes_mid_epoch(loop):
     print(f"--checkpoint_every_steps: {loop} checkpoints at epoch ends "
           "only (it resumes only at an epoch's start).", file=sys.stderr)
     checkpoint_every_steps = None
-  with dtype_policy(config["precision"]):
+  with dtype_policy(config.precision):
     history = training_loops.train(
         **plan.step_arguments(experiment), train_data=train_data, loop=loop,
         epochs=plan.epochs, validation_data=validation_data,
         strategy=strategy, checkpoint_dir=os.path.join(outputs.checkpoints, loop),
         log_dir=os.path.join(output_dir, "logs", loop), callbacks=callbacks,
-        seed=seed, verbose=config["verbose"],
-        eval_every_steps=config["eval_every_steps"],
+        seed=seed, verbose=config.verbose,
+        eval_every_steps=config.eval_every_steps,
         checkpoint_every_steps=checkpoint_every_steps)
   model = history.model
   test = {} if experiment.loss is None else training_loops.evaluate(
@@ -466,7 +471,7 @@ def _run_loop(experiment, loop, plan, outputs):
         f"{experiment.name}: {loop}, test split")
   summaries.log_hparams(
       os.path.join(output_dir, "hparams", loop),
-      {"experiment": experiment.name, **config, "loop": loop},
+      {"experiment": experiment.name, **config.as_dict(), "loop": loop},
       {**{key: values[-1] for key, values in history.history.items()
           if key.startswith("val_")},
        **{f"test_{key}": value for key, value in numbers.items()}})

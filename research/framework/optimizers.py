@@ -40,7 +40,7 @@ import math
 import keras
 from keras import ops
 
-from research.framework import common_flags
+from research.framework import run_config
 
 _MOMENTUM_DEFAULT = 0.9
 # Adam's decay rates, flags of the experiments that set them.
@@ -101,43 +101,39 @@ def check(config, steps_per_epoch, epochs, replicas=1):
   ignore or train wrongly with.
 
   Args:
-    config: the resolved flags (`common_flags.resolved`).
+    config: the run's `run_config.RunConfig`.
     steps_per_epoch: the batches an epoch trains on.
     epochs: the epochs of the run.
     replicas: the replicas of the run's strategy.
 
   Raises:
-    common_flags.SettingsError: one line naming the flags and what is
+    run_config.SettingsError: one line naming the flags and what is
       accepted.
   """
-  _check_ranges(config)
-  optimizer = config["optimizer"]
-  if config["momentum"] is not None and optimizer not in ("momentum",
+  optimizer = config.optimizer
+  if config.momentum is not None and optimizer not in ("momentum",
                                                           "nesterov"):
-    raise common_flags.SettingsError(
+    raise run_config.SettingsError(
         f"--momentum is for --optimizer=momentum or nesterov, not "
         f"{optimizer}; accepted: one of those, or no --momentum.")
   for beta in ADAM_BETAS:
-    value = config.get(beta)
-    if value is not None and optimizer not in ("adam", "adamw"):
-      raise common_flags.SettingsError(
+    if getattr(config, beta) is not None and optimizer not in ("adam",
+                                                               "adamw"):
+      raise run_config.SettingsError(
           f"--{beta} is for --optimizer=adam or adamw, not {optimizer}; "
           "accepted: one of those.")
-    if value is not None and not 0 <= value < 1:
-      raise common_flags.SettingsError(
-          f"--{beta}={value} is outside [0, 1); accepted: 0 <= {beta} < 1.")
   _check_schedule(config, steps_per_epoch * epochs)
-  accumulation = config["gradient_accumulation_steps"]
+  accumulation = config.gradient_accumulation_steps
   if accumulation > 1 and replicas > 1:
-    raise common_flags.SettingsError(
+    raise run_config.SettingsError(
         f"--gradient_accumulation_steps={accumulation} with the {replicas} "
-        f"replicas of --strategy={config['strategy']}: Keras applies the "
+        f"replicas of --strategy={config.strategy}: Keras applies the "
         "accumulated gradient in a cond whose branch needs a merge_call, "
         "which fails in model.fit and the function and graph loops; "
         "accepted: --gradient_accumulation_steps=1, or one replica.")
-  if config["precision"] == "mixed_float16" and config["ema_momentum"] > 0:
-    raise common_flags.SettingsError(
-        f"--ema_momentum={config['ema_momentum']} with "
+  if config.precision == "mixed_float16" and config.ema_momentum > 0:
+    raise run_config.SettingsError(
+        f"--ema_momentum={config.ema_momentum} with "
         "--precision=mixed_float16: Keras' moving averages start at zero and "
         "only an applied step sets them, and the LossScaleOptimizer skips "
         "every overflowing step (typically the first few), so a run whose "
@@ -153,13 +149,10 @@ def learning_rate(config, steps_per_epoch, epochs):
     A float for a constant rate without warm-up, else a
     `keras.optimizers.schedules.LearningRateSchedule`.
 
-  Raises:
-    common_flags.SettingsError: unparseable `--lr_boundaries` or
-      `--lr_values`.
   """
-  peak = float(config["learning_rate"])
-  warmup, schedule = config["warmup_steps"], config["lr_schedule"]
-  decay_steps = config["decay_steps"]
+  peak = float(config.learning_rate)
+  warmup, schedule = config.warmup_steps, config.lr_schedule
+  decay_steps = config.decay_steps
   if schedule == "cosine":
     # Keras' warm-up is linear from initial_learning_rate: from 0 here.
     return keras.optimizers.schedules.CosineDecay(
@@ -167,7 +160,7 @@ def learning_rate(config, steps_per_epoch, epochs):
         decay_steps or steps_per_epoch * epochs - warmup,
         warmup_target=peak if warmup else None, warmup_steps=warmup)
   if schedule == "exponential":
-    rate = config["decay_rate"]
+    rate = config.decay_rate
     after = keras.optimizers.schedules.ExponentialDecay(
         peak, decay_steps or steps_per_epoch,
         _DECAY_RATE_DEFAULT if rate is None else float(rate))
@@ -187,24 +180,23 @@ def optimizer_fn(config, steps_per_epoch, epochs):
   Not wrapped in a `LossScaleOptimizer`: under a `mixed_float16` policy,
   compiling the model wraps it, as for `model.fit`.
   """
-  name = config["optimizer"]
-  weight_decay = config["weight_decay"]
-  ema_momentum = config["ema_momentum"]
-  accumulation = config["gradient_accumulation_steps"]
+  name = config.optimizer
+  weight_decay = config.weight_decay
+  ema_momentum = config.ema_momentum
+  accumulation = config.gradient_accumulation_steps
   kwargs = {
       # AdamW is Adam with its own default decay: 0 must reach it as 0.
       "weight_decay": (weight_decay if weight_decay or name == "adamw"
                        else None),
-      "global_clipnorm": config["clipnorm"],
+      "global_clipnorm": config.clipnorm,
       "use_ema": ema_momentum > 0, "ema_momentum": ema_momentum,
       "gradient_accumulation_steps": accumulation if accumulation > 1
                                      else None}
   if name in ("adam", "adamw"):
-    # An experiment may define Adam's decay rates (research.experiments.gan does).
-    kwargs.update({key: config[key] for key in ADAM_BETAS
-                   if config.get(key) is not None})
+    kwargs.update({key: getattr(config, key) for key in ADAM_BETAS
+                   if getattr(config, key) is not None})
   if name in ("momentum", "nesterov"):
-    momentum = config["momentum"]
+    momentum = config.momentum
     kwargs["momentum"] = float(_MOMENTUM_DEFAULT if momentum is None
                                else momentum)
     kwargs["nesterov"] = name == "nesterov"
@@ -216,60 +208,37 @@ def optimizer_fn(config, steps_per_epoch, epochs):
   return build
 
 
-def _check_ranges(config):
-  momentum, weight_decay = config["momentum"], config["weight_decay"]
-  if momentum is not None and not 0 <= momentum < 1:
-    raise common_flags.SettingsError(
-        f"--momentum={momentum} is outside [0, 1); accepted: "
-        "0 <= momentum < 1.")
-  if weight_decay < 0:
-    raise common_flags.SettingsError(
-        f"--weight_decay={weight_decay} is negative; accepted: >= 0.")
-  if config["decay_rate"] is not None and not 0 < config["decay_rate"] <= 1:
-    raise common_flags.SettingsError(
-        f"--decay_rate={config['decay_rate']} is outside (0, 1]; accepted: "
-        "0 < decay_rate <= 1.")
-  if config["clipnorm"] is not None and config["clipnorm"] <= 0:
-    raise common_flags.SettingsError(
-        f"--clipnorm={config['clipnorm']} is not positive; accepted: > 0, "
-        "or no --clipnorm.")
-  if not 0 <= config["ema_momentum"] < 1:
-    raise common_flags.SettingsError(
-        f"--ema_momentum={config['ema_momentum']} is outside [0, 1); "
-        "accepted: 0 (off) <= ema_momentum < 1.")
-
-
 def _check_schedule(config, run_steps):
   """The schedule flags against each other and the run's `run_steps`
   batches."""
-  schedule = config["lr_schedule"]
-  warmup = config["warmup_steps"]
-  accumulation = config["gradient_accumulation_steps"]
+  schedule = config.lr_schedule
+  warmup = config.warmup_steps
+  accumulation = config.gradient_accumulation_steps
   if warmup >= run_steps:
-    raise common_flags.SettingsError(
+    raise run_config.SettingsError(
         f"--warmup_steps={warmup} does not end before the run's {run_steps} "
         f"steps (--epochs x batches per epoch); accepted: 0 to "
         f"{run_steps - 1}.")
   if accumulation > run_steps:
-    raise common_flags.SettingsError(
+    raise run_config.SettingsError(
         f"--gradient_accumulation_steps={accumulation} is more than the "
         f"run's {run_steps} steps, so the optimizer would never apply; "
         f"accepted: 1 to {run_steps}.")
   given = [name for name in ("lr_boundaries", "lr_values")
-           if config[name] is not None]
+           if getattr(config, name) is not None]
   if schedule == "piecewise":
     _piecewise(config)
   elif given:
-    raise common_flags.SettingsError(
+    raise run_config.SettingsError(
         f"--{' and --'.join(given)} are for --lr_schedule=piecewise, not "
         f"{schedule}; accepted: --lr_schedule=piecewise, or neither flag.")
-  if config["decay_steps"] is not None and schedule not in ("exponential",
+  if config.decay_steps is not None and schedule not in ("exponential",
                                                            "cosine"):
-    raise common_flags.SettingsError(
+    raise run_config.SettingsError(
         f"--decay_steps is for --lr_schedule=exponential or cosine, not "
         f"{schedule}; accepted: one of those, or no --decay_steps.")
-  if config["decay_rate"] is not None and schedule != "exponential":
-    raise common_flags.SettingsError(
+  if config.decay_rate is not None and schedule != "exponential":
+    raise run_config.SettingsError(
         f"--decay_rate is for --lr_schedule=exponential, not {schedule}; "
         "accepted: --lr_schedule=exponential, or no --decay_rate.")
 
@@ -277,36 +246,27 @@ def _check_schedule(config, run_steps):
 def _piecewise(config):
   """`(boundaries, values)` of `--lr_boundaries` and `--lr_values`, checked
   as `PiecewiseConstantDecay` needs them."""
-  raw_boundaries, raw_values = config["lr_boundaries"], config["lr_values"]
-  if not raw_boundaries or not raw_values:
-    raise common_flags.SettingsError(
+  boundaries, values = config.lr_boundaries, config.lr_values
+  if not boundaries or not values:
+    raise run_config.SettingsError(
         "--lr_schedule=piecewise needs --lr_boundaries and --lr_values; "
         "accepted: e.g. --lr_boundaries=1000,2000 --lr_values=0.1,0.01,0.001.")
-  boundaries = _parsed("lr_boundaries", raw_boundaries, int,
-                       "increasing positive integers")
-  values = _parsed("lr_values", raw_values, float,
-                   "positive numbers, one more than --lr_boundaries")
   if boundaries[0] <= 0 or any(later <= earlier for earlier, later
                                in zip(boundaries, boundaries[1:])):
-    raise common_flags.SettingsError(
-        f"--lr_boundaries={','.join(raw_boundaries)} is not strictly "
+    raise run_config.SettingsError(
+        f"--lr_boundaries={_listed(boundaries)} is not strictly "
         "increasing from above 0; accepted: increasing positive integers.")
   if not all(0 < value < math.inf for value in values):
-    raise common_flags.SettingsError(
-        f"--lr_values={','.join(raw_values)} holds a rate that is not a "
+    raise run_config.SettingsError(
+        f"--lr_values={_listed(values)} holds a rate that is not a "
         "positive number; accepted: finite rates > 0.")
   if len(values) != len(boundaries) + 1:
-    raise common_flags.SettingsError(
+    raise run_config.SettingsError(
         f"--lr_values has {len(values)} rates for {len(boundaries)} "
         f"--lr_boundaries; accepted: {len(boundaries) + 1}, one per "
         "interval.")
-  return boundaries, values
+  return list(boundaries), list(values)
 
 
-def _parsed(flag, strings, kind, accepted):
-  try:
-    return [kind(string) for string in strings]
-  except ValueError:
-    raise common_flags.SettingsError(
-        f"--{flag}={','.join(strings)} is not a list of numbers; accepted: "
-        f"{accepted}.") from None
+def _listed(numbers):
+  return ",".join(map(str, numbers))

@@ -1,4 +1,6 @@
-"""Throughput of every loop against model.fit and this machine's matmul
+"""Steps per second of every loop against model.fit and the roofline.
+
+Throughput of every loop against model.fit and this machine's matmul
 roofline.
 
     python -m research benchmark --model=mlp --batch_sizes=32,256 \

@@ -1,8 +1,11 @@
-"""The main job: one experiment with all four loops on the same data and
+"""The main job: every loop on one experiment, side by side with fit.
+
+The main job: one experiment with all four loops on the same data and
 seed, side by side with model.fit.
 
     python -m research compare                          # classify on digits
-    python -m research compare --experiment=regress --dataset=california_housing \
+    python -m research compare --experiment=regress \
+        --dataset=california_housing \
         --data_dir=../shared/data/california-housing
     python -m research compare --trace --loop=graph --trace_steps=20
     python -m research compare --experiment=distill --trace --loop=eager \
@@ -13,11 +16,10 @@ the speed ratio to keras_fit and whether the final loss matches keras_fit.
 With --trace, it instead trains the loops in lockstep on the same training
 batches and prints the first step and variable where one parts from the
 first (`training_loops.compare`); that writes nothing. distill's
-comparison is research.experiments.distill's own three runs; its trace follows the
-distilled student's step, under an untrained teacher.
+comparison is the distill experiment's own three runs; its trace follows
+the distilled student's step, under an untrained teacher.
 """
 
-import dataclasses
 import sys
 
 from absl import app, flags
@@ -26,7 +28,7 @@ import keras
 import training_loops
 from research.experiments import (classify, deep_net, distill, early_stopping,
                                   gan, regress, vae, wide_deep)
-from research.framework import common_flags, experiment
+from research.framework import experiment, run_config
 
 EXPERIMENTS = {"classify": classify, "early_stopping": early_stopping,
                "regress": regress, "deep_net": deep_net,
@@ -34,58 +36,50 @@ EXPERIMENTS = {"classify": classify, "early_stopping": early_stopping,
                "distill": distill}
 
 flags.DEFINE_enum("experiment", "classify", tuple(EXPERIMENTS),
-                  "Which experiment to compare the loops on.")
-
-# A trace trains nothing a rerun resumes and writes nothing, so these flags
-# stay out of run_config.json, which records the flags this module defines:
-# they are defined under a module name of their own, and declared key flags
-# so that --help still lists them.
-_TRACE_MODULE = f"{__name__}.trace"
+                  "Which experiment to compare the loops on; its flags "
+                  "follow.")
 flags.DEFINE_boolean(
     "trace", False, "Instead of the table: train the loops in lockstep on "
     "the same training batches and print the first step and variable where "
     "one parts from the first. --loop=all: every loop; one loop: it and "
-    "keras_fit.",
-    module_name=_TRACE_MODULE)
+    "keras_fit.")
 flags.DEFINE_integer("trace_steps", None, "Steps --trace compares; default: "
-                     "one epoch.", lower_bound=1, module_name=_TRACE_MODULE)
-flags.declare_key_flag("trace")
-flags.declare_key_flag("trace_steps")
+                     "one epoch.", lower_bound=1)
 
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  script = EXPERIMENTS[FLAGS.experiment]
-  defaults = dataclasses.replace(script.DEFAULTS, loop="all")
-  if FLAGS.trace:
-    trace(script, defaults, argv, FLAGS.trace_steps)
+def compare(name, config, trace_loops=False, trace_steps=None):
+  """Experiment `name` run with `config` (its module's `Config`): every
+  loop `config.loop` selects, side by side; or, with `trace_loops`, their
+  lockstep trace over `trace_steps` batches (`trace`)."""
+  script = EXPERIMENTS[name]
+  if trace_loops:
+    trace(script, config, trace_steps)
   elif script is distill:  # a teacher, then the students in every loop
-    distill.main(argv, defaults)
+    distill.main(config)
   else:
-    experiment.main_for(script.build, defaults, flags_of=[__name__])(argv)
+    experiment.main_for(script.build)(config)
 
 
-def trace(script, defaults, argv, steps):
-  """Prints `training_loops.compare` of the loops `--loop` selects on
+def trace(script, config, steps):
+  """Prints `training_loops.compare` of the loops `config.loop` selects on
   `steps` batches of the experiment's training split, built as
-  `experiment.run` builds it; exits with one line for bad flags or data."""
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  config = common_flags.resolved(defaults, script.__name__, __name__)
+  `experiment.run` builds it; exits with one line for bad settings or
+  data."""
   experiment.configure_process(config)
   strategy = experiment.strategy_for(config)
-  if config["loop"] == "keras_fit":
+  if config.loop == "keras_fit":
     sys.exit("error: --trace compares --loop with keras_fit; choose another "
              "loop, or all.")
   loops = [loop for loop in training_loops.LOOPS
-           if config["loop"] in ("all", loop) or loop == "keras_fit"]
-  seed = config["seed"]
+           if config.loop in ("all", loop) or loop == "keras_fit"]
+  seed = config.seed
   try:
     built = script.build(config)
     plan = experiment.RunPlan.checked(built, config, strategy, loops)
     keras.utils.set_random_seed(seed)  # before the data: it seeds the shuffle
-    with experiment.dtype_policy(config["precision"]):
+    with experiment.dtype_policy(config.precision):
       report = training_loops.compare(
           **plan.step_arguments(built), data=plan.dataset(built, "train"),
           loops=loops, steps=steps, strategy=strategy, seed=seed)
@@ -94,5 +88,30 @@ def trace(script, defaults, argv, steps):
   print(report)
 
 
+def _experiment_named(argv):
+  """The `--experiment` of a command line, before absl parses it: its
+  config's flags are defined only then."""
+  for index, argument in enumerate(argv):
+    if argument.startswith("--experiment="):
+      return argument.split("=", 1)[1]
+    if argument == "--experiment" and index + 1 < len(argv):
+      return argv[index + 1]
+  return FLAGS["experiment"].default
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  config_class = EXPERIMENTS[FLAGS.experiment].Config
+  try:
+    config = config_class.from_flags()
+  except run_config.SettingsError as error:
+    sys.exit(f"error: {error}")
+  compare(FLAGS.experiment, config, FLAGS.trace, FLAGS.trace_steps)
+
+
 if __name__ == "__main__":
+  chosen = _experiment_named(sys.argv)
+  if chosen in EXPERIMENTS:  # else absl's parse says what is accepted
+    EXPERIMENTS[chosen].Config.define_flags()
   app.run(main)

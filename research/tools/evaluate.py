@@ -8,23 +8,33 @@ layer's function) is refused unless --unsafe_deserialization says the file
 is trusted.
 """
 
+import dataclasses
 import os
 import sys
 
-from absl import app, flags
 import keras
 import numpy as np
 
 # `optimizers` registers the learning-rate schedules a saved model's
 # optimizer may hold.
-from research.framework import common_flags, datasets, optimizers  # noqa: F401
+from research.framework import (datasets, optimizers,  # noqa: F401
+                                run_config)
 
-flags.DEFINE_string("model_path", None, "A .keras file to evaluate.")
-flags.DEFINE_boolean("unsafe_deserialization", False,
-                     "Allow the file's Python code (Lambda layers) to run. "
-                     "Only for files you trust.")
 
-DEFAULTS = common_flags.Defaults(dataset="digits")
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.Settings):
+  model_path: str | None = run_config.setting(
+      None, "A .keras file to evaluate.")
+  unsafe_deserialization: bool = run_config.setting(
+      False, "Allow the file's Python code (Lambda layers) to run. Only for "
+      "files you trust.")
+  dataset: str = run_config.setting("digits", "Dataset.",
+                                    choices=datasets.DATASETS)
+  data_dir: str | None = run_config.setting(
+      None, "Directory with the dataset's files; see ../shared/data.")
+  seed: int = run_config.setting(42, "Seeds the split (as the run that "
+                                 "trained the model).", at_least=0)
+  batch_size: int = run_config.setting(32, "Batch size.", at_least=1)
 
 
 class ModelFileError(ValueError):
@@ -62,21 +72,19 @@ def evaluate(model, splits, batch_size):
       predictions.reshape(-1) - splits.y_test)))}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  config = common_flags.resolved(DEFAULTS, __name__)
+def main(config):
+  """Prints the test scores of the model `config` names."""
   try:
-    model = load_model(config["model_path"],
-                       config["unsafe_deserialization"])
-    splits = datasets.load(config["dataset"], config["data_dir"],
-                           config["seed"])
+    model = load_model(config.model_path,
+                       config.unsafe_deserialization)
+    splits = datasets.load(config.dataset, config.data_dir,
+                           config.seed)
   except (ModelFileError, datasets.DataError) as error:
     sys.exit(f"error: {error}")
-  scores = evaluate(model, splits, config["batch_size"])
+  scores = evaluate(model, splits, config.batch_size)
   print(" ".join(f"test {name}: {value:.4f}"
                  for name, value in scores.items()))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)

@@ -1,4 +1,6 @@
-"""TensorFlow's floor for each kind of loop: research.tools.benchmark's MLP
+"""TensorFlow's raw-op floor for each kind of loop, on the benchmark's MLP.
+
+TensorFlow's floor for each kind of loop: research.tools.benchmark's MLP
 (784-300-100-10, ReLU, softmax cross-entropy, SGD) trained with raw
 TensorFlow ops, no Keras layers, loss, metrics or optimizer. A loop of ours
 does more in a step (Keras' layers and optimizer, metrics, hooks, a finite-
