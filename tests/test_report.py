@@ -1,13 +1,12 @@
 """research.tools.report end to end with --quick on a small data directory the
 test writes in ../shared/data's layout (CI has no real data)."""
 
+import dataclasses
 import json
 import os
 import re
 import warnings
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 from sklearn import exceptions, neural_network
@@ -16,8 +15,6 @@ import training_loops
 from conftest import write_idx
 from research.framework import datasets
 from research.tools import report, sklearn_reference
-
-flags.FLAGS.mark_as_parsed()
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -70,10 +67,9 @@ def quick_report(tmp_path_factory):
   _write_data(data_dir)
   output_dir = tmp_path_factory.mktemp("report")
   # The tiniest quick run: one epoch of one batch of each split.
-  with flagsaver.flagsaver(quick=True, epochs=1, limit_batches=1,
-                           data_dir=str(data_dir),
-                           output_dir=str(output_dir), verbose=0):
-    report.main(["report"])
+  report.main(report.Config(quick=True, epochs=1, limit_batches=1,
+                            data_dir=str(data_dir),
+                            output_dir=str(output_dir), verbose=0))
   return output_dir, (output_dir / "REPORT.md").read_text(encoding="utf-8")
 
 
@@ -256,10 +252,9 @@ def test_tables_hold_the_runs_results(quick_report):
 
 def _refusal(data_dir, output_dir):
   """The report's exit line for `data_dir`, with nothing written."""
-  with flagsaver.flagsaver(quick=True, data_dir=str(data_dir),
-                           output_dir=str(output_dir)):
-    with pytest.raises(SystemExit) as raised:
-      report.main(["report"])
+  with pytest.raises(SystemExit) as raised:
+    report.main(report.Config(quick=True, data_dir=str(data_dir),
+                              output_dir=str(output_dir)))
   assert not os.path.exists(output_dir)
   message = str(raised.value.code)
   assert "\n" not in message
@@ -279,8 +274,17 @@ def test_a_missing_file_is_one_line_before_anything_runs(tmp_path):
   assert "cal_housing.csv" in message
 
 
-def test_a_scripts_bad_flag_is_one_line_before_anything_runs(tmp_path):
+@pytest.mark.parametrize("given,line", [
+    # Refused by the experiment's config, and by its own checks.
+    ({"discriminator_dropout": 1.5}, "error: --discriminator_dropout=1.5 is "
+                                     "out of range; accepted: >= 0 and < 1."),
+    ({"dataset": "diabetes"}, "error: --dataset=diabetes is not an image "
+                              "dataset"),
+])
+def test_a_runs_bad_setting_is_one_line_before_anything_runs(
+    tmp_path, monkeypatch, given, line):
   _write_data(tmp_path / "data")
-  with flagsaver.flagsaver(discriminator_dropout=1.5):
-    message = _refusal(tmp_path / "data", tmp_path / "out")
-  assert message.startswith("error: --discriminator_dropout=1.5 is outside")
+  gan_run = next(run for run in report.RUNS if run.name == "gan")
+  monkeypatch.setattr(report, "RUNS", (*report.RUNS, dataclasses.replace(
+      gan_run, name="bad_gan", given={**gan_run.given, **given})))
+  assert _refusal(tmp_path / "data", tmp_path / "out").startswith(line)

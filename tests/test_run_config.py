@@ -8,16 +8,18 @@ import json
 import os
 import subprocess
 import sys
+from typing import ClassVar
 
 from absl import flags
 import pytest
 
+import losses
 import training_loops
 from conftest import REPO
 from research import EXPERIMENTS
 from research.experiments import (classify, deep_net, early_stopping, gan,
                                   hparam_search, regress, wide_deep)
-from research.framework import experiment, run_config
+from research.framework import datasets, experiment, models, run_config
 
 
 def test_rerun_refuses_an_output_dir_with_other_flags(tmp_path):
@@ -248,3 +250,45 @@ def test_python_m_research_lists_and_runs_the_experiments_and_tools():
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1] == (
       "error: --epochs=0 is out of range; accepted: >= 1.")
+
+
+# BUILD.md's "Adding an experiment", followed: a config of its own with a
+# field and a recipe, a build that reads only the config, main_for.
+@dataclasses.dataclass(frozen=True)
+class _TinyConfig(run_config.RunConfig):
+  dataset: str = "digits"
+  hidden_units: int = run_config.setting(8, "Units of the hidden layer.",
+                                         at_least=1)
+
+  RECIPES: ClassVar[dict] = {"dataset": {"digits": {"epochs": 1}}}
+
+
+def _tiny_build(config):
+  splits = datasets.load_for("classification", config)
+  return experiment.Experiment(
+      name="tiny", splits=splits,
+      model_fn=lambda: models.mlp_classifier(
+          splits.x_train, splits.num_classes, "minmax",
+          hidden=(config.hidden_units,), seed=config.seed),
+      loss=losses.SparseCategoricalCrossentropy(),
+      metrics=[classify.accuracy()])
+
+
+def test_an_experiment_added_by_the_recipe_runs_from_its_flags(tmp_path):
+  flag_values = flags.FlagValues()
+  _TinyConfig.define_flags(flag_values)
+  assert "Units of the hidden layer." in flag_values["hidden_units"].help
+  flag_values(["tiny", "--hidden_units=4", "--loop=graph", "--verbose=0",
+               f"--output_dir={tmp_path}"])
+  config = _TinyConfig.from_flags(flag_values)
+  assert (config.hidden_units, config.epochs) == (4, 1)  # the recipe's
+  main = experiment.main_for(_tiny_build)
+  main(config)
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["flags"] == config.as_dict()
+  # The flag reached the model: 64 pixels into 4 units, 4 into 10 classes.
+  dense = [layer["parameters"] for layer in results["model"]["layers"]
+           if layer["type"] == "Dense"]
+  assert dense == [64 * 4 + 4, 4 * 10 + 10]
+  with pytest.raises(SystemExit, match="hidden_units: 4 then, 5 now"):
+    main(dataclasses.replace(config, hidden_units=5))

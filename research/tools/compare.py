@@ -20,20 +20,21 @@ comparison is the distill experiment's own three runs; its trace follows
 the distilled student's step, under an untrained teacher.
 """
 
+import importlib
 import sys
 
 from absl import app, flags
 import keras
 
+import research
 import training_loops
-from research.experiments import (classify, deep_net, distill, early_stopping,
-                                  gan, regress, vae, wide_deep)
+from research.experiments import distill
 from research.framework import experiment, run_config
 
-EXPERIMENTS = {"classify": classify, "early_stopping": early_stopping,
-               "regress": regress, "deep_net": deep_net,
-               "wide_deep": wide_deep, "vae": vae, "gan": gan,
-               "distill": distill}
+# Every experiment that trains the loops side by side (hparam_search
+# trains one loop per trial).
+EXPERIMENTS = {name: importlib.import_module(f"research.experiments.{name}")
+               for name in research.EXPERIMENTS if name != "hparam_search"}
 
 flags.DEFINE_enum("experiment", "classify", tuple(EXPERIMENTS),
                   "Which experiment to compare the loops on; its flags "

@@ -1,8 +1,7 @@
-"""The course's experiments, three generative models and distillation on
-the real data, as one report with pictures.
+"""The reproduction report: every experiment on the real data, with charts.
 
 Runs classify (three normalizations), deep_net (five architectures),
-callbacks, regress, wide & deep (three variants), hparam_search, the VAE,
+early_stopping, regress, wide & deep (three variants), hparam_search, the VAE,
 the GAN and WGAN-GP (judged by the report's own classify run) and
 distillation, each into its own directory under `<output_dir>/runs/<name>`
 (a rerun resumes them), and writes `<output_dir>/REPORT.md` with PNG charts
@@ -24,24 +23,43 @@ import os
 import sys
 import time
 
-from absl import app, flags
 from matplotlib import figure as matplotlib_figure, ticker
 import numpy as np
 
 import training_loops
 from research.experiments import (classify, deep_net, distill, early_stopping,
                                   gan, hparam_search, regress, vae, wide_deep)
-from research.framework import common_flags, datasets, experiment, summaries
+from research.framework import datasets, experiment, run_config, summaries
 from research.tools import sklearn_reference
 
-flags.DEFINE_boolean("quick", False, "A reduced report in a few minutes: "
-                     "2 epochs of at most 20 batches per split, the "
-                     "smallest search, fewer samples for the generative "
-                     "models' scores; flags given on the command line "
-                     "(e.g. --epochs, --limit_batches) win.")
 
-# --quick's settings, for the flags not given on the command line: every
-# run's, and some scripts' own.
+
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.Settings):
+  data_dir: str | None = run_config.setting(
+      None, "Directory holding mnist/ and california-housing/ (see "
+      "../shared/data).")
+  output_dir: str | None = run_config.setting(
+      None, "Where REPORT.md, its charts and every run (runs/<name>) go; a "
+      "rerun resumes the runs there.")
+  quick: bool = run_config.setting(
+      False, "A reduced report in a few minutes: 2 epochs of at most 20 "
+      "batches per split, the smallest search, fewer samples for the "
+      "generative models' scores.")
+  epochs: int | None = run_config.setting(
+      None, "Every run's epochs; default: each experiment's (2 with "
+      "--quick).", at_least=1)
+  limit_batches: int | None = run_config.setting(
+      None, "Every run's batches per split and epoch; default: all (20 "
+      "with --quick).", at_least=1)
+  seed: int = run_config.setting(42, "Every run's seed.", at_least=0)
+  verbose: int = run_config.setting(2, "0 silent, 1 progress bars, 2 a "
+                                    "line per epoch.", at_least=0,
+                                    at_most=2)
+
+
+# --quick's settings, unless --epochs or --limit_batches say otherwise:
+# every run's, and some experiments' own.
 QUICK = {"epochs": 2, "limit_batches": 20}
 QUICK_BY_SCRIPT = {
     hparam_search: {"sweep_points": 2, "search_iterations": 1,
@@ -77,7 +95,7 @@ class Run:
     name: its directory under `runs/` and its name in the report.
     script: the research module that builds it.
     data: the directory under `--data_dir` holding its dataset.
-    given: its flags, as if given on the script's command line.
+    given: its config's fields, as if given on its command line.
   """
   name: str
   script: object
@@ -135,17 +153,19 @@ DISTILL_GOAL = 0.8
 _RECIPE_RUN = "classify_minmax"
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def main(config):
+  """Runs (or resumes) every run of `RUNS` into `config.output_dir` and
+  writes REPORT.md there; bad settings or data end it with one line before
+  anything is written."""
   experiment.quiet_logs()
-  data_dir, output_dir = flags.FLAGS.data_dir, flags.FLAGS.output_dir
+  data_dir, output_dir = config.data_dir, config.output_dir
   if not output_dir:
-    raise app.UsageError("--output_dir is required.")
-  # The command line wins over --quick's settings.
-  def quick(settings):
-    return {name: value for name, value in settings.items()
-            if flags.FLAGS.quick and flags.FLAGS[name].using_default_value}
+    sys.exit("error: --output_dir is required.")
+  every_run = {**(QUICK if config.quick else {}),
+               **{name: getattr(config, name)
+                  for name in ("epochs", "limit_batches")
+                  if getattr(config, name) is not None},
+               "seed": config.seed, "verbose": config.verbose}
   runs_dir = os.path.join(output_dir, "runs")
   # The judge of the GANs: the recipe run's graph loop, exported.
   own = {_RECIPE_RUN: {"export_dir": os.path.join(runs_dir, _RECIPE_RUN,
@@ -157,29 +177,29 @@ def main(argv):
       raise datasets.DataError(f"--data_dir {data_dir!r} is not a "
                                "directory (it holds mnist/ and "
                                "california-housing/).")
-    configs = [common_flags.resolved(
-        run.script.DEFAULTS, run.script.__name__,
-        given={**run.given, **quick(QUICK),
-               **quick(QUICK_BY_SCRIPT.get(run.script, {})),
-               **own.get(run.name, {}),
-               "data_dir": os.path.join(data_dir, run.data),
-               "output_dir": os.path.join(runs_dir, run.name)})
+    configs = [run.script.Config.resolved(
+        **{**run.given, **every_run,
+           **(QUICK_BY_SCRIPT.get(run.script, {}) if config.quick else {}),
+           **own.get(run.name, {}),
+           "data_dir": os.path.join(data_dir, run.data),
+           "output_dir": os.path.join(runs_dir, run.name)})
                for run in RUNS]
     # Every script's own flag checks, before the first run too.
-    for run, config in zip(RUNS, configs):
+    for run, run_settings in zip(RUNS, configs):
       if hasattr(run.script, "check"):
-        run.script.check(config)
+        run.script.check(run_settings)
     # Every dataset read before the first run: a bad file ends the report
     # at once, not after hours of the experiments before it.
-    for dataset, directory in sorted({(config["dataset"], config["data_dir"])
-                                      for config in configs}):
+    for dataset, directory in sorted({(run_settings.dataset,
+                                       run_settings.data_dir)
+                                      for run_settings in configs}):
       datasets.load(dataset, directory)
     experiment.configure_process(configs[0])
     strategy = experiment.strategy_for(configs[0])
-    finished = [(run, *_run(run, config, strategy))
-                for run, config in zip(RUNS, configs)]
-    reference = _sklearn_reference(runs_dir, finished, flags.FLAGS.quick)
-    write_report(output_dir, finished, quick=flags.FLAGS.quick,
+    finished = [(run, *_run(run, run_settings, strategy))
+                for run, run_settings in zip(RUNS, configs)]
+    reference = _sklearn_reference(runs_dir, finished, config.quick)
+    write_report(output_dir, finished, quick=config.quick,
                  reference=reference)
   except training_loops.TrainingInterrupted as interruption:
     print(f"{interruption} A rerun resumes.", file=sys.stderr)
@@ -194,13 +214,13 @@ def _run(run, config, strategy):
   print(f"== {run.name}", flush=True)
   start = time.monotonic()
   if run.script is hparam_search:
-    hparam_search.sweep_and_search(config, strategy, config["output_dir"])
+    hparam_search.sweep_and_search(config, strategy, config.output_dir)
   elif run.script is distill:
     distill.run(config, strategy)
   else:
     experiment.run(run.script.build(config), config, strategy)
   seconds = time.monotonic() - start
-  with open(os.path.join(config["output_dir"], "results.json"),
+  with open(os.path.join(config.output_dir, "results.json"),
             encoding="utf-8") as stream:
     return json.load(stream), seconds
 
@@ -704,4 +724,4 @@ def _runs_section(finished, reference):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_config.run_cli(Config, main)
