@@ -173,7 +173,8 @@ class FunctionDriver(StepDriver):
   batch fetched inside it, so Python never touches the data and the end of
   the data is the `OutOfRangeError` of that fetch. Each epoch looks up the
   traced function for its iterator once (`get_concrete_function`), not at
-  every call: for a small model that lookup costs a tenth of a step.
+  every call: for a small model that lookup is a sizeable part of a
+  step.
   """
 
   def __init__(self, trainer, options=LoopOptions()):

@@ -10,8 +10,7 @@ def over_batches(iterator, max_steps, step, state, go_on=None):
   `go_on(state)` is false. Returns (steps run, state).
 
   The step sits in no `tf.cond`: a branch would route every tensor the step
-  captures (each variable) through a `Switch`, about a tenth of a small
-  step. So the loop carries the next batch as an optional, fetched after
+  captures (each variable) through a `Switch`, a cost every step pays. So the loop carries the next batch as an optional, fetched after
   each step, and only while a step is due: the iterator stops exactly after
   the batches trained on.
   """

@@ -17,9 +17,7 @@ from training_loops.step import all_finite, no_logs
 # Batches per XLA computation: enough that the call and the copy into one
 # tensor cost little per step, few enough to bound the copy's memory (64
 # MNIST batches of 256: 51 MB), and that the read-ahead overlaps most of
-# the reading (none of the first chunk's). On research.tools.benchmark's MLP, 64
-# beat 16, 32 and 128 at batch 32 and 256, and one chunk of the whole
-# 300-step epoch by 8% at 32.
+# the reading (none of the first chunk's).
 CHUNK_STEPS = 64
 
 

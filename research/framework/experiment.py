@@ -37,8 +37,7 @@ MATCH_TOLERANCE = 1e-3
 
 # For datasets of in-memory arrays: nothing to prefetch or tune, and on a
 # small machine tf.data's autotuning thread takes a core from the training
-# steps for seconds at a time, halving their rate while it does (see
-# README, Performance).
+# steps for seconds at a time (see docs/performance.md).
 IN_MEMORY_DATA_OPTIONS = tf.data.Options()
 IN_MEMORY_DATA_OPTIONS.autotune.enabled = False
 
