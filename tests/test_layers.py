@@ -6,6 +6,11 @@ arguments, .keras file, tf.function, Keras' layer) on the `SPECS` below; the
 tests after it check what is particular to one layer.
 """
 
+import importlib
+import inspect
+import itertools
+import pkgutil
+
 import keras
 import ml_dtypes
 import numpy as np
@@ -115,6 +120,114 @@ MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
                          ids=str)
 def test_layer_under_mixed_precision(spec, policy):
   check_mixed_precision(spec, policy)
+
+
+# ------------------------------------- BUILD.md's "Adding a layer" recipe
+
+
+def _layer_classes(namespace):
+  return {name: value for name, value in namespace.items()
+          if isinstance(value, type) and issubclass(value, keras.layers.Layer)}
+
+
+EXPORTED_LAYERS = sorted(
+    _layer_classes({name: getattr(layers, name) for name in getattr(
+        layers, "__all__", [n for n in vars(layers) if not n.startswith("_")])
+                    }).values(), key=lambda cls: cls.__name__)
+_OWN_MODULES = [importlib.import_module(f"layers.{info.name}")
+                for info in pkgutil.iter_modules(layers.__path__)]
+
+
+def _arguments(init):
+  """`init`'s named parameters (not `self`, `*args`, `**kwargs`)."""
+  return {name: parameter.default for name, parameter in
+          inspect.signature(init).parameters.items()
+          if name != "self" and parameter.kind not in (
+              parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)}
+
+
+def test_every_layer_of_the_package_is_exported():
+  """Step 4, so that the recipe test below sees every layer: each layer a
+  module of layers/ defines is exported from layers/__init__.py, unless it is
+  private (`_FeatureScaler`) or the base of exported ones (`RandomDrop`)."""
+  assert EXPORTED_LAYERS
+  for module in _OWN_MODULES:
+    for name, cls in _layer_classes(vars(module)).items():
+      if cls.__module__ != module.__name__ or name.startswith("_"):
+        continue
+      assert cls in EXPORTED_LAYERS or any(
+          issubclass(exported, cls) for exported in EXPORTED_LAYERS), (
+              f"{module.__name__}.{name} is not exported from layers")
+
+
+@pytest.mark.parametrize("cls", EXPORTED_LAYERS, ids=lambda cls: cls.__name__)
+def test_every_layer_follows_the_recipe(cls):
+  """BUILD.md's "Adding a layer", step by step, on each exported layer.
+
+  Step 1's module rule as the package follows it: each exported layer is
+  defined in a module `layers.<name>` of its own, except that one module may
+  hold a family of exported layers over a private base of that module
+  (feature_scaling.py: Standardize and MinMaxScale on `_FeatureScaler`).
+  Private helpers and non-exported bases beside a layer are fine.
+  """
+  name = cls.__name__
+  # 1. Its own module of layers/.
+  package, _, module_name = cls.__module__.partition(".")
+  assert package == "layers" and module_name and "." not in module_name, (
+      f"{name} is defined in {cls.__module__}, not in a module layers.<name>")
+  module = importlib.import_module(cls.__module__)
+  assert vars(module).get(name) is cls
+  siblings = [other for other in EXPORTED_LAYERS
+              if other.__module__ == cls.__module__]
+  if len(siblings) > 1:
+    family_bases = [
+        base for base_name, base in _layer_classes(vars(module)).items()
+        if base_name.startswith("_") and base.__module__ == cls.__module__
+        and all(issubclass(sibling, base) for sibling in siblings)]
+    assert family_bases, (
+        f"{cls.__module__} holds several exported layers "
+        f"{[s.__name__ for s in siblings]} that share no private base of it")
+  # 1. Registered serializable under package "layers".
+  registered = keras.saving.get_registered_name(cls)
+  assert registered.startswith("layers>"), (
+      f"{name} is not registered under package 'layers': {registered!r}")
+  assert keras.saving.get_registered_object(registered) is cls
+  # 5. A LayerSpec in SPECS, so test_layer runs the harness on it.
+  specs = [spec for spec in SPECS if spec.cls is cls]
+  assert specs, f"{name} has no LayerSpec in SPECS"
+  arguments = _arguments(cls.__init__)
+  own_arguments = set(arguments) - set(_arguments(keras.layers.Layer.__init__))
+  for spec in specs:
+    # 2. Every weight is created in build, none in the constructor.
+    assert spec.make().weights == [], f"{spec}: weights before build"
+    # 2. Bad constructor arguments: a ValueError naming the argument.
+    for misuse in spec.misuses:
+      if misuse.input_shape is None:
+        with pytest.raises(ValueError) as refused:
+          spec.make(**misuse.kwargs)
+        for argument in misuse.kwargs:
+          assert argument in str(refused.value), (
+              f"{spec}: {refused.value} does not name {argument}")
+  if own_arguments:
+    assert any(misuse.input_shape is None
+               for spec in specs for misuse in spec.misuses), (
+                   f"{name}: no Misuse of its arguments {own_arguments}")
+  # 3. get_config returns every constructor argument, and what it returns
+  # builds the same layer.
+  configs = [spec.make().get_config() for spec in specs]
+  for spec, config in zip(specs, configs):
+    missing = set(arguments) - set(config)
+    assert not missing, f"{spec}: get_config misses {sorted(missing)}"
+    assert cls.from_config(config).get_config() == config
+  # ... the argument's value, not a constant: two specs whose arguments
+  # differ have configs that differ there.
+  for (a, config_a), (b, config_b) in itertools.combinations(
+      zip(specs, configs), 2):
+    for argument, default in arguments.items():
+      if a.kwargs.get(argument, default) != b.kwargs.get(argument, default):
+        assert config_a[argument] != config_b[argument], (
+            f"get_config's {argument!r} is {config_a[argument]!r} for both "
+            f"{a} and {b}")
 
 
 # ---------------------------------------------------------------- Dense

@@ -1,6 +1,11 @@
 """Each loss against Keras' own, NumPy and finite differences, at ordinary
 and extreme inputs, as a function, a `Loss` class and inside `model.fit`."""
 
+import inspect
+import io
+import re
+import tokenize
+
 import keras
 import numpy as np
 import pytest
@@ -296,3 +301,105 @@ def test_compiled_model_trains_like_keras_and_saves(rng, tmp_path):
   assert isinstance(loaded.loss, losses.SparseCategoricalCrossentropy)
   np.testing.assert_allclose(loaded.evaluate(x, y, verbose=0),
                              model.evaluate(x, y, verbose=0), rtol=1e-6)
+
+
+# -------------------------------------- BUILD.md's "Adding a loss" recipe
+
+# Public functions of losses/functions.py that are helpers, not losses.
+_HELPERS = {"log_softmax", "align_ranks"}
+
+
+def _per_example_functions():
+  from losses import functions
+  found = {name: value for name, value in vars(functions).items()
+           if inspect.isfunction(value)
+           and value.__module__ == functions.__name__
+           and not name.startswith("_")}
+  assert _HELPERS <= set(found), "a helper named here is gone"
+  return {name: fn for name, fn in found.items() if name not in _HELPERS}
+
+
+def _loss_classes():
+  """The `Loss` classes exported from losses/__init__.py or public in
+  losses/classes.py."""
+  from losses import classes
+  names = getattr(losses, "__all__", [n for n in vars(losses)
+                                      if not n.startswith("_")])
+  candidates = [getattr(losses, name) for name in names] + [
+      value for name, value in vars(classes).items()
+      if not name.startswith("_")
+      and getattr(value, "__module__", None) == classes.__name__]
+  return {value for value in candidates if isinstance(value, type)
+          and issubclass(value, keras.losses.Loss)}
+
+
+def _parametrized(test, argnames):
+  """The argument values `test` is parametrized with for `argnames`."""
+  for mark in test.pytestmark:
+    if mark.name == "parametrize" and mark.args[0] == argnames:
+      return list(mark.args[1])
+  raise AssertionError(f"{test.__name__} is not parametrized by {argnames}")
+
+
+def test_every_loss_follows_the_recipe():
+  """BUILD.md's "Adding a loss" on every per-example function of
+  losses/functions.py and every `Loss` class the package has.
+
+  Step 2: a `_PerExampleLoss` subclass in losses/classes.py names each
+  function. Step 3: each class is in CLASS_PAIRS (values, weighting and
+  config against Keras' class), and its function is, by itself, one of the
+  cases of test_functions_match_keras_values_and_gradients (values and
+  gradients against Keras' function).
+  """
+  from losses import classes
+  functions = _per_example_functions()
+  assert functions
+  loss_classes = _loss_classes()
+  for name, function in functions.items():
+    naming = [cls for cls in loss_classes
+              if getattr(cls, "per_example", None) is function]
+    assert naming, f"no Loss class in losses/classes.py names {name}"
+    for cls in naming:
+      assert issubclass(cls, classes._PerExampleLoss), (
+          f"{cls.__name__} names {name} but is no _PerExampleLoss")
+      assert cls.__module__ == classes.__name__, (
+          f"{cls.__name__} is not in losses/classes.py")
+  function_cases = _parametrized(
+      test_functions_match_keras_values_and_gradients, "case")
+  cases = _cases(np.random.default_rng(0))
+  assert set(cases) == set(function_cases), "a case in _cases is not tested"
+  compared_classes = {type(ours) for ours, _, _ in _parametrized(
+      test_classes_reduce_and_weight_like_keras, "ours,theirs,case")}
+  for cls in loss_classes:
+    assert cls in compared_classes, (
+        f"{cls.__name__} is not in test_classes_reduce_and_weight_like_keras'"
+        f" CLASS_PAIRS")
+    assert any(cases[case][0] is cls.per_example for case in function_cases), (
+        f"{cls.__name__}.per_example is no case of "
+        f"test_functions_match_keras_values_and_gradients")
+
+
+def _code_only(source):
+  """`source` without its comments and strings (docstrings included)."""
+  return " ".join(
+      token.string for token in tokenize.generate_tokens(
+          io.StringIO(source).readline)
+      if token.type not in (tokenize.COMMENT, tokenize.STRING))
+
+
+def test_loss_functions_use_no_keras_losses_nor_tf_cross_entropy():
+  """Step 1: the per-example functions are built from TensorFlow ops, not on
+  keras.losses or tf.nn's cross-entropies (read from the source)."""
+  from losses import functions
+  code = _code_only(inspect.getsource(functions))
+  forbidden = {
+      "keras.losses": r"\bkeras\s*(\.\s*\w+\s*)*\.\s*losses\b",
+      "from keras import losses":
+          r"\bfrom\s+keras[\w\s.]*?\bimport\s+\(?[\w\s,]*\blosses\b",
+      "tf.nn.*cross_entropy*": r"\bnn\s*\.\s*\w*cross_entropy",
+      "from tensorflow.nn import *cross_entropy*":
+          r"\bfrom\s+tensorflow[\w\s.]*?\bimport\s+\(?[\w\s,]*cross_entropy",
+  }
+  for what, pattern in forbidden.items():
+    match = re.search(pattern, code)
+    assert match is None, f"losses/functions.py uses {what}: {match[0]!r}"
