@@ -237,7 +237,8 @@ def test_the_old_module_spelling_is_refused_naming_the_new_command():
   assert "Traceback" not in done.stderr
 
 
-def test_python_m_research_lists_and_runs_the_experiments_and_tools():
+def test_python_m_research_lists_the_experiments_and_tools():
+  """Running one with bad flags: test_research.py's bad invocations."""
   listed = _command("-m", "research")
   assert listed.returncode == 0
   for name in EXPERIMENTS:
@@ -246,10 +247,6 @@ def test_python_m_research_lists_and_runs_the_experiments_and_tools():
   assert refused.returncode == 1
   assert refused.stderr.strip().splitlines()[-1].startswith(
       "error: no experiment or tool 'clasify'; accepted: classify,")
-  bad = _command("-m", "research", "classify", "--epochs=0")
-  assert bad.returncode == 1
-  assert bad.stderr.strip().splitlines()[-1] == (
-      "error: --epochs=0 is out of range; accepted: >= 1.")
 
 
 # BUILD.md's "Adding an experiment", followed: a config of its own with a

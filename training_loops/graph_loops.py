@@ -10,9 +10,10 @@ def over_batches(iterator, max_steps, step, state, go_on=None):
   `go_on(state)` is false. Returns (steps run, state).
 
   The step sits in no `tf.cond`: a branch would route every tensor the step
-  captures (each variable) through a `Switch`, a cost every step pays. So the loop carries the next batch as an optional, fetched after
-  each step, and only while a step is due: the iterator stops exactly after
-  the batches trained on.
+  captures (each variable) through a `Switch`, a cost every step pays. So
+  the loop carries the next batch as an optional, fetched after each step,
+  and only while a step is due: the iterator stops exactly after the
+  batches trained on.
   """
   def fetch(steps, state):
     due = steps < max_steps

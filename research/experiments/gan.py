@@ -10,14 +10,13 @@ the model's own step in every loop.
 
 Judged by the toolkit's own MNIST classifier (the classify experiment's
 recipe): loaded from --judge_dir when it holds one, else trained there
-first. Per loop: the classifier Inception Score and the Fréchet distance in its last
-hidden layer against the test set, on --score_samples samples, and the
-share of each digit; per epoch, the same scores and a grid of samples from
+first. Per loop: the classifier Inception Score and the Fréchet distance
+in its last hidden layer against the test set, on --score_samples
+samples, and the share of each digit; per epoch, the same scores and a grid of samples from
 the same fixed noise.
 """
 
 import dataclasses
-import json
 import os
 from typing import ClassVar
 
@@ -27,8 +26,8 @@ import tensorflow as tf
 
 import training_loops
 from research.experiments import classify
-from research.framework import (datasets, experiment, models, pictures,
-                                run_config, sample_quality)
+from research.framework import (datasets, experiment, models, run_config,
+                                sample_quality)
 
 GENERATOR_UNITS = (256, 512, 1024)
 DISCRIMINATOR_UNITS = (512, 256)
@@ -36,7 +35,6 @@ CONV_FILTERS = 32
 # The scores' noise and the per-epoch grid's, the same for every loop and
 # epoch.
 SAMPLE_SEED = 0
-GRID_SAMPLES = 100
 
 # Without batch normalization in the generator and dropout in the
 # discriminator, the discriminator wins within an epoch and the generator
@@ -152,15 +150,16 @@ def build(config):
     return sampled(model)[1]
 
   def callbacks(loop, output_dir):
-    return [EpochScores(sampled, os.path.join(output_dir, f"scores_{loop}"),
-                        f"{config.objective}: {loop}")]
+    return [sample_quality.EpochScores(
+        sampled, os.path.join(output_dir, f"scores_{loop}"),
+        f"{config.objective}: {loop}")]
 
   return experiment.Experiment(
       name="gan", splits=splits, model_fn=model_fn, targets=None,
       evaluate=evaluate, callbacks=callbacks,
       loop_report=lambda history, callbacks: {
           "scores_per_epoch": callbacks[0].scores},
-      run_pictures=lambda results, output_dir: draw_scores(
+      run_pictures=lambda results, output_dir: sample_quality.draw_scores(
           results, output_dir, config.objective),
       extra={"objective": config.objective,
              "judge": judge_summary(config, judge, raw.y_test)})
@@ -214,46 +213,6 @@ def judge_summary(config, judge, labels):
   return {"path": judge_path(config.judge_dir),
           "test_error": float(np.mean(predicted != labels)),
           "real_test": judge.ceiling()}
-
-
-class EpochScores(keras.callbacks.Callback):
-  """At each epoch's end: the scores of the samples from the fixed noise,
-  recorded in `scores` (and kept in `<prefix>.json`, so a resumed run keeps
-  the earlier epochs'), and a grid of the first of them,
-  `<prefix>/epoch_NNN.png`, the same noise at every epoch."""
-
-  def __init__(self, sampled, prefix, title):
-    super().__init__()
-    self.sampled, self.prefix, self.title = sampled, prefix, title
-    self.scores = {"epoch": [], "inception_score": [], "fid": []}
-    if os.path.isfile(f"{prefix}.json"):
-      with open(f"{prefix}.json", encoding="utf-8") as stream:
-        self.scores = json.load(stream)
-
-  def on_epoch_end(self, epoch, logs=None):
-    samples, scores = self.sampled(self.model)
-    os.makedirs(self.prefix, exist_ok=True)
-    pictures.image_grid(
-        pictures.square(samples[:GRID_SAMPLES]),
-        os.path.join(self.prefix, f"epoch_{epoch + 1:03d}.png"),
-        f"{self.title}, epoch {epoch + 1}")
-    # A resumed run redoes the epochs after its checkpoint: theirs replace
-    # what the interrupted run recorded.
-    kept = [i for i, done in enumerate(self.scores["epoch"]) if done < epoch]
-    self.scores = {key: [values[i] for i in kept]
-                   + [epoch if key == "epoch" else scores[key]]
-                   for key, values in self.scores.items()}
-    training_loops.write_json_atomically(f"{self.prefix}.json", self.scores)
-
-
-def draw_scores(results, output_dir, objective):
-  """The Inception Score and the Fréchet distance per epoch, every loop."""
-  for key, label in (("inception_score", "Inception Score (judge)"),
-                     ("fid", "Fréchet distance to the test set")):
-    pictures.curves_per_loop(
-        results, [key], os.path.join(output_dir, f"{key}_per_epoch.png"),
-        f"{objective}: {label} per epoch", label,
-        source="scores_per_epoch")
 
 
 main = experiment.main_for(build)

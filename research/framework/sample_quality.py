@@ -2,12 +2,21 @@
 classifier Inception Score (Salimans et al., 2016, with our classifier in
 Inception's place), the Fréchet distance between the features of its last
 hidden layer on samples and on the test set (Heusel et al., 2017, likewise),
-and the share of each digit among the samples."""
+and the share of each digit among the samples; `EpochScores`, a callback
+that scores a generator's samples at each epoch's end."""
 
 import dataclasses
+import json
+import os
 
 import keras
 import numpy as np
+
+import training_loops
+from research.framework import pictures
+
+# The samples each epoch's grid shows.
+GRID_SAMPLES = 100
 
 
 def inception_score(probabilities):
@@ -84,3 +93,43 @@ class Judge:
     """The real test set's own Inception Score, and its digit shares."""
     return {"inception_score": inception_score(self.reference_probabilities),
             "digit_shares": digit_shares(self.reference_probabilities)}
+
+
+class EpochScores(keras.callbacks.Callback):
+  """At each epoch's end: the scores of the samples from the fixed noise,
+  recorded in `scores` (and kept in `<prefix>.json`, so a resumed run keeps
+  the earlier epochs'), and a grid of the first of them,
+  `<prefix>/epoch_NNN.png`, the same noise at every epoch."""
+
+  def __init__(self, sampled, prefix, title):
+    super().__init__()
+    self.sampled, self.prefix, self.title = sampled, prefix, title
+    self.scores = {"epoch": [], "inception_score": [], "fid": []}
+    if os.path.isfile(f"{prefix}.json"):
+      with open(f"{prefix}.json", encoding="utf-8") as stream:
+        self.scores = json.load(stream)
+
+  def on_epoch_end(self, epoch, logs=None):
+    samples, scores = self.sampled(self.model)
+    os.makedirs(self.prefix, exist_ok=True)
+    pictures.image_grid(
+        pictures.square(samples[:GRID_SAMPLES]),
+        os.path.join(self.prefix, f"epoch_{epoch + 1:03d}.png"),
+        f"{self.title}, epoch {epoch + 1}")
+    # A resumed run redoes the epochs after its checkpoint: theirs replace
+    # what the interrupted run recorded.
+    kept = [i for i, done in enumerate(self.scores["epoch"]) if done < epoch]
+    self.scores = {key: [values[i] for i in kept]
+                   + [epoch if key == "epoch" else scores[key]]
+                   for key, values in self.scores.items()}
+    training_loops.write_json_atomically(f"{self.prefix}.json", self.scores)
+
+
+def draw_scores(results, output_dir, objective):
+  """The Inception Score and the Fréchet distance per epoch, every loop."""
+  for key, label in (("inception_score", "Inception Score (judge)"),
+                     ("fid", "Fréchet distance to the test set")):
+    pictures.curves_per_loop(
+        results, [key], os.path.join(output_dir, f"{key}_per_epoch.png"),
+        f"{objective}: {label} per epoch", label,
+        source="scores_per_epoch")

@@ -22,8 +22,8 @@ matmul here. `--profile_dir` adds a profiler trace of each variant
 
 For the MLP, every round also measures the two other references of each
 loop, in the same alternating order: TensorFlow's raw-op floor of its kind
-(`research.tools.floor`, rows `tf_floor`), and with `--peers_python`, PyTorch and
-JAX doing the same kind of work (`research.tools.peers`, rows `peer`):
+(`research.tools.floor`, rows `tf_floor`), and with `--peers_python`,
+PyTorch and JAX doing the same kind of work (`research.tools.peers`, rows `peer`):
 
     python -m research benchmark --batch_sizes=32,256 \
         --peers_python=$HOME/peers/bin/python
@@ -86,10 +86,11 @@ flags.DEFINE_boolean("floors", True, "With --model=mlp, also measure "
                      "TensorFlow's raw-op floor of each loop kind "
                      "(research.tools.floor) in every round.")
 flags.DEFINE_string("peers_python", None, "With --model=mlp, an interpreter "
-                    "with PyTorch and/or JAX: research/tools/peers.py runs in it "
-                    "every round, and each loop shows its ratio to the peer "
-                    "doing its kind of work. Neither is a dependency of the "
-                    "project (research/tools/peers.py says how to install them).")
+                    "with PyTorch and/or JAX: research/tools/peers.py runs in "
+                    "it every round, and each loop shows its ratio to the "
+                    "peer doing its kind of work. Neither is a dependency of "
+                    "the project (research/tools/peers.py says how to "
+                    "install them).")
 
 FLAGS = flags.FLAGS
 
@@ -241,9 +242,9 @@ class PeersError(RuntimeError):
 
 
 def measure_peers(peers_python, batch_size, steps, repeats, seed):
-  """`{variant: epoch rates}` of `research.tools.peers` run by `peers_python` (an
-  interpreter with PyTorch and/or JAX), the frameworks that failed to import
-  left out."""
+  """`{variant: epoch rates}` of `research.tools.peers` run by
+  `peers_python` (an interpreter with PyTorch and/or JAX), the frameworks
+  that failed to import left out."""
   command = [peers_python, PEERS_SCRIPT, f"--batch_size={batch_size}",
              f"--steps={steps}", f"--epochs={repeats}", f"--seed={seed}"]
   try:
@@ -296,8 +297,8 @@ def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
   profiler trace of one epoch of each variant, from an extra run after the
   timed rounds, so the profiler's overhead is in no reported rate.
 
-  With `floors` (the MLP only), each round also measures `research.tools.floor`'s
-  raw-op loops, and with `peers_python`, `research.tools.peers` in that
+  With `floors` (the MLP only), each round also measures
+  `research.tools.floor`'s raw-op loops, and with `peers_python`, `research.tools.peers` in that
   interpreter; each of our variants then gets its ratio to the floor and
   the peer of its kind (`REFERENCES`), paired within rounds as the ratio
   to fit.
