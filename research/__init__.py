@@ -11,12 +11,10 @@ import sys
 
 EXPERIMENTS = ("classify", "regress", "deep_net", "wide_deep",
                "early_stopping", "hparam_search", "vae", "gan", "distill")
-TOOLS = ("compare", "benchmark", "floor", "peers", "parity", "report",
-         "evaluate")
+TOOLS = ("compare", "benchmark", "peers", "parity", "report", "evaluate")
 
-# Modules that were run as `python -m research.<name>` before experiments
-# and tools had packages of their own; `callbacks` is now `early_stopping`.
-_RENAMED = {"callbacks": "early_stopping"}
+# Experiments and tools whose name changed when they moved into packages.
+RENAMED = {"callbacks": "early_stopping"}
 
 
 class _MovedCommand(importlib.abc.MetaPathFinder):
@@ -27,7 +25,7 @@ class _MovedCommand(importlib.abc.MetaPathFinder):
   def find_spec(self, fullname, path=None, target=None):
     del path, target
     package, _, name = fullname.rpartition(".")
-    name = _RENAMED.get(name, name)
+    name = RENAMED.get(name, name)
     if package == __name__ and name in EXPERIMENTS + TOOLS:
       raise ImportError(f"{fullname} is run as `python -m research {name}` "
                         "now.")

@@ -5,7 +5,7 @@ import importlib
 import runpy
 import sys
 
-from research import EXPERIMENTS, TOOLS
+from research import EXPERIMENTS, RENAMED, TOOLS
 
 
 def _package(name):
@@ -30,10 +30,13 @@ def main():
     print(_listing())
     return
   name = sys.argv[1]
+  if name in RENAMED:
+    sys.exit(f"error: {name} is called {RENAMED[name]} now: python -m "
+             f"research {RENAMED[name]}")
   if name not in EXPERIMENTS + TOOLS:
     sys.exit(f"error: no experiment or tool {name!r}; accepted: "
              f"{', '.join(EXPERIMENTS + TOOLS)}.")
-  sys.argv = [f"research {name}", *sys.argv[2:]]
+  del sys.argv[1]  # runpy makes the module's path argv[0]
   runpy.run_module(f"research.{_package(name)}.{name}", run_name="__main__",
                    alter_sys=True)
 

@@ -250,15 +250,36 @@ def test_tables_hold_the_runs_results(quick_report):
   assert "| Hinton et al. (2015), section 3 | 67 | 146 | 74 | 91% |" in text
 
 
-def _refusal(data_dir, output_dir):
+def _refusal(data_dir, output_dir, **settings):
   """The report's exit line for `data_dir`, with nothing written."""
   with pytest.raises(SystemExit) as raised:
     report.main(report.Config(quick=True, data_dir=str(data_dir),
-                              output_dir=str(output_dir)))
+                              output_dir=str(output_dir), **settings))
   assert not os.path.exists(output_dir)
   message = str(raised.value.code)
   assert "\n" not in message
   return message
+
+
+def test_a_runs_own_setting_on_the_reports_command_line_is_refused(
+    tmp_path):
+  _write_data(tmp_path / "data")
+  assert _refusal(tmp_path / "data", tmp_path / "out",
+                  dataset="mnist").startswith(
+                      "error: --dataset and --export_dir are set by the "
+                      "report for each run")
+
+
+def test_every_run_takes_the_shared_settings_changed_on_the_command_line(
+    quick_report):
+  output_dir, _ = quick_report
+  runs = [path for path in (output_dir / "runs").glob("*/results.json")
+          if path.parent.name != "sklearn_reference"]
+  assert len(runs) == len(report.RUNS)
+  for results in runs:
+    flags = json.loads(results.read_text())["flags"]
+    assert (flags["epochs"], flags["limit_batches"], flags["verbose"],
+            flags["seed"]) == (1, 1, 0, 42), results
 
 
 def test_a_missing_data_dir_is_one_line(tmp_path):

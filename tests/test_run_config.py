@@ -162,6 +162,28 @@ def test_california_gets_hparam_searchs_recipe():
           config.search_iterations) == ("sgd", 20, 6)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TwoRecipes(run_config.Settings):
+  kind: str = run_config.setting("a", "Kind.", choices=("a", "b"))
+  size: str = run_config.setting("s", "Size.", choices=("s", "l"))
+  rate: float = run_config.setting(1.0, "Rate.", above=0)
+  steps: int = run_config.setting(1, "Steps.", at_least=1)
+
+  RECIPES: ClassVar[dict] = {"kind": {"b": {"rate": 2.0, "steps": 5}},
+                             "size": {"l": {"rate": 3.0}}}
+
+
+def test_recipes_apply_in_order_under_the_fields_given():
+  assert _TwoRecipes.resolved(kind="b") == _TwoRecipes("b", "s", 2.0, 5)
+  # The later recipe wins where both set a field; a field given wins over
+  # both, even at its own default.
+  assert _TwoRecipes.resolved(kind="b", size="l") == (
+      _TwoRecipes("b", "l", 3.0, 5))
+  assert _TwoRecipes.resolved(kind="b", size="l", rate=1.0, steps=1) == (
+      _TwoRecipes("b", "l", 1.0, 1))
+  assert _TwoRecipes.resolved() == _TwoRecipes()
+
+
 def test_a_recipe_follows_any_field_and_applies_in_order():
   """gan's recipes: the dataset's (batch size), then the objective's."""
   config = gan.Config.resolved(objective="wgan_gp", beta_2=0.99)
@@ -177,14 +199,14 @@ def test_the_config_is_typed_frozen_and_checked():
   with pytest.raises(dataclasses.FrozenInstanceError):
     config.epochs = 4
   for values, message in [
-      ({"epochs": "3"}, "--epochs='3' is not a int"),
+      ({"epochs": "3"}, "--epochs='3' is not an integer."),
       ({"epochs": 0}, "--epochs=0 is out of range; accepted: >= 1."),
-      ({"fast_dev_run": 1}, "--fast_dev_run=1 is not a bool"),
+      ({"fast_dev_run": 1}, "--fast_dev_run=1 is not true or false."),
       ({"normalize": "l2"}, "--normalize=l2 is not one of the accepted "
                             "values: none, zscore, minmax."),
       ({"dropout_rate": 1.0}, "accepted: >= 0 and < 1."),
-      ({"lr_values": ["0.1"]}, "--lr_values=('0.1',) is not a list of "
-                               "float numbers."),
+      ({"lr_values": ["0.1"]}, "--lr_values=0.1 holds an item that is "
+                               "not a number."),
       ({"loop": None}, "--loop needs a value.")]:
     with pytest.raises(run_config.SettingsError) as refused:
       classify.Config(**values)
@@ -237,12 +259,24 @@ def test_the_old_module_spelling_is_refused_naming_the_new_command():
   assert "Traceback" not in done.stderr
 
 
+def test_an_experiments_help_lists_its_flags_with_their_ranges():
+  helped = _command("-m", "research", "regress", "--help")
+  for line in ("--epochs: Epochs. Accepted: >= 1.",
+               "--batch_size: Global batch size. Accepted: >= 1.",
+               "--[no]fast_dev_run:"):
+    assert line in helped.stdout, line
+
+
 def test_python_m_research_lists_the_experiments_and_tools():
   """Running one with bad flags: test_research.py's bad invocations."""
   listed = _command("-m", "research")
   assert listed.returncode == 0
   for name in EXPERIMENTS:
     assert f"\n  {name} " in listed.stdout, name
+  renamed = _command("-m", "research", "callbacks")
+  assert renamed.stderr.strip().splitlines()[-1] == (
+      "error: callbacks is called early_stopping now: python -m research "
+      "early_stopping")
   refused = _command("-m", "research", "clasify")
   assert refused.returncode == 1
   assert refused.stderr.strip().splitlines()[-1].startswith(

@@ -288,8 +288,9 @@ def test_hparam_search_refuses_multi_worker(tmp_path):
   # The check itself, under the default strategy: a real multi-worker one
   # needs a cluster (TF_CONFIG), and its search trains outside it anyway.
   config = hparam_search.Config.resolved(loop="graph", verbose=0)
-  with pytest.raises(SystemExit, match="^error: hparam_search runs in one "
-                                       "process: --strategy=multi_worker"):
+  with pytest.raises(run_config.SettingsError,
+                     match="^hparam_search runs in one process: "
+                           "--strategy=multi_worker"):
     hparam_search.sweep_and_search(
         dataclasses.replace(config, strategy="multi_worker"),
                                    tf.distribute.get_strategy(),
@@ -348,7 +349,8 @@ def test_bad_values_are_refused_with_one_line_and_nothing_written(
     ("--precision=float16", "flag --precision=float16: value should be"),
     ("--eval_every_steps=0", "--eval_every_steps=0 is out of range; "
                              "accepted: >= 1."),
-    ("--lr_boundaries=10,x", "--lr_boundaries=10,x is not a list of int"),
+    ("--lr_boundaries=10,x", "--lr_boundaries=10,x holds an item that is "
+                             "not an integer; accepted: e.g. 1000,2000."),
     ("--checkpoint_every_steps=-1", "--checkpoint_every_steps=-1"),
     ("--limit_batches=0", "--limit_batches=0"),
     ("--overfit_batches=0", "--overfit_batches=0"),

@@ -1,6 +1,6 @@
 """The course's MLP classifier, with and without input normalization.
 
-    python -m research classify --dataset=mnist \
+    python -m research classify --dataset=mnist \\
         --data_dir=../shared/data/mnist-t10k --normalize=zscore --loop=all
 """
 

@@ -158,7 +158,9 @@ def _run_and_print(config, strategy):
   return results
 
 
-main = experiment.main_running(_run_and_print)
+main = experiment.main_running(
+    _run_and_print, partial_results="the interrupted part's results.json "
+    "(teacher/, student/ or distilled/)")
 
 
 def run(config, strategy):

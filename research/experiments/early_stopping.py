@@ -1,7 +1,6 @@
 """The classifier with TensorBoard, best-model checkpoints, early stopping.
 
-The classifier with TensorBoard logs, best-model checkpoints and early
-stopping: our callbacks in the custom loops, Keras' own in model.fit.
+Our callbacks in the custom loops, Keras' own in model.fit.
 
     python -m research early_stopping --epochs=100 --patience=5
     tensorboard --logdir runs/early_stopping/logs

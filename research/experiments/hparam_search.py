@@ -1,7 +1,5 @@
 """Hyperparameter search for the regression MLP: a sweep, a random search.
 
-Hyperparameter search for the regression MLP, two ways:
-
 (a) a sweep over learning rates from 1e-4 to 3e-2 with the chosen loop;
 (b) scikit-learn's RandomizedSearchCV over hidden layers, units and learning
     rate, cross-validated on the training split, through `ToolkitRegressor`.
@@ -9,7 +7,7 @@ Hyperparameter search for the regression MLP, two ways:
 Every trial is logged as a TensorBoard HParams run, so trials compare in
 TensorBoard's HParams tab:
 
-    python -m research hparam_search --dataset=california_housing \
+    python -m research hparam_search --dataset=california_housing \\
         --data_dir=../shared/data/california-housing
     tensorboard --logdir runs/hparam_search/hparams
 """
@@ -17,7 +15,6 @@ TensorBoard's HParams tab:
 import dataclasses
 import math
 import os
-import sys
 import tempfile
 from typing import ClassVar
 
@@ -170,14 +167,11 @@ def _plain(params):
           for key, value in params.items()}
 
 
-def main(config):
-  """Runs the sweep and the search `config` describes."""
-  experiment.quiet_logs()
+def _sweep_and_search_run(config, strategy):
   if config.loop == "all":
-    sys.exit("error: hparam_search trains one loop per trial; accepted: "
-             "--loop=eager, function, graph or keras_fit.")
-  experiment.configure_process(config)
-  strategy = experiment.strategy_for(config)
+    raise run_config.SettingsError(
+        "hparam_search trains one loop per trial; accepted: --loop=eager, "
+        "function, graph or keras_fit.")
   if config.fast_dev_run:  # the smallest sweep and search, then gone
     config = dataclasses.replace(config, sweep_points=2, search_iterations=1,
                                  cv_folds=2)
@@ -192,41 +186,45 @@ def main(config):
 def sweep_and_search(config, strategy, output_dir):
   """The sweep and the randomized search, their results in
   `output_dir/results.json`, under a `training_loops.RunLock` on it; bad
-  flags end it with one line before anything is written, and so does what
-  `experiment.ONE_LINE_ERRORS` names, later."""
-  try:
-    if config.lr_schedule == "piecewise":
-      raise run_config.SettingsError(
-          "--lr_schedule=piecewise sets the learning rates itself "
-          "(--lr_values), which hparam_search tunes; accepted here: "
-          "constant, exponential, cosine.")
-    if config.strategy == "multi_worker":
-      # Its cross-validated search trains outside any strategy, and every
-      # worker would write the search's files.
-      raise run_config.SettingsError(
-          "hparam_search runs in one process: --strategy=multi_worker is "
-          "not accepted here (default, one_device or mirrored are).")
-    experiment.RunPlan.checked(regress.build(config), config, strategy,
-                               (config.loop,))
-    with training_loops.RunLock(output_dir):
-      experiment.claim_output_dir(output_dir, "hparam_search", config)
-      sweep = learning_rate_sweep(config, output_dir, strategy)
-      found = randomized_search(config, output_dir)
-      best = min(sweep, key=lambda row: row["val_loss"])
-      results = {"experiment": "hparam_search", "flags": config.as_dict(),
-                 "seed": config.seed, "versions": experiment.versions(),
-                 "learning_rate_sweep": sweep, "best_learning_rate": best,
-                 "random_search": found}
-      training_loops.write_json_atomically(
-          os.path.join(output_dir, "results.json"), results, indent=2)
-  except experiment.ONE_LINE_ERRORS as error:
-    sys.exit(f"error: {error}")
+  settings are refused (`run_config.SettingsError`) before anything is
+  written.
+
+  Raises:
+    run_config.SettingsError, and what `experiment.run` raises.
+  """
+  if config.lr_schedule == "piecewise":
+    raise run_config.SettingsError(
+        "--lr_schedule=piecewise sets the learning rates itself "
+        "(--lr_values), which hparam_search tunes; accepted here: "
+        "constant, exponential, cosine.")
+  if config.strategy == "multi_worker":
+    # Its cross-validated search trains outside any strategy, and every
+    # worker would write the search's files.
+    raise run_config.SettingsError(
+        "hparam_search runs in one process: --strategy=multi_worker is "
+        "not accepted here (default, one_device or mirrored are).")
+  experiment.RunPlan.checked(regress.build(config), config, strategy,
+                             (config.loop,))
+  with training_loops.RunLock(output_dir):
+    experiment.claim_output_dir(output_dir, "hparam_search", config)
+    sweep = learning_rate_sweep(config, output_dir, strategy)
+    found = randomized_search(config, output_dir)
+    best = min(sweep, key=lambda row: row["val_loss"])
+    results = {"experiment": "hparam_search", "flags": config.as_dict(),
+               "seed": config.seed, "versions": experiment.versions(),
+               "learning_rate_sweep": sweep, "best_learning_rate": best,
+               "random_search": found}
+    training_loops.write_json_atomically(
+        os.path.join(output_dir, "results.json"), results, indent=2)
   print("learning-rate sweep (final val MSE):")
   for row in sweep:
     print(f"  {row['learning_rate']:.1e}  {row['val_loss']:.4f}")
   print(f"random search: best {found['best_params']}, CV MSE "
         f"{found['best_cv_mse']:.4f}, test MSE {found['test_mse']:.4f}")
 
+
+# Its results.json is written once, at the end.
+main = experiment.main_running(_sweep_and_search_run, partial_results=None)
 
 if __name__ == "__main__":
   run_config.run_cli(Config, main)

@@ -1,9 +1,9 @@
 """The course's regression MLP, trained with MSE.
 
-The course's regression MLP: Standardize -> Dense(30, relu) -> Dense(1),
-MSE, SGD. Reports test MSE (the test loss).
+Standardize -> Dense(30, relu) -> Dense(1), MSE, SGD. Reports test MSE
+(the test loss).
 
-    python -m research regress --dataset=california_housing \
+    python -m research regress --dataset=california_housing \\
         --data_dir=../shared/data/california-housing
 """
 

@@ -112,10 +112,11 @@ def main_for(build):
       lambda config, strategy: run(build(config), config, strategy))
 
 
-def main_running(run_fn):
+def main_running(run_fn, partial_results="results.json"):
   """A `main(config)` that calls `run_fn(config, strategy)` with the
   process configured and the strategy the config names; an interruption
-  exits with 128 + its signal's number, bad settings or data with one
+  exits with 128 + its signal's number, saying where the partial results
+  are (`partial_results`; None: nowhere), bad settings or data with one
   line."""
   def main(config):
     quiet_logs()
@@ -124,8 +125,9 @@ def main_running(run_fn):
     try:
       return run_fn(config, strategy)
     except training_loops.TrainingInterrupted as interruption:
-      print(f"{interruption} Partial results are in results.json; a rerun "
-            "resumes.", file=sys.stderr)
+      where = (f" Partial results are in {partial_results}."
+               if partial_results else "")
+      print(f"{interruption}{where} A rerun resumes.", file=sys.stderr)
       sys.exit(128 + interruption.signal_number)
     except ONE_LINE_ERRORS as error:
       sys.exit(f"error: {error}")
@@ -399,8 +401,8 @@ def check_output_dir(output_dir, name, config):
     return False
   with open(path, encoding="utf-8") as stream:
     recorded = json.load(stream)
-  # Keys of either side: a flag only the recorded run had (another
-  # script's, via compare) differs too.
+  # Keys of either side: a field only the recorded run had (another
+  # experiment's) differs too.
   differences = [
       f"{key}: {_recorded_value(recorded, key)} then, "
       f"{identity.get(key)!r} now"

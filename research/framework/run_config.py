@@ -59,8 +59,9 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 class Settings:
   """A frozen dataclass of typed, checked fields (`setting`) that becomes
   command-line flags (`define_flags`, `from_flags`) and JSON (`as_dict`).
-  A subclass may redeclare a field to change its default only (the help
-  and accepted values stay the first declaration's)."""
+  A subclass may redeclare a field with a bare default to change only its
+  default (the help and accepted values stay the declaration's above), or
+  with `setting` to change those too."""
 
   # {field: {value: {field: value}}}: defaults that follow a field's value,
   # applied in this order, each under the fields set explicitly.
@@ -101,23 +102,25 @@ class Settings:
             for name, value in dataclasses.asdict(self).items()}
 
   @classmethod
-  def define_flags(cls, flag_values=flags.FLAGS):
-    """Defines a flag per field, with its help, default and choices."""
+  def define_flags(cls, flag_values=flags.FLAGS, module_name=None):
+    """Defines a flag per field, with its help, default and choices, as
+    flags of `module_name` (`--help` lists the main module's; default:
+    this module)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
       metadata = _metadata(cls, field.name)
       kind = _base_type(hints[field.name])
+      options = {"flag_values": flag_values, "module_name": module_name}
       help_text = _help(cls, field, metadata)
       if metadata.get("choices"):
         flags.DEFINE_enum(field.name, field.default, metadata["choices"],
-                          help_text, flag_values=flag_values)
+                          help_text, **options)
       elif kind is tuple:
-        flags.DEFINE_list(field.name, field.default, help_text,
-                          flag_values=flag_values)
+        flags.DEFINE_list(field.name, field.default, help_text, **options)
       else:
         define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer,
                   float: flags.DEFINE_float}.get(kind, flags.DEFINE_string)
-        define(field.name, field.default, help_text, flag_values=flag_values)
+        define(field.name, field.default, help_text, **options)
 
   @classmethod
   def from_flags(cls, flag_values=flags.FLAGS):
@@ -237,9 +240,9 @@ class RunConfig(Settings):
 
 
 def _metadata(cls, name):
-  # A subclass redeclares a field to change its default only: the help and
-  # accepted values are the first declaration's, up the class hierarchy.
-  for klass in reversed(cls.__mro__):
+  # A subclass that redeclares a field with a bare default keeps the help
+  # and accepted values of the nearest declaration that has them.
+  for klass in cls.__mro__:
     fields = getattr(klass, "__dataclass_fields__", {})
     if name in fields and fields[name].metadata:
       return fields[name].metadata
@@ -248,8 +251,8 @@ def _metadata(cls, name):
 
 def _base_type(hint):
   """`int` of `int`, `int | None`; `tuple` of `tuple[int, ...] | None`."""
-  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is \
-      typing.Union:
+  if (isinstance(hint, types.UnionType)
+      or typing.get_origin(hint) is typing.Union):
     hint = next(arg for arg in typing.get_args(hint)
                 if arg is not type(None))
   return typing.get_origin(hint) or hint
@@ -265,12 +268,18 @@ def _element_type(hint):
 
 def _help(cls, field, metadata):
   text = metadata.get("help", "")
+  if metadata.get("bounds"):
+    text += f" Accepted: {_accepted(metadata['bounds'])}."
   recipes = [f"--{name}={value}: {field.name}={recipe[field.name]}"
              for name, by_value in cls.RECIPES.items()
              for value, recipe in by_value.items() if field.name in recipe]
   if recipes:
     text += f" Recipes: {'; '.join(recipes)}."
   return text
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false",
+               str: "a string", tuple: "a list"}
 
 
 def _from_flag(name, value, hint):
@@ -281,9 +290,10 @@ def _from_flag(name, value, hint):
   try:
     return tuple(kind(item) for item in value)
   except ValueError:
+    example = "1000,2000" if kind is int else "0.1,0.01"
     raise SettingsError(
-        f"--{name}={','.join(value)} is not a list of {kind.__name__} "
-        "numbers; accepted: e.g. 1000,2000.") from None
+        f"--{name}={','.join(value)} holds an item that is not "
+        f"{_TYPE_NAMES[kind]}; accepted: e.g. {example}.") from None
 
 
 def _checked(name, value, hint, metadata):
@@ -301,13 +311,13 @@ def _checked(name, value, hint, metadata):
     value = tuple(value)
   if not isinstance(value, kind) or (kind is int and isinstance(value,
                                                                 bool)):
-    raise SettingsError(f"--{name}={value!r} is not a {kind.__name__}.")
+    raise SettingsError(f"--{name}={value!r} is not {_TYPE_NAMES[kind]}.")
   if kind is tuple:
     element = _element_type(hint)
     if not all(isinstance(item, (element, int) if element is float
                           else element) for item in value):
-      raise SettingsError(f"--{name}={value!r} is not a list of "
-                          f"{element.__name__} numbers.")
+      raise SettingsError(f"--{name}={_listed(value)} holds an item that "
+                          f"is not {_TYPE_NAMES[element]}.")
     value = tuple(element(item) for item in value)
   choices = metadata.get("choices")
   if choices and value not in choices:
@@ -316,18 +326,26 @@ def _checked(name, value, hint, metadata):
   bounds = metadata.get("bounds", {})
   if not all(_BOUND_TESTS[kind_of][0](value, bound)
              for kind_of, bound in bounds.items()):
-    accepted = " and ".join(f"{_BOUND_TESTS[kind_of][1]} {bound}"
-                            for kind_of, bound in bounds.items())
     raise SettingsError(f"--{name}={value} is out of range; accepted: "
-                        f"{accepted}.")
+                        f"{_accepted(bounds)}.")
   return value
+
+
+def _listed(values):
+  return ",".join(map(str, values))
+
+
+def _accepted(bounds):
+  return " and ".join(f"{_BOUND_TESTS[kind_of][1]} {bound}"
+                      for kind_of, bound in bounds.items())
 
 
 def run_cli(config_class, main, argv=None):
   """`python -m research <experiment>`: defines `config_class`'s flags,
   parses the command line into it and calls `main(config)`; a refused
   setting ends the process with one line."""
-  config_class.define_flags()
+  # absl's --help lists the main module's flags.
+  config_class.define_flags(module_name=sys.argv[0])
 
   def parsed_main(arguments):
     if len(arguments) > 1:

@@ -1,9 +1,8 @@
 """Steps per second of every loop against model.fit and the roofline.
 
-Throughput of every loop against model.fit and this machine's matmul
-roofline.
+Against this machine's matmul roofline too.
 
-    python -m research benchmark --model=mlp --batch_sizes=32,256 \
+    python -m research benchmark --model=mlp --batch_sizes=32,256 \\
         --output=benchmark.json
 
 In one process, so ratios are fair. This VM's CPU speed drifts by tens of
@@ -25,7 +24,7 @@ loop, in the same alternating order: TensorFlow's raw-op floor of its kind
 (`research.tools.floor`, rows `tf_floor`), and with `--peers_python`,
 PyTorch and JAX doing the same kind of work (`research.tools.peers`, rows `peer`):
 
-    python -m research benchmark --batch_sizes=32,256 \
+    python -m research benchmark --batch_sizes=32,256 \\
         --peers_python=$HOME/peers/bin/python
 """
 

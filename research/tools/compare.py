@@ -1,14 +1,13 @@
 """The main job: every loop on one experiment, side by side with fit.
 
-The main job: one experiment with all four loops on the same data and
-seed, side by side with model.fit.
+One experiment with all four loops on the same data and seed.
 
     python -m research compare                          # classify on digits
-    python -m research compare --experiment=regress \
-        --dataset=california_housing \
+    python -m research compare --experiment=regress \\
+        --dataset=california_housing \\
         --data_dir=../shared/data/california-housing
     python -m research compare --trace --loop=graph --trace_steps=20
-    python -m research compare --experiment=distill --trace --loop=eager \
+    python -m research compare --experiment=distill --trace --loop=eager \\
         --dataset=mnist --data_dir=../shared/data/mnist --trace_steps=100
 
 Prints per loop the final train loss, validation and test metrics, steps/s,
@@ -20,6 +19,7 @@ comparison is the distill experiment's own three runs; its trace follows
 the distilled student's step, under an untrained teacher.
 """
 
+import functools
 import importlib
 import sys
 
@@ -28,7 +28,6 @@ import keras
 
 import research
 import training_loops
-from research.experiments import distill
 from research.framework import experiment, run_config
 
 # Every experiment that trains the loops side by side (hparam_search
@@ -56,37 +55,30 @@ def compare(name, config, trace_loops=False, trace_steps=None):
   lockstep trace over `trace_steps` batches (`trace`)."""
   script = EXPERIMENTS[name]
   if trace_loops:
-    trace(script, config, trace_steps)
-  elif script is distill:  # a teacher, then the students in every loop
-    distill.main(config)
-  else:
-    experiment.main_for(script.build)(config)
+    experiment.main_running(
+        functools.partial(trace, script, steps=trace_steps),
+        partial_results=None)(config)
+  else:  # distill's main trains a teacher first
+    script.main(config)
 
 
-def trace(script, config, steps):
+def trace(script, config, strategy, steps):
   """Prints `training_loops.compare` of the loops `config.loop` selects on
   `steps` batches of the experiment's training split, built as
-  `experiment.run` builds it; exits with one line for bad settings or
-  data."""
-  experiment.configure_process(config)
-  strategy = experiment.strategy_for(config)
+  `experiment.run` builds it; writes nothing."""
   if config.loop == "keras_fit":
-    sys.exit("error: --trace compares --loop with keras_fit; choose another "
-             "loop, or all.")
+    raise run_config.SettingsError(
+        "--trace compares --loop with keras_fit; choose another loop, or "
+        "all.")
   loops = [loop for loop in training_loops.LOOPS
            if config.loop in ("all", loop) or loop == "keras_fit"]
-  seed = config.seed
-  try:
-    built = script.build(config)
-    plan = experiment.RunPlan.checked(built, config, strategy, loops)
-    keras.utils.set_random_seed(seed)  # before the data: it seeds the shuffle
-    with experiment.dtype_policy(config.precision):
-      report = training_loops.compare(
-          **plan.step_arguments(built), data=plan.dataset(built, "train"),
-          loops=loops, steps=steps, strategy=strategy, seed=seed)
-  except experiment.ONE_LINE_ERRORS as error:
-    sys.exit(f"error: {error}")
-  print(report)
+  built = script.build(config)
+  plan = experiment.RunPlan.checked(built, config, strategy, loops)
+  keras.utils.set_random_seed(config.seed)  # before the data: the shuffle
+  with experiment.dtype_policy(config.precision):
+    print(training_loops.compare(
+        **plan.step_arguments(built), data=plan.dataset(built, "train"),
+        loops=loops, steps=steps, strategy=strategy, seed=config.seed))
 
 
 def _experiment_named(argv):
@@ -103,6 +95,10 @@ def _experiment_named(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.experiment != _experiment_named(sys.argv):
+    sys.exit(f"error: --experiment={FLAGS.experiment} came in a way this "
+             "command does not read before parsing (a flag file, or twice); "
+             "pass it once, as --experiment=<name>.")
   config_class = EXPERIMENTS[FLAGS.experiment].Config
   try:
     config = config_class.from_flags()
@@ -114,5 +110,5 @@ def main(argv):
 if __name__ == "__main__":
   chosen = _experiment_named(sys.argv)
   if chosen in EXPERIMENTS:  # else absl's parse says what is accepted
-    EXPERIMENTS[chosen].Config.define_flags()
+    EXPERIMENTS[chosen].Config.define_flags(module_name=sys.argv[0])
   app.run(main)

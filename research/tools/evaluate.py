@@ -1,6 +1,6 @@
 """Evaluates a saved `.keras` model on a dataset's test split.
 
-    python -m research evaluate --model_path=runs/export/graph.keras \
+    python -m research evaluate --model_path=runs/export/graph.keras \\
         --dataset=digits
 
 Models load in Keras' safe mode: a file that carries Python code (a Lambda

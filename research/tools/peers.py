@@ -1,6 +1,6 @@
 """PyTorch and JAX on the benchmark's workload, beside our loops.
 
-The frameworks a researcher would pick instead, on research.tools.benchmark's
+The frameworks a researcher would pick instead, on the benchmark's
 workload: the MLP 784-300-100-10 (ReLU, softmax cross-entropy, SGD 0.01) on
 uniform [0, 1) inputs and random labels.
 

@@ -10,7 +10,7 @@ its published anchor; California housing's beside scikit-learn's
 MLPRegressor, fitted by the report on the regress run's split into
 `<output_dir>/runs/sklearn_reference` (research.tools.sklearn_reference).
 
-    python -m research report --data_dir=../shared/data \
+    python -m research report --data_dir=../shared/data \\
         --output_dir=runs/report [--quick]
 
 `--data_dir` holds `mnist/` (the IDX files) and `california-housing/`
@@ -35,7 +35,10 @@ from research.tools import sklearn_reference
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(run_config.Settings):
+class Config(run_config.RunConfig):
+  """Where the data is and the report goes, `--quick`, and the shared
+  settings: each one changed from its default (`--seed`, `--loop`,
+  `--precision`, `--epochs`, ...) applies to every run."""
   data_dir: str | None = run_config.setting(
       None, "Directory holding mnist/ and california-housing/ (see "
       "../shared/data).")
@@ -45,17 +48,11 @@ class Config(run_config.Settings):
   quick: bool = run_config.setting(
       False, "A reduced report in a few minutes: 2 epochs of at most 20 "
       "batches per split, the smallest search, fewer samples for the "
-      "generative models' scores.")
-  epochs: int | None = run_config.setting(
-      None, "Every run's epochs; default: each experiment's (2 with "
-      "--quick).", at_least=1)
-  limit_batches: int | None = run_config.setting(
-      None, "Every run's batches per split and epoch; default: all (20 "
-      "with --quick).", at_least=1)
-  seed: int = run_config.setting(42, "Every run's seed.", at_least=0)
-  verbose: int = run_config.setting(2, "0 silent, 1 progress bars, 2 a "
-                                    "line per epoch.", at_least=0,
-                                    at_most=2)
+      "generative models' scores; --epochs and --limit_batches win.")
+
+
+# What the report sets for each run itself.
+_PER_RUN = ("dataset", "data_dir", "output_dir", "export_dir")
 
 
 # --quick's settings, unless --epochs or --limit_batches say otherwise:
@@ -153,60 +150,61 @@ DISTILL_GOAL = 0.8
 _RECIPE_RUN = "classify_minmax"
 
 
-def main(config):
+def _report(config, strategy):
   """Runs (or resumes) every run of `RUNS` into `config.output_dir` and
-  writes REPORT.md there; bad settings or data end it with one line before
-  anything is written."""
-  experiment.quiet_logs()
+  writes REPORT.md there; bad settings or data are refused before anything
+  is written."""
   data_dir, output_dir = config.data_dir, config.output_dir
   if not output_dir:
-    sys.exit("error: --output_dir is required.")
-  every_run = {**(QUICK if config.quick else {}),
-               **{name: getattr(config, name)
-                  for name in ("epochs", "limit_batches")
-                  if getattr(config, name) is not None},
-               "seed": config.seed, "verbose": config.verbose}
+    raise run_config.SettingsError(
+        "--output_dir is required: where REPORT.md and the runs go.")
+  if config.dataset or config.export_dir:
+    raise run_config.SettingsError(
+        "--dataset and --export_dir are set by the report for each run; "
+        "accepted: neither.")
+  defaults = run_config.RunConfig()
+  changed = {field.name: getattr(config, field.name)
+             for field in dataclasses.fields(run_config.RunConfig)
+             if field.name not in _PER_RUN
+             and getattr(config, field.name) != getattr(defaults,
+                                                        field.name)}
+  every_run = {**(QUICK if config.quick else {}), **changed}
   runs_dir = os.path.join(output_dir, "runs")
   # The judge of the GANs: the recipe run's graph loop, exported.
   own = {_RECIPE_RUN: {"export_dir": os.path.join(runs_dir, _RECIPE_RUN,
                                                   "export")},
          **{run.name: {"judge_dir": os.path.join(runs_dir, _RECIPE_RUN)}
             for run in RUNS if run.script is gan}}
-  try:
-    if not data_dir or not os.path.isdir(data_dir):
-      raise datasets.DataError(f"--data_dir {data_dir!r} is not a "
-                               "directory (it holds mnist/ and "
-                               "california-housing/).")
-    configs = [run.script.Config.resolved(
-        **{**run.given, **every_run,
-           **(QUICK_BY_SCRIPT.get(run.script, {}) if config.quick else {}),
-           **own.get(run.name, {}),
-           "data_dir": os.path.join(data_dir, run.data),
-           "output_dir": os.path.join(runs_dir, run.name)})
-               for run in RUNS]
-    # Every script's own flag checks, before the first run too.
-    for run, run_settings in zip(RUNS, configs):
-      if hasattr(run.script, "check"):
-        run.script.check(run_settings)
-    # Every dataset read before the first run: a bad file ends the report
-    # at once, not after hours of the experiments before it.
-    for dataset, directory in sorted({(run_settings.dataset,
-                                       run_settings.data_dir)
-                                      for run_settings in configs}):
-      datasets.load(dataset, directory)
-    experiment.configure_process(configs[0])
-    strategy = experiment.strategy_for(configs[0])
-    finished = [(run, *_run(run, run_settings, strategy))
-                for run, run_settings in zip(RUNS, configs)]
-    reference = _sklearn_reference(runs_dir, finished, config.quick)
-    write_report(output_dir, finished, quick=config.quick,
-                 reference=reference)
-  except training_loops.TrainingInterrupted as interruption:
-    print(f"{interruption} A rerun resumes.", file=sys.stderr)
-    sys.exit(128 + interruption.signal_number)
-  except experiment.ONE_LINE_ERRORS as error:
-    sys.exit(f"error: {error}")
+  if not data_dir or not os.path.isdir(data_dir):
+    raise datasets.DataError(f"--data_dir {data_dir!r} is not a directory "
+                             "(it holds mnist/ and california-housing/).")
+  configs = [run.script.Config.resolved(
+      **{**run.given, **every_run,
+         **(QUICK_BY_SCRIPT.get(run.script, {}) if config.quick else {}),
+         **own.get(run.name, {}),
+         "data_dir": os.path.join(data_dir, run.data),
+         "output_dir": os.path.join(runs_dir, run.name)})
+             for run in RUNS]
+  # Every experiment's own checks, before the first run too.
+  for run, run_settings in zip(RUNS, configs):
+    if hasattr(run.script, "check"):
+      run.script.check(run_settings)
+  # Every dataset read before the first run: a bad file ends the report at
+  # once, not after hours of the experiments before it.
+  for dataset, directory in sorted({(run_settings.dataset,
+                                     run_settings.data_dir)
+                                    for run_settings in configs}):
+    datasets.load(dataset, directory)
+  finished = [(run, *_run(run, run_settings, strategy))
+              for run, run_settings in zip(RUNS, configs)]
+  reference = _sklearn_reference(runs_dir, finished, config.quick)
+  write_report(output_dir, finished, quick=config.quick, reference=reference)
   print(f"Wrote {os.path.join(output_dir, 'REPORT.md')}")
+
+
+main = experiment.main_running(
+    _report, partial_results="the interrupted run's results.json under "
+    "runs/")
 
 
 def _run(run, config, strategy):
