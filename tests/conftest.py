@@ -69,6 +69,31 @@ def write_idx(path, array, magic=None, cut=0):
     stream.write(content[:len(content) - cut])
 
 
+def write_california_csv(directory, rng, rows, noise=0.0):
+  """A synthetic `cal_housing.csv` in `directory` (made): the real file's
+  columns and ranges, the house value 40000 x the median income plus
+  Gaussian noise of std `noise`, clipped at 15000 as the real values are."""
+  from research.framework import datasets
+  table = {"longitude": rng.uniform(-124, -114, rows),
+           "latitude": rng.uniform(32, 42, rows),
+           "housing_median_age": rng.integers(1, 52, rows),
+           "total_rooms": rng.integers(500, 5000, rows),
+           "total_bedrooms": rng.integers(100, 1000, rows),
+           "population": rng.integers(300, 3000, rows),
+           "households": rng.integers(100, 1000, rows),
+           "median_income": rng.uniform(0.5, 10, rows)}
+  value = 40000 * table["median_income"]
+  if noise:
+    value = (value + rng.normal(0, noise, rows)).clip(15000)
+  table["median_house_value"] = value
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "cal_housing.csv"), "w",
+            encoding="utf-8") as stream:
+    stream.write(",".join(datasets.CALIFORNIA_COLUMNS) + "\n")
+    for values in zip(*(table[c] for c in datasets.CALIFORNIA_COLUMNS)):
+      stream.write(",".join(f"{value:.6f}" for value in values) + "\n")
+
+
 def fast_dev_run_keeps_nothing(script, output_dir, capsys, **settings):
   """Runs an experiment module's `main` with `fast_dev_run`, every loop and
   `settings` into `output_dir`: every loop's row printed, "nothing was

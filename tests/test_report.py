@@ -12,7 +12,7 @@ import pytest
 from sklearn import exceptions, neural_network
 
 import training_loops
-from conftest import write_idx
+from conftest import write_california_csv, write_idx
 from research.framework import datasets
 from research.tools import report, sklearn_reference
 
@@ -36,23 +36,8 @@ def _write_data(directory):
     images, labels = _digits(rng, count)
     write_idx(mnist / f"{prefix}-images-idx3-ubyte.gz", images)
     write_idx(mnist / f"{prefix}-labels-idx1-ubyte.gz", labels)
-  california = directory / "california-housing"
-  california.mkdir()
-  rows = 300
-  table = {"longitude": rng.uniform(-124, -114, rows),
-           "latitude": rng.uniform(32, 42, rows),
-           "housing_median_age": rng.integers(1, 52, rows),
-           "total_rooms": rng.integers(500, 5000, rows),
-           "total_bedrooms": rng.integers(100, 1000, rows),
-           "population": rng.integers(300, 3000, rows),
-           "households": rng.integers(100, 1000, rows),
-           "median_income": rng.uniform(0.5, 10, rows)}
-  table["median_house_value"] = (40000 * table["median_income"] +
-                                 rng.normal(0, 20000, rows)).clip(15000)
-  with open(california / "cal_housing.csv", "w", encoding="utf-8") as f:
-    f.write(",".join(datasets.CALIFORNIA_COLUMNS) + "\n")
-    for values in zip(*(table[c] for c in datasets.CALIFORNIA_COLUMNS)):
-      f.write(",".join(f"{value:.6f}" for value in values) + "\n")
+  write_california_csv(directory / "california-housing", rng, rows=300,
+                       noise=20000)
 
 
 def _results(output_dir, name):

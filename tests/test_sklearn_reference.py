@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn import neural_network
 
+from conftest import write_california_csv
 from research.framework import datasets
 from research.tools import sklearn_reference
 
@@ -60,21 +61,7 @@ def test_fit_reference_says_when_a_model_converged():
 
 
 def _write_california(directory, rows=200):
-  rng = np.random.default_rng(1)
-  table = {"longitude": rng.uniform(-124, -114, rows),
-           "latitude": rng.uniform(32, 42, rows),
-           "housing_median_age": rng.integers(1, 52, rows),
-           "total_rooms": rng.integers(500, 5000, rows),
-           "total_bedrooms": rng.integers(100, 1000, rows),
-           "population": rng.integers(300, 3000, rows),
-           "households": rng.integers(100, 1000, rows),
-           "median_income": rng.uniform(0.5, 10, rows)}
-  table["median_house_value"] = 40000 * table["median_income"]
-  directory.mkdir()
-  with open(directory / "cal_housing.csv", "w", encoding="utf-8") as f:
-    f.write(",".join(datasets.CALIFORNIA_COLUMNS) + "\n")
-    for values in zip(*(table[c] for c in datasets.CALIFORNIA_COLUMNS)):
-      f.write(",".join(f"{value:.6f}" for value in values) + "\n")
+  write_california_csv(directory, np.random.default_rng(1), rows)
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")

@@ -39,6 +39,7 @@ TEACHER_DROPOUT, TEACHER_INPUT_DROPOUT, JITTER_PIXELS = 0.5, 0.2, 2
 MNIST_RECIPE = {"batch_size": 128, "epochs": 30, "teacher_epochs": 80,
                 "lr_schedule": "cosine"}
 
+
 @dataclasses.dataclass(frozen=True)
 class Config(run_config.RunConfig):
   dataset: str = "mnist"

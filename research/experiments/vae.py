@@ -35,6 +35,7 @@ EVALUATION_SEED = 0
 # cosine decay from 1e-3 over the run.
 MNIST_RECIPE = {"batch_size": 100, "epochs": 100, "lr_schedule": "cosine"}
 
+
 @dataclasses.dataclass(frozen=True)
 class Config(run_config.RunConfig):
   dataset: str = "mnist"
