@@ -92,6 +92,12 @@ def test_an_interrupted_run_resumes_its_callbacks_and_ends_as_an_uninterrupted_o
     _run(loop, data, tmp_path, armed)
   assert raised.value.history.epochs[-1] >= BEST_EPOCH  # best: before it
   resumed, callbacks = _run(loop, data, tmp_path)
+  stopped = raised.value
+  assert resumed.resumed_from == {"epoch": stopped.epoch,
+                                  "step": stopped.step}
+  # Between them, the two calls trained the uninterrupted run's steps.
+  assert (stopped.history.steps_trained + resumed.steps_trained
+          == reference.steps_trained)
   assert stopping_report(resumed, callbacks) == stopping_report(
       reference, reference_callbacks)
   assert callbacks[0].best_epoch == BEST_EPOCH
@@ -111,6 +117,7 @@ def test_a_rerun_of_an_early_stopped_run_trains_no_further(
     loop, data, uninterrupted):
   reference, reference_callbacks, output_dir = uninterrupted(loop)
   rerun, callbacks = _run(loop, data, output_dir)
+  assert rerun.resumed_from is not None and rerun.steps_trained == 0
   assert stopping_report(rerun, callbacks) == stopping_report(
       reference, reference_callbacks)
   assert rerun.epochs == reference.epochs

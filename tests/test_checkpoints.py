@@ -25,11 +25,21 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(loop, tmp_path):
                     model_fn=lambda: classifier(dropout_seed=5))
 
   uninterrupted = run(4)
-  run(2, tmp_path)  # "stopped" after epoch 2
+  first = run(2, tmp_path)  # "stopped" after epoch 2
   resumed = run(4, tmp_path)
   assert resumed.epochs == [0, 1, 2, 3]  # epochs 0-1 from the first call
   assert_same_run(resumed, uninterrupted, rtol=1e-5, atol=1e-6)
-  assert len(run(4, tmp_path).epochs) == 4  # already done: nothing to run
+  # Seeded and deterministic, a rerun from scratch would end the same: the
+  # steps each call trained show it resumed (4 batches an epoch).
+  assert (uninterrupted.resumed_from, uninterrupted.steps_trained) == (
+      None, 16)
+  assert (first.resumed_from, first.steps_trained) == (None, 8)
+  assert (resumed.resumed_from, resumed.steps_trained) == (
+      {"epoch": 2, "step": 0}, 8)
+  done = run(4, tmp_path)  # already done: nothing to run
+  assert len(done.epochs) == 4
+  assert (done.resumed_from, done.steps_trained) == ({"epoch": 4,
+                                                      "step": 0}, 0)
 
 
 def test_checkpoint_of_another_model_is_named_not_half_restored(tmp_path):
@@ -71,6 +81,9 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the
     resumed = _shuffled_run("graph", 4, tmp_path)
   assert f"Checkpoint {newest} is damaged" in caplog.text
   assert resumed.epochs == [0, 1, 2, 3]
+  # From the one before (epoch 2's end), not from scratch.
+  assert (resumed.resumed_from, resumed.steps_trained) == (
+      {"epoch": 2, "step": 0}, 8)
   assert_same_run(resumed, uninterrupted, rtol=1e-5, atol=1e-6)
   aside = sorted(path.name for path in (tmp_path / "damaged").iterdir())
   assert aside and all(name.startswith("ckpt-3.") for name in aside)

@@ -30,16 +30,21 @@ def _script(output_dir, epochs=4):
 
 def _rerun_and_compare(resumed, uninterrupted):
   """Runs the script to the end in both output dirs (resuming the first);
-  their results must agree."""
+  their results must agree. Returns what each run did (`resumed_from`,
+  `steps_trained`), the rest of results.json compared."""
   # Side by side: independent runs, one per core.
   processes = [subprocess.Popen(_script(output_dir), cwd=REPO,
                                 stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
                for output_dir in (resumed, uninterrupted)]
   assert [process.wait(timeout=300) for process in processes] == [0, 0]
-  results = [_comparable(json.loads((d / "results.json").read_text()))
+  results = [json.loads((d / "results.json").read_text())
              for d in (resumed, uninterrupted)]
-  _assert_same(results[0], results[1])
+  what_ran = [{loop: (report.pop("resumed_from"), report.pop("steps_trained"))
+               for loop, report in result["loops"].items()}
+              for result in results]
+  _assert_same(*map(_comparable, results))
+  return what_ran
 
 
 def _comparable(results):
@@ -76,7 +81,15 @@ def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=30)
   assert not (killed / "results.json").exists()
-  _rerun_and_compare(killed, uninterrupted)
+  rerun, whole = _rerun_and_compare(killed, uninterrupted)
+  # 1437 training examples: 180 batches of 8 an epoch. The rerun resumed
+  # from the newest epoch checkpoint (the kill may land after a third)
+  # and trained only the epochs after it.
+  resumed_from, trained = rerun["eager"]
+  epoch_from, step_from = resumed_from["epoch"], resumed_from["step"]
+  assert epoch_from in (2, 3) and step_from == 0
+  assert trained == (4 - epoch_from) * 180
+  assert whole["eager"] == (None, 4 * 180)
   final = [tf.train.load_checkpoint(str(d / "checkpoints" / "eager"))
            for d in (killed, uninterrupted)]
   names = [n for n, _ in tf.train.list_variables(
@@ -118,8 +131,13 @@ def test_signal_saves_where_it_stopped_and_the_rerun_continues_exactly(
                            "checkpoint saved") as raised:
     run(tmp_path)
   assert raised.value.history.epochs == list(range(where[0]))
+  stopped_at = 4 * where[0] + where[1]  # 4 steps an epoch
+  assert raised.value.history.steps_trained == stopped_at
   resumed = run(tmp_path)
   assert_same_run(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
+  # It continued where it stopped, for the rest of the 12 steps.
+  assert resumed.resumed_from == {"epoch": where[0], "step": where[1]}
+  assert resumed.steps_trained == 12 - stopped_at
 
 
 def test_model_fit_refuses_a_checkpoint_saved_mid_epoch(tmp_path):
@@ -158,4 +176,8 @@ def test_sigterm_stops_a_script_cleanly_and_the_rerun_resumes(tmp_path):
           f"step {where['step']}: checkpoint saved") in stderr
   assert "Traceback" not in stderr
   assert len(partial["loops"]["eager"]["history"]["loss"]) == where["epoch"]
-  _rerun_and_compare(stopped, uninterrupted)
+  stopped_at = 180 * where["epoch"] + where["step"]  # 180 batches an epoch
+  assert partial["loops"]["eager"]["steps_trained"] == stopped_at
+  rerun, _ = _rerun_and_compare(stopped, uninterrupted)
+  assert rerun["eager"] == ({"epoch": where["epoch"], "step": where["step"]},
+                            4 * 180 - stopped_at)

@@ -113,6 +113,9 @@ def test_resume_restores_the_loss_scale(loop, tmp_path):
   assert stopped.step_counter.numpy() > 0
   resumed, restored = run(3, tmp_path)
   assert resumed.epochs == [0, 1, 2]
+  # Epochs 1 and 2 trained here (4 steps each), from the checkpoint.
+  assert (resumed.resumed_from, resumed.steps_trained) == (
+      {"epoch": 1, "step": 0}, 8)
   for variable in ("dynamic_scale", "step_counter", "iterations"):
     assert (getattr(restored, variable).numpy()
             == getattr(optimizer, variable).numpy()), variable

@@ -152,6 +152,9 @@ def test_a_resumed_run_keeps_its_step_validations(loop, tmp_path):
   with pytest.raises(training_loops.TrainingInterrupted, match="step 2"):
     run(os.fspath(tmp_path))
   resumed = run(os.fspath(tmp_path))
+  # From the 6th step, not from scratch: 6 of the 12 steps trained here.
+  assert (resumed.resumed_from, resumed.steps_trained) == (
+      {"epoch": 1, "step": 2}, 6)
   assert resumed.step_history["step"] == [3, 6, 9, 12]
   for key, values in uninterrupted.step_history.items():
     np.testing.assert_allclose(resumed.step_history[key], values,

@@ -256,6 +256,9 @@ class Controller:
       epochs_done, steps_in_epoch, self.cadence.steps_done = (
           self.checkpoint.restore())
       self.position = self._saved_position = (epochs_done, steps_in_epoch)
+      if self.position != (0, 0):
+        self.history.resumed_from = {"epoch": epochs_done,
+                                     "step": steps_in_epoch}
     replay_data_order(self.train_data, self.position[0])
 
   @property
@@ -407,6 +410,7 @@ class Controller:
     (a `model.fit` execution can cross one before the end)."""
     cadence = self.cadence
     cadence.steps_done += steps
+    self.history.steps_trained += steps
     self.position = (epoch, steps_in_epoch)
     eval_due = cadence.eval_due(steps)
     if steps_in_epoch == self.train_length:

@@ -23,6 +23,11 @@ class History:
       step counted over the run: `step`, `epoch` and Keras' `val_*` keys ->
       one value per validation.
     model: the trained model.
+    resumed_from: `{"epoch": E, "step": S}`, the position of the checkpoint
+      this call restored (S steps into epoch E), or None: it started from
+      scratch.
+    steps_trained: the training steps this call ran (a resumed call counts
+      only its own).
   """
   history: dict = dataclasses.field(default_factory=dict)
   epochs: list = dataclasses.field(default_factory=list)
@@ -30,6 +35,8 @@ class History:
   wall_seconds: list = dataclasses.field(default_factory=list)
   step_history: dict = dataclasses.field(default_factory=dict)
   model: object = None
+  resumed_from: dict | None = None
+  steps_trained: int = 0
 
   def append(self, epoch, logs, steps_per_second, wall_seconds):
     self.epochs.append(epoch)

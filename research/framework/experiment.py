@@ -257,7 +257,8 @@ def _run_loops(experiment, plan, loops, outputs):
       history = interruption.history
       results["loops"][loop] = {"history": history.history,
                                 "epochs": history.epochs,
-                                "step_history": history.step_history}
+                                "step_history": history.step_history,
+                                **what_ran(history)}
       results["interrupted"] = {"loop": loop, "signal":
                                 interruption.signal_name,
                                 "epoch": interruption.epoch,
@@ -458,7 +459,8 @@ def _run_loop(experiment, loop, plan, outputs):
   plot_learning_curves(history, os.path.join(
       output_dir, f"learning_curves_{loop}.png"), f"{experiment.name}: {loop}")
   report = {"history": history.history, "epochs": history.epochs,
-            "step_history": history.step_history, "test": test,
+            "step_history": history.step_history, **what_ran(history),
+            "test": test,
             "steps_per_second": typical_rate(history),
             "wall_seconds": sum(history.wall_seconds),
             "model": summaries.model_summary(model),
@@ -480,6 +482,13 @@ def _run_loop(experiment, loop, plan, outputs):
     export(model, os.path.join(outputs.export_dir, loop))
     save_keras_file(model, os.path.join(outputs.export_dir, f"{loop}.keras"))
   return report
+
+
+def what_ran(history):
+  """What this invocation did: the checkpoint it resumed from (or None)
+  and the steps it trained."""
+  return {"resumed_from": history.resumed_from,
+          "steps_trained": history.steps_trained}
 
 
 def _resumes_mid_epoch(loop):
