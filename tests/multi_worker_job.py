@@ -71,6 +71,8 @@ if __name__ == "__main__":
     print(error, file=sys.stderr)
     sys.exit(3)
   print(json.dumps({"history": history.history,
+                    "resumed_from": history.resumed_from,
+                    "steps_trained": history.steps_trained,
                     "replicas": strategy.num_replicas_in_sync,
                     "weights": [weights.tolist() for weights
                                 in history.model.get_weights()]}))

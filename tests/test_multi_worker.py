@@ -119,10 +119,16 @@ def test_a_dead_worker_stops_its_peer_fast_and_a_restart_resumes(tmp_path):
   _finish(processes[1:])
   # Restart both: they resume from the chief's last checkpoint.
   outputs = _results_of(_finish(_start_workers("graph", epochs, tmp_path)))
-  single = multi_worker_job.run("graph", epochs=epochs).history
+  single = multi_worker_job.run("graph", epochs=epochs)
+  per_epoch = single.steps_trained // epochs
   for output in outputs:
-    np.testing.assert_allclose(output["history"]["loss"], single["loss"],
-                               rtol=1e-4)
+    np.testing.assert_allclose(output["history"]["loss"],
+                               single.history["loss"], rtol=1e-4)
+    # Both resumed from the chief's last epoch checkpoint (3 or more done)
+    # and trained only the epochs after it.
+    resumed = output["resumed_from"]
+    assert resumed["epoch"] >= 3 and resumed["step"] == 0, resumed
+    assert output["steps_trained"] == (epochs - resumed["epoch"]) * per_epoch
 
 
 # -- a research script's workers and their output directories -------------
