@@ -509,6 +509,46 @@ def test_a_loss_on_one_output_reports_as_fit(outputs):
                                  rtol=1e-5, err_msg=f"{loop} {key}")
 
 
+@pytest.mark.parametrize("structure", ["dict", "list"])
+def test_one_loss_on_two_outputs_trains_each_as_fit(structure):
+  """fit applies a single loss to every output and sums them, logging
+  each as `<output>_loss`; the loops do the same, for a dict or a list of
+  outputs, and `evaluate` too."""
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(32, 4)).astype("float32")
+  target = (x @ rng.normal(size=(4, 1))).astype("float32")
+
+  def model_fn():
+    inputs = keras.Input((4,))
+    a, b = layers.Dense(1, name="a")(inputs), layers.Dense(1, name="b")(inputs)
+    return keras.Model(inputs, {"a": a, "b": b} if structure == "dict"
+                       else [a, b])
+  targets = ({"a": target, "b": -target} if structure == "dict"
+             else (target, -target))
+  data = tf.data.Dataset.from_tensor_slices((x, targets)).batch(8)
+  results = {loop: run_loop(loop, data=data, model_fn=model_fn,
+                            optimizer_fn=sgd(0.01),
+                            loss=losses.MeanSquaredError(),
+                            metrics=[], validation_data=data)
+             for loop in training_loops.LOOPS}
+  fit = results["keras_fit"].history
+  assert sorted(fit) == sorted(["learning_rate", "loss", "a_loss", "b_loss",
+                                "val_loss", "val_a_loss", "val_b_loss"])
+  np.testing.assert_allclose(fit["loss"], np.add(fit["a_loss"],
+                                                 fit["b_loss"]), rtol=1e-6)
+  for loop, run in results.items():
+    assert run.history.keys() == fit.keys(), loop
+    for key, values in run.history.items():
+      np.testing.assert_allclose(values, fit[key], rtol=1e-5,
+                                 err_msg=f"{loop} {key}")
+  model = results["graph"].model
+  ours = training_loops.evaluate(model, losses.MeanSquaredError(), data)
+  expected = model.evaluate(data, verbose=0, return_dict=True)
+  assert ours.keys() == expected.keys()
+  for key, value in expected.items():
+    np.testing.assert_allclose(ours[key], value, rtol=1e-5, err_msg=key)
+
+
 class _TwoHeads(keras.Model):
   """Subclassed, so without output names: fit names its metrics by the
   keys of the predictions it returns."""

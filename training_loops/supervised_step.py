@@ -601,9 +601,10 @@ def _copied_metrics(metrics, keyed):
   `keyed` (losses per output) metrics are given per output too.
   `Trainer.build_metrics` settles the names they report under."""
   if keyed and metrics and not isinstance(metrics, dict):
-    raise ValueError("With losses given per output (a dict or list), give "
-                     "metrics as a dict too: output name -> list of "
-                     "metrics.")
+    raise ValueError("With a loss per output (a dict or list of losses, or "
+                     "one loss for a model of several outputs, which applies "
+                     "to each), give metrics as a dict too: output name -> "
+                     "list of metrics.")
   if isinstance(metrics, dict):
     entries = [(key, metric) for key, group in metrics.items()
                for metric in group]

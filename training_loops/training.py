@@ -186,7 +186,7 @@ def _supervised_step(model, supervised, options, train_data,
       _check_supervised_data(name, data)
   optimizer = supervised.optimizer_fn()
   example = _check_model_fits_data(model, supervised.loss, train_data)
-  trainer = Trainer(model, optimizer, supervised.loss,
+  trainer = Trainer(model, optimizer, _per_output(supervised.loss, example),
                     supervised.loss_weights, supervised.metrics, strategy)
   trainer.build_metrics(*example)
   _compile(trainer, options, example)
@@ -236,8 +236,10 @@ def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
   check_data("data", data)
   _check_supervised_data("data", data)
   with strategy.scope():
-    trainer = Trainer(model, None, loss, loss_weights, metrics, strategy)
-    trainer.build_metrics(*_check_model_fits_data(model, loss, data))
+    example = _check_model_fits_data(model, loss, data)
+    trainer = Trainer(model, None, _per_output(loss, example), loss_weights,
+                      metrics, strategy)
+    trainer.build_metrics(*example)
   _check_per_output_data("data", data, trainer.output_losses)
   driver = drivers.GraphDriver(trainer)
   last_logs = driver.evaluate(
@@ -263,7 +265,7 @@ def _check_model_fits_data(model, loss, data):
         f"The model does not accept the data's inputs "
         f"{shapes(x_spec)}: {first_line(error)}") from None
   targets = _zero_example(y_spec)
-  if not isinstance(loss, keras.losses.Loss):
+  if not isinstance(loss, keras.losses.Loss) or _several(predictions):
     return targets, predictions  # multi-output: checked when each runs
   try:
     loss(targets, predictions)
@@ -273,6 +275,22 @@ def _check_model_fits_data(model, loss, data):
         f"targets {shapes(y_spec)} under {type(loss).__name__}: "
         f"{first_line(error)}") from None
   return targets, predictions
+
+
+def _several(predictions):
+  return len(tf.nest.flatten(predictions)) > 1
+
+
+def _per_output(loss, example):
+  """One `Loss` for a model of several outputs becomes one per output, as
+  fit applies it: their sum is the loss, each logged as `<output>_loss`.
+  `example`: `(targets, predictions)` of one zero example."""
+  predictions = example[1]
+  if not isinstance(loss, keras.losses.Loss) or not _several(predictions):
+    return loss
+  if isinstance(predictions, dict):
+    return {key: loss for key in predictions}
+  return [loss] * len(predictions)
 
 
 def _check_per_output_data(name, data, output_losses):
