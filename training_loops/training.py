@@ -184,11 +184,9 @@ def _supervised_step(model, supervised, options, train_data,
                      ("validation_data", validation_data)):
     if data is not None:
       _check_supervised_data(name, data)
-  optimizer = supervised.optimizer_fn()
-  example = _check_model_fits_data(model, supervised.loss, train_data)
-  trainer = Trainer(model, optimizer, _per_output(supervised.loss, example),
-                    supervised.loss_weights, supervised.metrics, strategy)
-  trainer.build_metrics(*example)
+  trainer, example = _built_trainer(
+      model, supervised.optimizer_fn(), supervised.loss,
+      supervised.loss_weights, supervised.metrics, strategy, train_data)
   _compile(trainer, options, example)
   for name, data in (("train_data", train_data),
                      ("validation_data", validation_data)):
@@ -236,10 +234,8 @@ def evaluate(model, loss, data, *, metrics=(), loss_weights=None,
   check_data("data", data)
   _check_supervised_data("data", data)
   with strategy.scope():
-    example = _check_model_fits_data(model, loss, data)
-    trainer = Trainer(model, None, _per_output(loss, example), loss_weights,
-                      metrics, strategy)
-    trainer.build_metrics(*example)
+    trainer, _ = _built_trainer(model, None, loss, loss_weights, metrics,
+                                strategy, data)
   _check_per_output_data("data", data, trainer.output_losses)
   driver = drivers.GraphDriver(trainer)
   last_logs = driver.evaluate(
@@ -277,15 +273,26 @@ def _check_model_fits_data(model, loss, data):
   return targets, predictions
 
 
+def _built_trainer(model, optimizer, loss, loss_weights, metrics, strategy,
+                   data):
+  """The supervised step of `model` on `data` (checked to fit it), its
+  metrics built; and the zero example `(targets, predictions)` it was
+  checked on."""
+  example = _check_model_fits_data(model, loss, data)
+  trainer = Trainer(model, optimizer, _per_output(loss, example[1]),
+                    loss_weights, metrics, strategy)
+  trainer.build_metrics(*example)
+  return trainer, example
+
+
 def _several(predictions):
   return len(tf.nest.flatten(predictions)) > 1
 
 
-def _per_output(loss, example):
+def _per_output(loss, predictions):
   """One `Loss` for a model of several outputs becomes one per output, as
   fit applies it: their sum is the loss, each logged as `<output>_loss`.
-  `example`: `(targets, predictions)` of one zero example."""
-  predictions = example[1]
+  `predictions`: the model's on one example."""
   if not isinstance(loss, keras.losses.Loss) or not _several(predictions):
     return loss
   if isinstance(predictions, dict):
