@@ -133,3 +133,27 @@ def test_metrics_for_an_output_without_targets_are_refused():
            loss={"a": losses.MeanSquaredError()},
            metrics={output: [keras.metrics.MeanAbsoluteError(name="mae")]
                     for output in "ab"})
+
+
+class _TwoOutputsByPosition(keras.Model):
+  """Subclassed, returning a list: its outputs have no names."""
+
+  def __init__(self):
+    super().__init__()
+    self.a, self.b = keras.layers.Dense(1), keras.layers.Dense(1)
+
+  def call(self, inputs):
+    return [self.a(inputs), self.b(inputs)]
+
+
+def test_losses_by_position_on_a_model_without_output_names_are_refused():
+  """fit would name such a model's logs after its losses (two MSEs would
+  share a name); a list-output model without names is refused in one
+  line."""
+  data = _weights_for_a_only().map(lambda x, y, w: (x, (y["a"], y["b"])))
+  with pytest.raises(ValueError, match=r"^Losses or metrics per output "
+                                       r"position need a model with output "
+                                       r"names"):
+    _train(model_fn=_TwoOutputsByPosition, data=data,
+           loss=[losses.MeanSquaredError(), losses.MeanSquaredError()],
+           metrics={})

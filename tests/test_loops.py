@@ -549,6 +549,70 @@ def test_one_loss_on_two_outputs_trains_each_as_fit(structure):
     np.testing.assert_allclose(ours[key], value, rtol=1e-5, err_msg=key)
 
 
+def _named_two_outputs(structure):
+  """Outputs "b" (two units) then "a" (one): a list model's positions do
+  not follow its names' order, so a name mapped to the wrong position
+  shows (and the shapes differ)."""
+  inputs = keras.Input((4,))
+  b = layers.Dense(2, name="b")(inputs)
+  a = layers.Dense(1, name="a")(inputs)
+  return keras.Model(inputs, {"b": b, "a": a} if structure == "dict"
+                     else [b, a])
+
+
+def _mse_a_mae_b(by):
+  losses_by_name = {"a": losses.MeanSquaredError(),
+                    "b": keras.losses.MeanAbsoluteError()}
+  return losses_by_name if by == "name" else [
+      losses_by_name[name] for name in by]
+
+
+@pytest.mark.parametrize("structure,loss_by,targets_by,metrics_by", [
+    ("list", "name", "position", "name"),
+    ("list", "name", "name", "position"),
+    ("list", ("b", "a"), "name", "name"),
+    ("dict", ("a", "b"), "name", "position"),
+    ("dict", "name", "position", "name"),
+])
+def test_losses_metrics_and_targets_reach_outputs_by_name_or_position_as_fit(
+    structure, loss_by, targets_by, metrics_by):
+  """fit reaches a model's output by its name in a dict (of losses, loss
+  weights, metrics, targets) and by its position in a list, whichever
+  structure the model returns (a dict model's positions are its sorted
+  names); the loops reach the same outputs, to the bit of fit's weights."""
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(32, 4)).astype("float32")
+  target = {"a": (x @ rng.normal(size=(4, 1))).astype("float32"),
+            "b": (x @ rng.normal(size=(4, 2))).astype("float32")}
+  positions = _named_two_outputs(structure).output_names
+  targets = (target if targets_by == "name"
+             else tuple(target[name] for name in positions))
+  data = tf.data.Dataset.from_tensor_slices((x, targets)).batch(8)
+  metric = {"a": [keras.metrics.MeanAbsoluteError(name="mae")],
+            "b": [keras.metrics.MeanSquaredError(name="mse")]}
+  weights = {"a": 0.5, "b": 2.0}
+  results = {loop: run_loop(
+      loop, data=data, model_fn=lambda: _named_two_outputs(structure),
+      optimizer_fn=sgd(0.01), loss=_mse_a_mae_b(loss_by),
+      loss_weights=(weights if loss_by == "name"
+                    else [weights[name] for name in loss_by]),
+      metrics=(metric if metrics_by == "name"
+               else [metric[name] for name in positions]),
+      validation_data=data) for loop in ("graph", "keras_fit")}
+  fit = results["keras_fit"]
+  assert sorted(fit.history) == sorted(
+      ["learning_rate", "loss", "a_loss", "b_loss", "a_mae", "b_mse",
+       *(f"val_{key}" for key in ("loss", "a_loss", "b_loss", "a_mae",
+                                  "b_mse"))])
+  predictions = fit.model(x)
+  if structure == "list":
+    predictions = dict(zip(positions, predictions))
+  np.testing.assert_allclose(  # a_loss is the MSE of "a" (before a step)
+      fit.history["val_a_loss"][-1],
+      np.mean((predictions["a"] - target["a"]) ** 2), rtol=1e-5)
+  assert_same_run(results["graph"], fit, rtol=1e-6)
+
+
 class _TwoHeads(keras.Model):
   """Subclassed, so without output names: fit names its metrics by the
   keys of the predictions it returns."""

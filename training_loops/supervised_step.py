@@ -64,10 +64,55 @@ def _cause_of(error):
 
 
 @dataclasses.dataclass(frozen=True)
+class Output:
+  """One output of a model of several: its position among the model's
+  outputs and its name.
+
+  As fit, an output's targets, predictions and sample weights are picked by
+  name from a dict and by position from a list or tuple, whatever structure
+  the model returns: a loss, metric or target given under either reaches
+  the same output. Either may be unknown (None) for a model without output
+  names (subclassed), which is then taken at its word.
+  """
+  index: int | None
+  name: str | None
+
+  def __str__(self):
+    return str(self.name if self.name is not None else self.index)
+
+  def picks_from(self, structure):
+    """Whether `pick` finds this output in `structure` (a dict or tuple)."""
+    if isinstance(structure, dict):
+      return self.name in structure
+    return self.index is not None and self.index < len(structure)
+
+  def pick(self, structure):
+    if not self.picks_from(structure):
+      raise KeyError(str(self))
+    return structure[self.name if isinstance(structure, dict)
+                     else self.index]
+
+
+def output_of(model, key):
+  """The `Output` of `model` a loss, metric or weight keyed by `key` (an
+  output name or a position) is for."""
+  names = list(getattr(model, "output_names", None) or ())
+  if isinstance(key, int):
+    if not names:  # fit would name the logs after the losses instead
+      raise ValueError(
+          "Losses or metrics per output position need a model with output "
+          "names (a functional model); a subclassed model of several "
+          "outputs returns them as a dict, its losses and metrics keyed by "
+          "its keys.")
+    return Output(key, names[key] if key < len(names) else None)
+  return Output(names.index(key) if key in names else None, key)
+
+
+@dataclasses.dataclass(frozen=True)
 class _OutputLoss:
-  """The loss of one model output: `key` picks it from `y` and predictions
-  (`None` for a single-output model)."""
-  key: object
+  """The loss of one model output: `output` (an `Output`) picks it from `y`
+  and predictions (`None` for a single-output model)."""
+  output: Output | None
   report_name: str
   per_example: keras.losses.Loss  # with reduction "none"
   weight: float
@@ -82,10 +127,11 @@ class Trainer(TrainingStep):
     model: a built or buildable `keras.Model`.
     optimizer: a `keras.optimizers.Optimizer`.
     loss: a `keras.losses.Loss`, or for a multi-output model a dict (output
-      name -> loss) or list (one per output).
-    loss_weights: for multi-output models, the same structure of floats.
+      name -> loss) or list (one per output position), as fit takes them.
+    loss_weights: for multi-output models, a dict or list of floats.
     metrics: `keras.metrics.Metric` objects; for multi-output models a dict
-      output name -> list. Copied, so the caller's objects stay untouched.
+      output name -> list, or a list of lists (one per output position).
+      Copied, so the caller's objects stay untouched.
       Like Keras' `metrics`, they ignore sample weights.
     strategy: the `tf.distribute.Strategy` the model was built under.
   """
@@ -102,11 +148,9 @@ class Trainer(TrainingStep):
       for output in self.output_losses:
         self.train_trackers[output.report_name] = keras.metrics.Mean(
             name=output.report_name)
-    keyed = self.output_losses[0].key is not None
-    if isinstance(metrics, dict):
-      _check_output_names("metrics", list(metrics), model)
-    self.train_metrics = _copied_metrics(metrics, keyed)
-    self.eval_metrics = _copied_metrics(metrics, keyed)
+    keyed = self.output_losses[0].output is not None
+    self.train_metrics = _copied_metrics(model, metrics, keyed)
+    self.eval_metrics = _copied_metrics(model, metrics, keyed)
     self.eval_trackers = {name: keras.metrics.Mean(name=name)
                           for name in self.train_trackers}
     self.compiled = {}  # method name -> its `Compiled`, for eager steps
@@ -125,21 +169,24 @@ class Trainer(TrainingStep):
     several_outputs = len(tf.nest.flatten(predictions)) > 1
     self.train_metrics = _reported(self.train_metrics, several_outputs)
     self.eval_metrics = _reported(self.eval_metrics, several_outputs)
-    loss_keys = [output.key for output in self.output_losses]
+    loss_outputs = [loss.output for loss in self.output_losses]
     for (output, name), metric in (*self.train_metrics.items(),
                                    *self.eval_metrics.items()):
-      if not tf.nest.is_nested(targets) and output not in (None, *loss_keys):
+      if not tf.nest.is_nested(targets) and output not in (None,
+                                                           *loss_outputs):
         # One tensor of targets is the output's with the loss.
         raise ValueError(
-            f"Metric {name!r} is for output {output!r}, but the targets are "
-            f"one tensor, for {loss_keys}: give the targets as a dict.")
+            f"Metric {name!r} is for output {str(output)!r}, but the "
+            f"targets are one tensor, for "
+            f"{[str(loss) for loss in loss_outputs]}: give the targets as a "
+            f"dict.")
       try:
         y_true, y_pred = (_batch_spec(_pick(structure, output))
                           for structure in (targets, predictions))
       except KeyError:
         raise ValueError(
-            f"Metric {name!r} is for output {output!r}, which the targets "
-            f"or the model's outputs do not have.") from None
+            f"Metric {name!r} is for output {str(output)!r}, which the "
+            f"targets or the model's outputs do not have.") from None
       _build_metric(name, metric, y_true, y_pred)
 
   # -- per replica ---------------------------------------------------------
@@ -295,9 +342,10 @@ class Trainer(TrainingStep):
     replica_loss = local_loss = None
     tracked = {}
     for output in self.output_losses:
-      y_true, y_pred = _pick(y, output.key), _pick(predictions, output.key)
+      y_true, y_pred = (_pick(y, output.output),
+                        _pick(predictions, output.output))
       values = output.per_example(y_true, y_pred,
-                                  _pick(sample_weight, output.key))
+                                  _pick(sample_weight, output.output))
       local_sum = tf.reduce_sum(values)
       local_count = _count(values, y_pred)
       replica_share = _differentiable_share(
@@ -486,14 +534,14 @@ def _clips_gradients(optimizer):
               clipping.clipvalue))
 
 
-def _pick(structure, key):
-  """`structure[key]`: an output's targets, predictions or sample weights
-  from a dict or tuple of them. A single tensor (or None) is every
-  output's, as fit gives one array of sample weights to each loss, and
-  one tensor of targets to the one output with a loss."""
-  if key is None or not tf.nest.is_nested(structure):
+def _pick(structure, output):
+  """`output`'s targets, predictions or sample weights from a dict or tuple
+  of them (`Output.pick`). A single tensor (or None) is every output's, as
+  fit gives one array of sample weights to each loss, and one tensor of
+  targets to the one output with a loss."""
+  if output is None or not tf.nest.is_nested(structure):
     return structure
-  return structure[key]
+  return output.pick(structure)
 
 
 def _build_metric(name, metric, y_true, y_pred):
@@ -534,47 +582,57 @@ def _batch_spec(tensor):
   return tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype)
 
 
-def _output_names(model):
-  names = getattr(model, "output_names", None)
-  if not names:
-    raise ValueError("A multi-output loss needs a model with output names "
-                     "(a functional model).")
-  return list(names)
-
-
 def _output_losses(model, loss, loss_weights):
+  """One `_OutputLoss` per output with a loss. As fit, a dict of losses or
+  of weights is keyed by output name, a list by position, whatever
+  structure the model returns."""
   if isinstance(loss, keras.losses.Loss):
     if loss_weights is not None:
       raise ValueError("loss_weights apply to a dict or list of losses.")
     return [_OutputLoss(None, "loss", _unreduced(loss), 1.0)]
   if isinstance(loss, dict):
-    keys, names = list(loss), [str(k) for k in loss]
-    _check_output_names("loss", keys, model)
-    weights = loss_weights or {}
-    unknown = set(weights) - set(loss)
-    if unknown:
-      raise ValueError(f"loss_weights name outputs without a loss: "
-                       f"{sorted(unknown)}.")
-    weights = [weights.get(k, 1.0) for k in keys]
+    _check_output_names("loss", list(loss), model)
   elif isinstance(loss, (list, tuple)):
-    keys = list(range(len(loss)))
-    names = _output_names(model)
-    if len(names) != len(loss):
+    names = getattr(model, "output_names", None)
+    if names and len(names) != len(loss):
       raise ValueError(f"{len(loss)} losses for a model with {len(names)} "
-                       "outputs.")
-    weights = list(loss_weights) if loss_weights else [1.0] * len(loss)
+                       f"outputs ({list(names)}).")
   else:
     raise ValueError(f"loss must be a keras.losses.Loss, or a dict or list "
                      f"of them; got {type(loss).__name__}.")
-  return [_OutputLoss(key, f"{name}_loss", _unreduced(output_loss), weight)
-          for key, name, output_loss, weight
-          in zip(keys, names, [loss[k] for k in keys], weights)]
+  keys = list(loss) if isinstance(loss, dict) else range(len(loss))
+  outputs = [output_of(model, key) for key in keys]
+  weights = _loss_weights(model, loss_weights, outputs)
+  return [_OutputLoss(output, f"{output}_loss", _unreduced(loss[key]),
+                      weight)
+          for key, output, weight in zip(keys, outputs, weights)]
+
+
+def _loss_weights(model, loss_weights, outputs):
+  """The weight of each of `outputs`: `loss_weights` is a dict (output
+  name -> weight; 1 where missing) or a list (one per output with a loss,
+  in order), as fit takes it."""
+  if loss_weights is None:
+    return [1.0] * len(outputs)
+  if isinstance(loss_weights, dict):
+    _check_output_names("loss_weights", list(loss_weights), model)
+    named = {output_of(model, key): weight
+             for key, weight in loss_weights.items()}
+    unknown = [str(output) for output in named if output not in outputs]
+    if unknown:
+      raise ValueError(f"loss_weights name outputs without a loss: "
+                       f"{sorted(unknown)}.")
+    return [named.get(output, 1.0) for output in outputs]
+  if len(loss_weights) != len(outputs):
+    raise ValueError(f"{len(loss_weights)} loss_weights for "
+                     f"{len(outputs)} losses: give one per loss.")
+  return list(loss_weights)
 
 
 def _check_output_names(what, keys, model):
-  """Refuses `what` (a loss or metrics dict) naming an output the model
-  does not have, as fit does; a model without output names (subclassed)
-  is taken at its word."""
+  """Refuses `what` (a loss, weights or metrics dict) naming an output the
+  model does not have, as fit does; a model without output names
+  (subclassed) is taken at its word."""
   outputs = getattr(model, "output_names", None)
   unknown = [key for key in keys if outputs and key not in outputs]
   if unknown:
@@ -596,29 +654,36 @@ def _unreduced(loss):
   return type(loss).from_config({**loss.get_config(), "reduction": "none"})
 
 
-def _copied_metrics(metrics, keyed):
-  """`{(output_key, metric name): metric copy}` in a stable order; with
-  `keyed` (losses per output) metrics are given per output too.
-  `Trainer.build_metrics` settles the names they report under."""
-  if keyed and metrics and not isinstance(metrics, dict):
+def _copied_metrics(model, metrics, keyed):
+  """`{(Output or None, metric name): metric copy}` in a stable order; with
+  `keyed` (losses per output) metrics are given per output too: a dict
+  (output name -> list of metrics) or a list of lists (one per output), as
+  fit takes them. `Trainer.build_metrics` settles the names they report
+  under."""
+  if isinstance(metrics, dict):
+    _check_output_names("metrics", list(metrics), model)
+    entries = [(output_of(model, key), metric)
+               for key, group in metrics.items() for metric in group]
+  elif keyed and metrics and all(isinstance(group, (list, tuple))
+                                 for group in metrics):
+    entries = [(output_of(model, index), metric)
+               for index, group in enumerate(metrics) for metric in group]
+  elif keyed and metrics:
     raise ValueError("With a loss per output (a dict or list of losses, or "
                      "one loss for a model of several outputs, which applies "
-                     "to each), give metrics as a dict too: output name -> "
-                     "list of metrics.")
-  if isinstance(metrics, dict):
-    entries = [(key, metric) for key, group in metrics.items()
-               for metric in group]
+                     "to each), give metrics per output too: a dict (output "
+                     "name -> list of metrics) or a list of lists.")
   else:
     entries = [(None, metric) for metric in metrics]
   copies = {}
-  for key, metric in entries:
+  for output, metric in entries:
     if not isinstance(metric, keras.metrics.Metric):
       raise ValueError(f"metrics must be keras.metrics.Metric objects, got "
                        f"{metric!r}.")
-    if (key, metric.name) in copies:  # one entry of the logs for two
+    if (output, metric.name) in copies:  # one entry of the logs for two
       raise ValueError(f"Two metrics report as {metric.name!r}: give them "
                        f"distinct names.")
-    copies[(key, metric.name)] = type(metric).from_config(
+    copies[(output, metric.name)] = type(metric).from_config(
         metric.get_config())
   return copies
 
@@ -626,8 +691,8 @@ def _copied_metrics(metrics, keyed):
 def _reported(metrics, prefixed):
   """`metrics` keyed by the names they report under: prefixed by their
   output's where the model has several outputs, as fit names them."""
-  return {(key, f"{key}_{name}" if key is not None and prefixed else name):
-          metric for (key, name), metric in metrics.items()}
+  return {(output, f"{output}_{name}" if output is not None and prefixed
+           else name): metric for (output, name), metric in metrics.items()}
 
 
 def _results(trackers, metrics):

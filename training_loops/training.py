@@ -48,7 +48,8 @@ def train(model_fn, optimizer_fn=None, loss=None, train_data=None, *,
     model_fn: builds the model or step; called inside `strategy.scope()`.
     optimizer_fn: builds the supervised step's optimizer, likewise.
     loss: a `keras.losses.Loss` (e.g. from `losses`), or a dict/list of them
-      for a multi-output model, combined with `loss_weights`.
+      for a multi-output model, combined with `loss_weights`: as fit, a
+      dict is keyed by output name, a list by output position.
     train_data, validation_data: batched `tf.data.Dataset`s: `(x, y)` or
       `(x, y, sample_weight)` batches for the supervised step, where `x`
       and `y` may be nested, and for a multi-output model `sample_weight`
@@ -58,8 +59,9 @@ def train(model_fn, optimizer_fn=None, loss=None, train_data=None, *,
       across runs, so two runs would see different data.
     loop: one of `LOOPS`, or a loop added with `drivers.register`.
     epochs: the total number of epochs, counting those a resumed run did.
-    metrics: `keras.metrics.Metric` objects (a dict output -> list for a
-      multi-output model); copied for this run.
+    metrics: `keras.metrics.Metric` objects (for a multi-output model a
+      dict output name -> list, or a list of lists, one per output);
+      copied for this run.
     strategy: a `tf.distribute.Strategy`; default: the current one.
     steps_per_loop, jit_compile: `drivers.LoopOptions`.
     checkpoint_dir: save every epoch there (and every
@@ -209,12 +211,12 @@ def _compile(trainer, options, example):
   (`LoopOptions.jit_compile`), so the model is compiled without it; the
   `keras_fit` driver sets it.
   """
-  if trainer.output_losses[0].key is None:
+  if trainer.output_losses[0].output is None:
     metrics = list(trainer.train_metrics.values())
   else:
     metrics = {}
-    for (key, _), metric in trainer.train_metrics.items():
-      metrics.setdefault(key, []).append(metric)
+    for (output, _), metric in trainer.train_metrics.items():
+      metrics.setdefault(str(output), []).append(metric)
   model = trainer.model
   model.compile(optimizer=trainer.optimizer, loss=trainer.loss,
                 loss_weights=trainer.loss_weights, metrics=metrics or None,
@@ -302,37 +304,44 @@ def _per_output(loss, predictions):
 
 def _check_per_output_data(name, data, output_losses):
   """With a loss per output, the targets, and sample weights given per
-  output, must hold an entry for each output with a loss: under its key (a
-  dict) or at its index (a tuple), as fit picks them."""
+  output, must hold an entry for each output with a loss: under its name (a
+  dict) or at its position (a tuple), as fit picks them."""
   if data is None:
     return
-  keys = [output.key for output in output_losses]
+  outputs = [loss.output for loss in output_losses]
   targets = data.element_spec[1]
   if tf.nest.is_nested(targets):
-    if keys != [None]:
-      _check_entries(f"{name}'s targets", targets, keys)
-  elif len(keys) > 1:
+    if outputs != [None]:
+      _check_entries(f"{name}'s targets", targets, outputs)
+  elif len(outputs) > 1:
     raise ValueError(
         f"{name}'s targets are one tensor of shape {tuple(targets.shape)}, "
-        f"but the losses are per output ({keys}): give a dict or a tuple of "
-        f"targets (tf.data stacks a Python list into one tensor).")
+        f"but the losses are per output ({_listed(outputs)}): give a dict "
+        f"or a tuple of targets (tf.data stacks a Python list into one "
+        f"tensor).")
   weights = data.element_spec[2] if len(data.element_spec) == 3 else None
   if not tf.nest.is_nested(weights):
     return  # none, or one weight per example for every output
-  if keys == [None]:
+  if outputs == [None]:
     raise ValueError(f"{name}'s sample weights are per output "
                      f"({_entries(weights)}), but the loss is one: give one "
                      f"array of weights.")
-  _check_entries(f"{name}'s sample weights", weights, keys)
+  _check_entries(f"{name}'s sample weights", weights, outputs)
 
 
-def _check_entries(what, structure, keys):
-  given = _entries(structure)
-  missing = [key for key in keys if key not in given]
+def _check_entries(what, structure, outputs):
+  missing = [output for output in outputs
+             if not output.picks_from(structure)]
   if missing:
     raise ValueError(
-        f"{what} are per output ({given}) but miss {missing}: give one "
-        f"entry per output with a loss ({keys}).")
+        f"{what} are per output ({_entries(structure)}) but miss "
+        f"{_listed(missing)}: give one entry per output with a loss "
+        f"({_listed(outputs)}), under its name in a dict or at its position "
+        f"in a tuple.")
+
+
+def _listed(outputs):
+  return [str(output) for output in outputs]
 
 
 def _entries(structure):
