@@ -200,6 +200,35 @@ def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_one_before(
   assert_same_run(resumed, reference, rtol=1e-6)
 
 
+
+def test_a_failed_tensorboard_write_is_a_write_error(tmp_path):
+  """TensorBoard's event files fail as every other write of a run does:
+  one line naming the directory, not TensorFlow's error from inside its
+  writer's flush."""
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  try:
+    with pytest.raises(training_loops.WriteError) as failure:
+      run_loop("graph", epochs=3, log_dir=tmp_path,
+               callbacks=[_FileSizeLimitAtEpochEnd(0, 300)])
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE,
+                       (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    signal.signal(signal.SIGXFSZ, previous)
+  message = str(failure.value)
+  assert message.startswith(f"Could not write {tmp_path}/train: ")
+  assert message.endswith("; File too large.")
+  assert "\n" not in message
+
+
+def test_a_tensorboard_directory_that_cannot_be_made_is_a_write_error(
+    tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(training_loops.WriteError,
+                     match=f"^Could not write {blocker}/logs/train: Not a "
+                           r"directory\.$"):
+    run_loop("graph", epochs=1, log_dir=blocker / "logs")
+
 class _FileSizeLimitAtEpochEnd(keras.callbacks.Callback):
 
   def __init__(self, epoch, size):

@@ -21,6 +21,7 @@ from tensorboard.plugins.hparams import (api_pb2, backend_context,
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 import layers
+import training_loops
 from research.framework import models, summaries
 
 
@@ -229,6 +230,16 @@ def test_log_hparams_writes_a_session_tensorboard_reads(tmp_path):
     scalars[name] = (event.step, tf.make_ndarray(event.tensor_proto).item())
   assert scalars == {"val_loss": (0, 0.25), "test_accuracy": (0, 0.75)}
 
+
+
+def test_log_hparams_that_cannot_be_written_is_a_write_error(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(training_loops.WriteError,
+                     match=f"^Could not write {blocker}/graph: Not a "
+                           r"directory\.$"):
+    summaries.log_hparams(str(blocker / "graph"), {"loop": "graph"},
+                          {"val_loss": 0.25})
 
 def test_sessions_under_one_logdir_compare_in_the_hparams_plugin(tmp_path):
   for loop, val_loss in (("eager", 0.5), ("graph", 0.25)):

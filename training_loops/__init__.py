@@ -6,8 +6,9 @@
     history = training_loops.train(gan_fn, train_data=images, loop="graph")
 """
 
-from training_loops.atomic import (WriteError, replaced_atomically,
-                                   write_json_atomically)
+from training_loops.atomic import (WriteError, make_directory,
+                                   replaced_atomically,
+                                   write_json_atomically, writing)
 from training_loops.callback_state import CallbackState
 from training_loops.callbacks import (BestModelCheckpoint, EarlyStopping,
                                       ProfileEpoch)
@@ -34,10 +35,10 @@ __all__ = ["BestModelCheckpoint", "build_driver", "CallbackState",
            "CheckpointNotSharedError", "compare", "DamagedCheckpointError",
            "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
            "History", "KerasStep", "LockstepReport", "LoopOptions", "LOOPS",
-           "make_strategy", "NonFiniteLossError", "ProfileEpoch",
+           "make_directory", "make_strategy", "NonFiniteLossError", "ProfileEpoch",
            "replaced_atomically", "RunLock", "RunLockedError", "RunOptions",
            "StepDriver",
            "STRATEGIES", "SupervisedOptions", "train",
            "Trainer", "TrainingDataError", "TrainingInterrupted",
            "TrainingStep",
-           "WorkerLostError", "WriteError", "write_json_atomically"]
+           "WorkerLostError", "WriteError", "write_json_atomically", "writing"]

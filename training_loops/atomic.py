@@ -92,12 +92,22 @@ def replaced_atomically(path):
     raise
 
 
+@contextlib.contextmanager
+def writing(path):
+  """Runs a block that writes `path` with no temporary to swap in (a
+  directory, an append-only TensorBoard event file, TensorFlow's own
+  checkpoint writer): one of `WRITE_FAILURES` it raises becomes a
+  `WriteError` naming `path`."""
+  try:
+    yield
+  except WRITE_FAILURES as error:
+    raise WriteError(path, error) from error
+
+
 def make_directory(path):
   """`os.makedirs(path, exist_ok=True)`, failing as a `WriteError`."""
-  try:
+  with writing(path):
     os.makedirs(path, exist_ok=True)
-  except OSError as error:
-    raise WriteError(path, error) from error
 
 
 def write_json_atomically(path, content, indent=None):

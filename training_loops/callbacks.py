@@ -4,6 +4,7 @@ They subclass `keras.callbacks.Callback`, so they work in `model.fit` as
 well as in the custom loops, and Keras' own callbacks work in both.
 """
 
+import contextlib
 import math
 import os
 import time
@@ -12,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training_loops.atomic import replaced_atomically
+from training_loops.atomic import make_directory, replaced_atomically, writing
 
 
 class EarlyStopping(keras.callbacks.Callback):
@@ -129,7 +130,10 @@ class EpochRecorder(keras.callbacks.Callback):
   Keras' TensorBoard callback (`epoch_loss`, `epoch_<metric>` in `train/`
   and `validation/`; `evaluation_<metric>_vs_iterations` in `validation/`
   for validations by step) plus `epoch_learning_rate` and
-  `epoch_steps_per_second`.
+  `epoch_steps_per_second`. A summary that cannot be written (a full
+  disk, a denied permission) raises a `WriteError` naming its directory,
+  as every other write of a run does, where TensorFlow's writer would
+  raise from inside a flush.
   """
 
   def __init__(self, history, optimizers, steps_done, log_dir=None):
@@ -142,10 +146,12 @@ class EpochRecorder(keras.callbacks.Callback):
 
   def on_train_begin(self, logs=None):
     if self.log_dir and self._writers is None:
-      self._writers = {
-          split: tf.summary.create_file_writer(
-              os.path.join(self.log_dir, split))
-          for split in ("train", "validation")}
+      self._writers = {}
+      for split in ("train", "validation"):
+        with self._writing(split):
+          make_directory(self._directory(split))
+          self._writers[split] = tf.summary.create_file_writer(
+              self._directory(split))
 
   def on_epoch_begin(self, epoch, logs=None):
     self._start = self._train_end = time.perf_counter()
@@ -159,7 +165,7 @@ class EpochRecorder(keras.callbacks.Callback):
     self.history.append_step(step, epoch, logs)
     self._step_validation_seconds += seconds
     if self._writers:
-      with self._writers["validation"].as_default(step=step):
+      with self._writing("validation", step=step):
         for key, value in logs.items():
           tf.summary.scalar(
               f"evaluation_{key[len('val_'):]}_vs_iterations", value)
@@ -183,8 +189,23 @@ class EpochRecorder(keras.callbacks.Callback):
       self._write_summaries(epoch, logs, steps_per_second)
 
   def on_train_end(self, logs=None):
-    for writer in (self._writers or {}).values():
-      writer.flush()
+    for split, writer in (self._writers or {}).items():
+      with self._writing(split):
+        writer.flush()
+
+  def _directory(self, split):
+    return os.path.join(self.log_dir, split)
+
+  @contextlib.contextmanager
+  def _writing(self, split, step=None):
+    """Writes `split`'s summaries (at `step`, if given): a failed write
+    raises a `WriteError` naming the split's directory."""
+    with writing(self._directory(split)):
+      if step is None:
+        yield
+      else:
+        with self._writers[split].as_default(step=step):
+          yield
 
   def _write_summaries(self, epoch, logs, steps_per_second):
     train = {key: value for key, value in logs.items()
@@ -193,7 +214,7 @@ class EpochRecorder(keras.callbacks.Callback):
     validation = {key[len("val_"):]: value for key, value in logs.items()
                   if key.startswith("val_")}
     for split, values in (("train", train), ("validation", validation)):
-      with self._writers[split].as_default(step=epoch):
+      with self._writing(split, step=epoch):
         for key, value in values.items():
           tf.summary.scalar("epoch_" + key, value)
 

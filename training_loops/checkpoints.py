@@ -8,9 +8,8 @@ import shutil
 from absl import logging
 import tensorflow as tf
 
-from training_loops.atomic import (WRITE_FAILURES, WriteError,
-                                   make_directory, replaced_atomically,
-                                   write_json_atomically)
+from training_loops.atomic import (make_directory, replaced_atomically,
+                                   write_json_atomically, writing)
 from training_loops.strategies import PEER_FAILURES, is_multi_worker
 
 
@@ -234,12 +233,11 @@ class RunCheckpoint:
     # Not numbered by optimizer step: that stands still over the steps a
     # `LossScaleOptimizer` skips, and a save under an existing number
     # overwrites the last good checkpoint in place.
-    try:
+    # TensorFlow writes the new checkpoint's files under temporary names
+    # and the manager's state file last: a failed save leaves the previous
+    # one standing.
+    with writing(self._manager.directory):
       self._manager.save()
-    except WRITE_FAILURES as error:
-      # TensorFlow writes the new checkpoint's files under temporary names
-      # and the manager's state file last: the previous one still stands.
-      raise WriteError(self._manager.directory, error) from error
     if self._scratch:
       shutil.rmtree(self._scratch, ignore_errors=True)
 

@@ -136,14 +136,19 @@ def log_hparams(log_dir, hparams, metrics):
       since the HParams API takes no other type.
     metrics: `{name: number}`, the session's metrics: each a scalar at
       step 0.
+
+  Raises:
+    training_loops.WriteError: the session could not be written.
   """
-  writer = tf.summary.create_file_writer(log_dir)
-  try:
-    with writer.as_default():
-      hparams_api.hparams({
-          name: value if isinstance(value, _HPARAM_TYPES) else str(value)
-          for name, value in hparams.items()})
-      for name, value in metrics.items():
-        tf.summary.scalar(name, value, step=0)
-  finally:
-    writer.close()
+  with training_loops.writing(log_dir):
+    training_loops.make_directory(log_dir)
+    writer = tf.summary.create_file_writer(log_dir)
+    try:
+      with writer.as_default():
+        hparams_api.hparams({
+            name: value if isinstance(value, _HPARAM_TYPES) else str(value)
+            for name, value in hparams.items()})
+        for name, value in metrics.items():
+          tf.summary.scalar(name, value, step=0)
+    finally:
+      writer.close()
