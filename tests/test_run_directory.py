@@ -179,19 +179,8 @@ def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_one_before(
   before epoch 1's checkpoint makes TensorFlow's checkpoint writer fail
   mid-write; the JSON files written first are small enough to pass."""
   reference = run_loop("graph", epochs=3)
-  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  try:
-    with pytest.raises(training_loops.WriteError) as failure:
-      run_loop("graph", epochs=3, checkpoint_dir=tmp_path,
-               callbacks=[_FileSizeLimitAtEpochEnd(1, 2500)])
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE,
-                       (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    signal.signal(signal.SIGXFSZ, previous)
-  message = str(failure.value)
-  assert message.startswith(f"Could not write {tmp_path}: ")
-  assert message.endswith("; File too large.")
-  assert "\n" not in message
+  _assert_file_too_large(tmp_path, checkpoint_dir=tmp_path,
+                         callbacks=[_FileSizeLimitAtEpochEnd(1, 2500)])
   state = _read(tmp_path / "checkpoint").decode()
   assert 'model_checkpoint_path: "ckpt-1"' in state
   # The rerun resumes from the checkpoint before the failure and ends as
@@ -200,22 +189,28 @@ def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_one_before(
   assert_same_run(resumed, reference, rtol=1e-6)
 
 
-
 def test_a_failed_tensorboard_write_is_a_write_error(tmp_path):
   """TensorBoard's event files fail as every other write of a run does:
   one line naming the directory, not TensorFlow's error from inside its
   writer's flush."""
+  _assert_file_too_large(tmp_path / "train", log_dir=tmp_path,
+                         callbacks=[_FileSizeLimitAtEpochEnd(0, 300)])
+
+
+def _assert_file_too_large(path, **run_kwargs):
+  """A graph run of 3 epochs whose callbacks set a file-size limit (what a
+  full disk looks like to a writer) ends in one line: `path` could not be
+  written, the file too large."""
   previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
   try:
     with pytest.raises(training_loops.WriteError) as failure:
-      run_loop("graph", epochs=3, log_dir=tmp_path,
-               callbacks=[_FileSizeLimitAtEpochEnd(0, 300)])
+      run_loop("graph", epochs=3, **run_kwargs)
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE,
                        (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     signal.signal(signal.SIGXFSZ, previous)
   message = str(failure.value)
-  assert message.startswith(f"Could not write {tmp_path}/train: ")
+  assert message.startswith(f"Could not write {path}: ")
   assert message.endswith("; File too large.")
   assert "\n" not in message
 
