@@ -88,6 +88,19 @@ def test_replaced_atomically_swaps_in_whole_writes_only(tmp_path, kind, name):
   assert os.listdir(tmp_path) == [name]
 
 
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_the_next_write_deletes_what_a_killed_writer_left(tmp_path, kind):
+  """A writer killed mid-write (SIGKILL: no cleanup ran) leaves its
+  temporary; the next write of the same path deletes it, and leaves
+  another path's alone."""
+  path = tmp_path / "results.json"
+  _write(str(tmp_path / ".tmp-0123456789ab.results.json"), kind, "half")
+  other = tmp_path / ".tmp-0123456789ab.history.json"
+  other.write_text("half")
+  training_loops.write_json_atomically(path, {"epoch": 1})
+  assert sorted(os.listdir(tmp_path)) == [other.name, "results.json"]
+
 _CRASH_MIDWAY_THROUGH_A_DIRECTORY_SWAP = """
 import os, sys
 import training_loops
@@ -127,6 +140,7 @@ def test_a_directory_a_crash_left_aside_comes_back_or_goes(tmp_path, renames,
     with training_loops.replaced_atomically(path) as writing:
       _write(writing, "directory", "newer", fail=True)
   assert _read(path, "directory") == survivor
-  # Only a process killed before its rename leaves its temporary behind.
-  assert sorted(os.listdir(tmp_path)) == sorted(
-      ["export"] + ([temporary] if renames == 1 else []))
+  # A process killed before its rename left its temporary behind: the next
+  # write deleted it.
+  assert temporary.startswith(".tmp-")
+  assert os.listdir(tmp_path) == ["export"]

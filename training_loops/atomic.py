@@ -59,12 +59,14 @@ def replaced_atomically(path):
   previous one moves aside to `.old.<name>`, the new one moves in, then the
   old one is deleted. One left aside by a crash between the two renames is
   put back by the next call if `path` is missing, else deleted. A `path`
-  has one writer at a time.
+  has one writer at a time, so the next call also deletes the temporary a
+  writer killed mid-write left behind.
 
   If the block raises, the temporary is removed, `path` is left as it was
   and the exception propagates, as a `WriteError` naming `path` when it is
   one of `WRITE_FAILURES` (a full disk, a denied permission). A process
-  killed mid-write leaves its temporary behind.
+  killed mid-write leaves its temporary behind, until the next write of
+  `path`.
   """
   directory, name = os.path.split(os.fspath(path))
   directory = directory or os.curdir
@@ -72,6 +74,7 @@ def replaced_atomically(path):
   make_directory(directory)
   aside = os.path.join(directory, f".old.{name}")
   _recover(aside, path)
+  _remove_dead_temporaries(directory, name)
   temporary = os.path.join(directory, f".tmp-{uuid.uuid4().hex[:12]}.{name}")
   try:
     yield temporary
@@ -128,6 +131,17 @@ def _recover(aside, path):
     _remove(aside)
   else:
     os.replace(aside, path)
+
+
+def _remove_dead_temporaries(directory, name):
+  """Deletes the temporaries of `name` in `directory`: a writer killed
+  mid-write left them (`path` has one writer at a time)."""
+  for entry in os.listdir(directory):
+    if _TEMPORARY.fullmatch(entry) and entry[len(".tmp-") + 13:] == name:
+      _remove(os.path.join(directory, entry))
+
+
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{12}\..+", re.DOTALL)
 
 
 def _sync_tree(path):
