@@ -11,7 +11,8 @@ import sys
 
 EXPERIMENTS = ("classify", "regress", "deep_net", "wide_deep",
                "early_stopping", "hparam_search", "vae", "gan", "distill")
-TOOLS = ("compare", "benchmark", "peers", "parity", "report", "evaluate")
+TOOLS = ("compare", "benchmark", "peers", "parity", "report", "evaluate",
+         "soak")
 
 # Experiments and tools whose name changed when they moved into packages.
 RENAMED = {"callbacks": "early_stopping"}

@@ -1,0 +1,433 @@
+"""Kills a small experiment with SIGKILL at seeded random moments and checks
+that each rerun ends exactly as one uninterrupted run.
+
+    python -m research soak --configuration=graph --trials=50
+
+Each trial runs the configuration's experiment in a child process that
+kills itself at a moment drawn from the trial's seed: inside a training
+step, during a checkpoint write, during an evaluation or during the write
+of `results.json` (at the call's start, at one of its file syncs or
+renames, or after a random share of its duration in the uninterrupted
+run; at its end if it ends first). It then reruns the same command to completion and compares the run
+directory with the uninterrupted run's:
+
+- every checkpointed tensor (weights, optimizer slots and step, loss scale,
+  position, running metrics), bit for bit;
+- `history.json` and `results.json`, less wall-clock timings;
+- the steps each loop's rerun says it trained (`steps_trained`) and where it
+  resumed (`resumed_from`) against the checkpoint left on disk by the kill:
+  a rerun that silently started over would end identical too;
+- no file the uninterrupted run has is missing, no temporary of an
+  interrupted write is left, and every JSON file parses.
+
+It prints one line per trial and a summary; `soak.json` in --output_dir
+holds every trial. The experiment runs with op determinism, so any
+difference is a resume that is not exact.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from research.framework import run_config
+
+# What each configuration runs: an experiment on scikit-learn's digits,
+# small enough for a trial in seconds, checkpointing mid-epoch.
+_SMALL = {"dataset": "digits", "epochs": 3, "batch_size": 64,
+          "limit_batches": 12, "checkpoint_every_steps": 5,
+          "deterministic": True, "verbose": 0}
+CONFIGURATIONS = {
+    "graph": ("classify", {**_SMALL, "loop": "graph"}),
+    "eager": ("classify", {**_SMALL, "loop": "eager"}),
+    "mixed_float16": ("classify", {**_SMALL, "loop": "graph",
+                                   "precision": "mixed_float16"}),
+    # A step of its own with two optimizers (discriminator, generator).
+    "gan": ("gan", {**_SMALL, "loop": "graph", "epochs": 2,
+                    "score_samples": 200}),
+}
+
+# Where a kill lands: the phase of the run the child was in.
+KILL_POINTS = ("step", "checkpoint", "evaluation", "results")
+
+# Entries of results.json and history.json that time or count one
+# invocation's work, or name the run's directory.
+_VOLATILE = ("steps_per_second", "wall_seconds", "resumed_from",
+             "steps_trained", "output_dir")
+
+_fsync = os.fsync  # the child's kill record syncs without being tracked
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(run_config.Settings):
+  configuration: str = run_config.setting(
+      "graph", "What to kill: the loop and experiment.",
+      choices=CONFIGURATIONS)
+  trials: int = run_config.setting(50, "Killed and resumed runs.",
+                                   at_least=1)
+  seed: int = run_config.setting(0, "Seeds the kill moments.", at_least=0)
+  output_dir: str = run_config.setting(
+      os.path.join("runs", "soak"), "Where the runs go; each "
+      "configuration in a directory of its own, replaced.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  """One killed and resumed run, compared with the uninterrupted one."""
+  number: int
+  aimed_at: str  # the kill point drawn
+  hit: str | None  # where the kill landed ("phase:sub-point"); None: missed
+  differences: tuple  # what differs from the uninterrupted run
+  resumed: bool  # the rerun completed
+
+  @property
+  def outcome(self):
+    if not self.resumed:
+      return "failed to resume"
+    return "differing" if self.differences else "identical"
+
+
+def main(config):
+  """Runs the soak of `config.configuration`; returns its `Trial`s."""
+  experiment, settings = CONFIGURATIONS[config.configuration]
+  root = os.path.join(config.output_dir, config.configuration)
+  shutil.rmtree(root, ignore_errors=True)
+  os.makedirs(root)
+  if experiment == "gan":  # one judge for every run, trained once
+    settings = {**settings, "judge_dir": os.path.abspath(
+        os.path.join(config.output_dir, "judge"))}
+  reference = os.path.join(root, "uninterrupted")
+  if _run_child(experiment, settings, reference, plan=None) != 0:
+    sys.exit(f"error: the uninterrupted run failed; see {reference}.log")
+  calls = _read_json(os.path.join(reference, "phases.json"))
+  draw = random.Random(config.seed)
+  trials = []
+  for number in range(config.trials):
+    aimed_at = KILL_POINTS[number % len(KILL_POINTS)]
+    plan = _kill_plan(draw, aimed_at, calls)
+    directory = os.path.join(root, f"trial_{number:03d}")
+    trial = _trial(number, aimed_at, plan, experiment, settings, directory,
+                   reference)
+    trials.append(trial)
+    print(_trial_line(trial), flush=True)
+  _write_json(os.path.join(root, "soak.json"), {
+      "configuration": config.configuration, "experiment": experiment,
+      "settings": settings, "seed": config.seed,
+      "trials": [dataclasses.asdict(trial) for trial in trials]})
+  print(summary(config.configuration, trials))
+  return trials
+
+
+def _kill_plan(draw, aimed_at, calls):
+  """Where the child kills itself: the `call`-th entry (1-based) into
+  `aimed_at` in the uninterrupted run, at its start (sub-point 0), at one
+  of its file syncs or renames, or after `delay` seconds."""
+  chosen = draw.randrange(len(calls[aimed_at]))
+  seconds, sub_points = calls[aimed_at][chosen]
+  at = draw.randrange(sub_points + 2)  # entry, each sub-point, a delay
+  return {"phase": aimed_at, "call": chosen + 1,
+          "sub_point": at if at <= sub_points else None,
+          "delay": draw.uniform(0, seconds)}
+
+
+def _trial(number, aimed_at, plan, experiment, settings, directory,
+           reference):
+  code = _run_child(experiment, settings, directory, plan)
+  hit = None
+  if code == -signal.SIGKILL:
+    hit = _read_json(os.path.join(directory, "killed.json"))["at"]
+  on_disk = _positions(directory)  # what the rerun must resume from
+  if _run_child(experiment, settings, directory, plan=None) != 0:
+    return Trial(number, aimed_at, hit, (), resumed=False)
+  return Trial(number, aimed_at, hit,
+               tuple(differences(directory, reference, on_disk)),
+               resumed=True)
+
+
+def _trial_line(trial):
+  where = trial.hit or "not killed (the run ended first)"
+  details = f": {'; '.join(trial.differences)}" if trial.differences else ""
+  return (f"trial {trial.number:3d}  aimed at {trial.aimed_at:10}  killed "
+          f"at {where:32}  {trial.outcome}{details}")
+
+
+def summary(configuration, trials):
+  """The soak's figures in one line: trials, kill points hit, outcomes."""
+  hits = {}
+  for trial in trials:
+    point = trial.hit.split(":")[0] if trial.hit else "missed"
+    hits[point] = hits.get(point, 0) + 1
+  outcomes = {outcome: sum(trial.outcome == outcome for trial in trials)
+              for outcome in ("identical", "differing", "failed to resume")}
+  return (f"{configuration}: {len(trials)} trials; killed in "
+          f"{', '.join(f'{point} {count}' for point, count in sorted(hits.items()))}; "
+          f"{', '.join(f'{outcome} {count}' for outcome, count in outcomes.items())}")
+
+
+# -- comparing a trial with the uninterrupted run ---------------------------
+
+def differences(directory, reference, on_disk):
+  """What differs between the run in `directory` and the uninterrupted one
+  in `reference`, in one line each; `on_disk` is `_positions(directory)`
+  taken before the rerun."""
+  found = _file_differences(directory, reference)
+  for loop in sorted(_positions(reference)):
+    found += _checkpoint_differences(directory, reference, loop)
+  results, expected = (_read_json(os.path.join(path, "run", "results.json"))
+                       for path in (directory, reference))
+  if _without_timings(results) != _without_timings(expected):
+    found.append("results.json differs")
+  for loop, entry in results["loops"].items():
+    found += _accounting(loop, entry, on_disk.get(loop),
+                         expected["loops"][loop]["steps_trained"])
+  return found
+
+
+def _file_differences(directory, reference):
+  found = []
+  for kind, missing in (("missing", _files(reference) - _files(directory)),
+                        ("left over", {path for path in _files(directory)
+                                       if os.path.basename(path).startswith(
+                                           (".tmp-", ".old."))})):
+    if missing:
+      found.append(f"{kind}: {', '.join(sorted(missing))}")
+  for path in _files(directory):
+    if path.endswith(".json"):
+      try:
+        _read_json(os.path.join(directory, path))
+      except ValueError:
+        found.append(f"{path} does not parse")
+  return found
+
+
+def _files(directory):
+  """The run's files by path under `directory`, less those named by their
+  process or save (TensorBoard events, checkpoint shards)."""
+  paths = set()
+  for parent, _, names in os.walk(os.path.join(directory, "run")):
+    for name in names:
+      if not name.startswith(("events.out.tfevents", "ckpt-")):
+        paths.add(os.path.relpath(os.path.join(parent, name), directory))
+  return paths
+
+
+def _checkpoint_differences(directory, reference, loop):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tensors = []
+  for path in (directory, reference):
+    reader = tf.train.load_checkpoint(_checkpoint_dir(path, loop))
+    tensors.append({name: reader.get_tensor(name) for name in
+                    reader.get_variable_to_shape_map()
+                    if not name.startswith(("save_counter",
+                                            "_CHECKPOINTABLE_OBJECT_GRAPH"))})
+  ours, theirs = tensors
+  if ours.keys() != theirs.keys():
+    return [f"{loop}: the checkpoint holds other variables"]
+  differing = [name for name in sorted(ours)  # bit for bit, NaN included
+               if _bits(ours[name]) != _bits(theirs[name])]
+  found = [f"{loop}: {len(differing)} checkpointed tensors differ, e.g. "
+           f"{differing[0]}"] if differing else []
+  histories = [_without_timings(_read_json(os.path.join(
+      _checkpoint_dir(path, loop), "history.json")))
+      for path in (directory, reference)]
+  if histories[0] != histories[1]:
+    found.append(f"{loop}: history.json differs")
+  return found
+
+
+def _accounting(loop, entry, position, total_steps):
+  """`entry` (the rerun's results for `loop`) says it resumed from the
+  checkpoint the kill left and trained exactly the steps after it."""
+  expected_from = None if position is None else {
+      "epoch": position["epochs_done"], "step": position["steps_in_epoch"]}
+  steps_before = 0 if position is None else position["steps_done"]
+  found = []
+  if entry["resumed_from"] != expected_from:
+    found.append(f"{loop}: resumed from {entry['resumed_from']}, the "
+                 f"checkpoint on disk was {expected_from}")
+  if entry["steps_trained"] != total_steps - steps_before:
+    found.append(f"{loop}: trained {entry['steps_trained']} steps, "
+                 f"{total_steps - steps_before} were left")
+  return found
+
+
+def _bits(value):
+  return value if isinstance(value, bytes) else value.tobytes()
+
+
+def _positions(directory):
+  """`{loop: {"epochs_done", "steps_in_epoch", "steps_done"}}` of each
+  loop's latest checkpoint in the run under `directory`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  positions = {}
+  checkpoints = os.path.join(directory, "run", "checkpoints")
+  for loop in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else ()):
+    latest = tf.train.latest_checkpoint(os.path.join(checkpoints, loop))
+    if latest:
+      reader = tf.train.load_checkpoint(latest)
+      positions[loop] = {
+          key: int(reader.get_tensor(f"{key}/.ATTRIBUTES/VARIABLE_VALUE"))
+          for key in ("epochs_done", "steps_in_epoch", "steps_done")}
+  return positions
+
+
+def _checkpoint_dir(directory, loop):
+  return os.path.join(directory, "run", "checkpoints", loop)
+
+
+def _without_timings(content):
+  """`content` (results or a history) less the wall-clock figures and what
+  counts one invocation's work."""
+  if isinstance(content, dict):
+    return {key: _without_timings(value) for key, value in content.items()
+            if key not in _VOLATILE and "seconds" not in key}
+  if isinstance(content, list):
+    return [_without_timings(value) for value in content]
+  return content
+
+
+# -- the child process ------------------------------------------------------
+
+def _run_child(experiment, settings, directory, plan):
+  """Runs `experiment` with `settings` into `directory/run` in a child
+  process that follows `plan` (None: no kill, and it records each phase's
+  calls to `directory/phases.json`); returns its exit code."""
+  os.makedirs(directory, exist_ok=True)
+  instructions = os.path.join(directory, "child.json")
+  _write_json(instructions, {"experiment": experiment, "plan": plan,
+                             "settings": settings, "directory": directory})
+  with open(f"{directory}.log", "a", encoding="utf-8") as log:
+    return subprocess.run(
+        [sys.executable, "-c", "from research.tools import soak; "
+         f"soak.child({instructions!r})"], stdout=log, stderr=log,
+        check=False).returncode
+
+
+def child(instructions_path):
+  """The child process: runs the experiment under the phase tracker."""
+  import research  # pylint: disable=g-import-not-at-top
+  instructions = _read_json(instructions_path)
+  directory, plan = instructions["directory"], instructions["plan"]
+  tracker = _PhaseTracker(plan, os.path.join(directory, "killed.json"))
+  tracker.instrument()
+  module = __import__(f"research.experiments.{instructions['experiment']}",
+                      fromlist=["main"])
+  del research
+  config = module.Config.resolved(
+      **instructions["settings"], output_dir=os.path.join(directory, "run"))
+  module.main(config)
+  if plan is None:
+    _write_json(os.path.join(directory, "phases.json"), tracker.calls)
+
+
+class _PhaseTracker:
+  """Follows which phase of the run the process is in, by wrapping the
+  functions that start each; and kills the process where `plan` says.
+
+  `calls[phase]` lists each call's `[seconds, sub-points]`: its duration and
+  the file syncs and renames it made, from which a plan is drawn."""
+
+  def __init__(self, plan, record_path):
+    self.plan, self.record_path = plan, record_path
+    self.phases = ["outside training"]
+    self.calls = {point: [] for point in KILL_POINTS}
+    self.entries = {point: 0 for point in KILL_POINTS}
+    self.sub_points = None  # of the current tracked call
+    self.armed = False  # in the call the plan aims at
+
+  def instrument(self):
+    # pylint: disable=g-import-not-at-top
+    import training_loops
+    from training_loops import checkpoints, controller, drivers, keras_fit
+    self._wrap(controller.Controller, "run", "step")
+    self._wrap(checkpoints.RunCheckpoint, "save", "checkpoint")
+    for driver in (drivers.StepDriver, keras_fit.KerasFitDriver):
+      self._wrap(driver, "evaluate", "evaluation")
+    self._wrap(training_loops, "write_json_atomically",
+               lambda path, *_, **__: "results"
+               if os.path.basename(path) == "results.json" else None)
+    for name in ("replace", "fsync"):
+      self._wrap_sub_point(os, name)
+
+  def _wrap(self, owner, name, phase):
+    """Tracks calls of `owner.name` as `phase`, or as what `phase` returns
+    for their arguments (None: untracked)."""
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+      called = phase(*args, **kwargs) if callable(phase) else phase
+      if called is None:
+        return original(*args, **kwargs)
+      with self._in(called):
+        return original(*args, **kwargs)
+    setattr(owner, name, wrapped)
+
+  def _wrap_sub_point(self, owner, name):
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+      if self.sub_points is not None:
+        self.sub_points += 1
+        if self.armed and self.plan["sub_point"] == self.sub_points:
+          self._kill(f"{name}#{self.sub_points}")
+      return original(*args, **kwargs)
+    setattr(owner, name, wrapped)
+
+  @contextlib.contextmanager
+  def _in(self, phase):
+    self.entries[phase] += 1
+    outer = (self.sub_points, self.armed)
+    self.phases.append(phase)
+    self.sub_points = 0
+    self.armed = bool(self.plan and self.plan["phase"] == phase
+                      and self.plan["call"] == self.entries[phase])
+    if self.armed:
+      if self.plan["sub_point"] == 0:
+        self._kill("start")
+      if self.plan["sub_point"] is None:
+        threading.Thread(target=self._kill_after, daemon=True,
+                         args=(self.plan["delay"],)).start()
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      if self.armed:  # its sub-point or delay was not reached: now, then
+        self._kill("end")
+      self.calls[phase].append([time.perf_counter() - start,
+                                self.sub_points])
+      self.phases.pop()
+      self.sub_points, self.armed = outer
+
+  def _kill_after(self, seconds):
+    time.sleep(seconds)
+    self._kill(f"{seconds:.3f}s")
+
+  def _kill(self, sub_point):
+    """Records where the kill lands, then SIGKILLs this process."""
+    at = f"{self.phases[-1]}:{sub_point}"
+    with open(self.record_path, "w", encoding="utf-8") as stream:
+      json.dump({"at": at}, stream)
+      stream.flush()
+      _fsync(stream.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _read_json(path):
+  with open(path, encoding="utf-8") as stream:
+    return json.load(stream)
+
+
+def _write_json(path, content):
+  with open(path, "w", encoding="utf-8") as stream:
+    json.dump(content, stream, indent=2)
+
+
+if __name__ == "__main__":
+  run_config.run_cli(Config, main)
