@@ -20,6 +20,7 @@ from research import EXPERIMENTS
 from research.experiments import (classify, deep_net, early_stopping, gan,
                                   hparam_search, regress, wide_deep)
 from research.framework import datasets, experiment, models, run_config
+from research.tools import soak
 
 
 def test_rerun_refuses_an_output_dir_with_other_flags(tmp_path):
@@ -234,6 +235,22 @@ def test_flags_are_generated_from_the_config_and_parsed_into_it():
   assert "Recipes: --objective=gan: critic_steps=1" in (
       flag_values["critic_steps"].help)
 
+
+
+def test_a_list_setting_with_choices_checks_each_item():
+  flag_values = flags.FlagValues()
+  soak.Config.define_flags(flag_values)
+  flag_values(["soak", "--kill_points=results,checkpoint"])
+  assert soak.Config.from_flags(flag_values).kill_points == (
+      "results", "checkpoint")
+  assert soak.Config().kill_points == soak.KILL_POINTS
+  assert "Each one of: step, checkpoint, evaluation, results." in (
+      flag_values["kill_points"].help)
+  with pytest.raises(run_config.SettingsError,
+                     match=r"^--kill_points=results,steps holds an item "
+                           r"that is not one of the accepted values: step, "
+                           r"checkpoint, evaluation, results\.$"):
+    soak.Config(kill_points=("results", "steps"))
 
 def test_every_experiment_has_a_typed_config_and_a_main():
   for name in EXPERIMENTS:

@@ -112,11 +112,12 @@ class Settings:
       kind = _base_type(hints[field.name])
       options = {"flag_values": flag_values, "module_name": module_name}
       help_text = _help(cls, field, metadata)
-      if metadata.get("choices"):
+      if kind is tuple:
+        flags.DEFINE_list(field.name, None if field.default is None
+                          else list(field.default), help_text, **options)
+      elif metadata.get("choices"):
         flags.DEFINE_enum(field.name, field.default, metadata["choices"],
                           help_text, **options)
-      elif kind is tuple:
-        flags.DEFINE_list(field.name, field.default, help_text, **options)
       else:
         define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer,
                   float: flags.DEFINE_float}.get(kind, flags.DEFINE_string)
@@ -270,6 +271,8 @@ def _help(cls, field, metadata):
   text = metadata.get("help", "")
   if metadata.get("bounds"):
     text += f" Accepted: {_accepted(metadata['bounds'])}."
+  if metadata.get("choices") and isinstance(field.default, tuple):
+    text += f" Each one of: {', '.join(metadata['choices'])}."
   recipes = [f"--{name}={value}: {field.name}={recipe[field.name]}"
              for name, by_value in cls.RECIPES.items()
              for value, recipe in by_value.items() if field.name in recipe]
@@ -320,7 +323,11 @@ def _checked(name, value, hint, metadata):
                           f"is not {_TYPE_NAMES[element]}.")
     value = tuple(element(item) for item in value)
   choices = metadata.get("choices")
-  if choices and value not in choices:
+  if choices and kind is tuple and not set(value) <= set(choices):
+    raise SettingsError(f"--{name}={_listed(value)} holds an item that is "
+                        f"not one of the accepted values: "
+                        f"{', '.join(choices)}.")
+  if choices and kind is not tuple and value not in choices:
     raise SettingsError(f"--{name}={value} is not one of the accepted "
                         f"values: {', '.join(choices)}.")
   bounds = metadata.get("bounds", {})

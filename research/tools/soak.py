@@ -72,6 +72,9 @@ class Config(run_config.Settings):
       choices=CONFIGURATIONS)
   trials: int = run_config.setting(50, "Killed and resumed runs.",
                                    at_least=1)
+  kill_points: tuple[str, ...] = run_config.setting(
+      KILL_POINTS, "Where the trials aim their kills, in turn.",
+      choices=KILL_POINTS)
   seed: int = run_config.setting(0, "Seeds the kill moments.", at_least=0)
   output_dir: str = run_config.setting(
       os.path.join("runs", "soak"), "Where the runs go; each "
@@ -110,7 +113,7 @@ def main(config):
   draw = random.Random(config.seed)
   trials = []
   for number in range(config.trials):
-    aimed_at = KILL_POINTS[number % len(KILL_POINTS)]
+    aimed_at = config.kill_points[number % len(config.kill_points)]
     plan = _kill_plan(draw, aimed_at, calls)
     directory = os.path.join(root, f"trial_{number:03d}")
     trial = _trial(number, aimed_at, plan, experiment, settings, directory,
@@ -120,6 +123,7 @@ def main(config):
   _write_json(os.path.join(root, "soak.json"), {
       "configuration": config.configuration, "experiment": experiment,
       "settings": settings, "seed": config.seed,
+      "kill_points": config.kill_points,
       "trials": [dataclasses.asdict(trial) for trial in trials]})
   print(summary(config.configuration, trials))
   return trials
