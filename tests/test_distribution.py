@@ -140,6 +140,16 @@ def test_xla_on_replicas_on_several_cpus_is_refused(mirrored, loop):
              strategy=mirrored)
 
 
+def test_xla_in_the_eager_loop_is_refused_for_the_loop_before_the_devices(
+    mirrored):
+  """The eager loop never compiles: its own reason comes first, not the
+  devices'."""
+  with pytest.raises(ValueError, match=r"^jit_compile needs loop="
+                                       r"'function', 'graph' or 'keras_fit'"):
+    run_loop("eager", model_fn=lambda: classifier(batch_norm=False),
+             jit_compile=True, strategy=mirrored)
+
+
 @pytest.mark.parametrize("strategy", [
     lambda: tf.distribute.MirroredStrategy(["/cpu:0"]),
     lambda: tf.distribute.OneDeviceStrategy("/cpu:0")],

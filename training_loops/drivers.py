@@ -67,12 +67,27 @@ class Driver(abc.ABC):
   """
 
   def __init__(self, trainer, options=LoopOptions()):
+    self.check_options(options)
     self.trainer = trainer
     self.options = options
 
   # Whether a checkpoint saved inside an epoch can be resumed (model.fit
   # starts only at an epoch's beginning).
   resumes_mid_epoch = True
+  # The `LoopOptions` the driver honours; it refuses the others.
+  takes_steps_per_loop = True
+  takes_jit_compile = True
+
+  @classmethod
+  def check_options(cls, options):
+    """Refuses in one line an option this loop would ignore; `train`
+    asks before it builds anything, so this is the first word on it."""
+    if options.steps_per_loop is not None and not cls.takes_steps_per_loop:
+      raise ValueError(f"steps_per_loop needs loop='graph' or 'keras_fit'; "
+                       f"{cls.__name__} ignores it.")
+    if options.jit_compile and not cls.takes_jit_compile:
+      raise ValueError("jit_compile needs loop='function', 'graph' or "
+                       "'keras_fit'.")
 
   @abc.abstractmethod
   def evaluate(self, iterator, hooks=None):
@@ -95,12 +110,6 @@ class StepDriver(Driver):
 
   steps_per_call = 1
   takes_steps_per_loop = False
-
-  def __init__(self, trainer, options=LoopOptions()):
-    super().__init__(trainer, options)
-    if options.steps_per_loop is not None and not self.takes_steps_per_loop:
-      raise ValueError(f"steps_per_loop needs loop='graph' or 'keras_fit'; "
-                       f"{type(self).__name__} ignores it.")
 
   def evaluate(self, iterator, hooks=None):
     """Runs the eval step on every batch of `iterator`, from reset eval
@@ -142,11 +151,10 @@ class EagerDriver(StepDriver):
   real tensors (the supervised step compiles its update: see
   `Trainer.train_replica_step`)."""
 
+  takes_jit_compile = False
+
   def __init__(self, trainer, options=LoopOptions()):
     super().__init__(trainer, options)
-    if options.jit_compile:
-      raise ValueError("jit_compile needs loop='function', 'graph' or "
-                       "'keras_fit'.")
     self.train_step = trainer.distribute(trainer.train_replica_step)
     self.eval_step = trainer.distribute(trainer.eval_replica_step)
 

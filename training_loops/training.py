@@ -140,6 +140,7 @@ def build_driver(loop, model_fn, train_data, validation_data=None, *,
   same weights. The data is only checked against the step and traced, not
   read."""
   drivers.check_loop(loop)
+  drivers.DRIVERS[loop].check_options(options)
   strategy = strategy or tf.distribute.get_strategy()
   if options.jit_compile:
     strategies.check_jit_compile(strategy)
