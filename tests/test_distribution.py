@@ -1,5 +1,9 @@
 """Training under tf.distribute strategies."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ import tensorflow as tf
 import layers
 import losses
 import training_loops
+from conftest import REPO
 from loop_models import (assert_same_run, classification_data, classifier,
                          run_loop)
 
@@ -163,3 +168,39 @@ def test_graph_loop_xla_on_one_replica_strategies_as_the_default(strategy):
           for under in (None, strategy())]
   for key, values in runs[1].items():
     np.testing.assert_allclose(values, runs[0][key], rtol=1e-5, err_msg=key)
+
+
+_TWO_STRATEGIES_ON_THE_SAME_DEVICES = """
+import sys
+import tensorflow as tf
+import training_loops
+from loop_models import run_loop
+first = training_loops.make_strategy("mirrored", cpu_replicas=2)
+assert training_loops.make_strategy("mirrored", cpu_replicas=2) is first
+run_loop("graph", strategy=first, epochs=1)
+# Built apart from make_strategy: its collectives are numbered as first's.
+second = tf.distribute.MirroredStrategy(first.extended.worker_devices)
+try:
+  run_loop("keras_fit", strategy=second, epochs=1)
+except training_loops.CollectiveMismatchError as error:
+  print(error)
+"""
+
+
+def test_two_strategies_on_the_same_devices_are_named_not_bad_data():
+  """make_strategy reuses one mirrored strategy per device set; two built
+  apart have their collectives meet, which is named as such rather than as
+  a rejected batch. In a process of its own: the collision would abort
+  this one's collectives for good."""
+  ran = subprocess.run([sys.executable, "-c",
+                        _TWO_STRATEGIES_ON_THE_SAME_DEVICES],
+                       cwd=os.path.join(REPO, "tests"), capture_output=True,
+                       text=True, timeout=300, check=False,
+                       env={**os.environ, "PYTHONPATH": REPO})
+  assert ran.returncode == 0, ran.stderr[-2000:]
+  assert ran.stdout.strip() == (
+      "The replicas' collective ops did not match in epoch 0 (0-based) "
+      "(Shape mismatch in the collective instance 100): two tf.distribute "
+      "strategies on the same devices in this process (build one per set "
+      "of devices and reuse it, as make_strategy does), or workers training "
+      "different models.")

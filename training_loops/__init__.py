@@ -22,8 +22,8 @@ from training_loops.interrupts import TrainingInterrupted
 from training_loops.keras_step import KerasStep
 from training_loops.lockstep import Divergence, LockstepReport, compare
 from training_loops.run_lock import RunLock, RunLockedError
-from training_loops.strategies import (STRATEGIES, WorkerLostError,
-                                       make_strategy)
+from training_loops.strategies import (STRATEGIES, CollectiveMismatchError,
+                                       WorkerLostError, make_strategy)
 from training_loops.step import TrainingStep
 from training_loops.supervised_step import (NonFiniteLossError, Trainer,
                                     TrainingDataError)
@@ -32,10 +32,12 @@ from training_loops.training import (LOOPS, SupervisedOptions, build_driver,
 
 __all__ = ["BestModelCheckpoint", "build_driver", "CallbackState",
            "CheckpointMismatchError",
-           "CheckpointNotSharedError", "compare", "DamagedCheckpointError",
+           "CheckpointNotSharedError", "CollectiveMismatchError", "compare",
+           "DamagedCheckpointError",
            "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
            "History", "KerasStep", "LockstepReport", "LoopOptions", "LOOPS",
-           "make_directory", "make_strategy", "NonFiniteLossError", "ProfileEpoch",
+           "make_directory", "make_strategy", "NonFiniteLossError",
+           "ProfileEpoch",
            "replaced_atomically", "RunLock", "RunLockedError", "RunOptions",
            "StepDriver",
            "STRATEGIES", "SupervisedOptions", "train",

@@ -24,7 +24,10 @@ from training_loops.checkpoints import RunCheckpoint, replay_data_order
 from training_loops.drivers import StepDriver
 from training_loops.history import History
 from training_loops.interrupts import StopRequests, TrainingInterrupted
-from training_loops.strategies import (PEER_FAILURES, WorkerLostError,
+from training_loops.strategies import (PEER_FAILURES,
+                                       CollectiveMismatchError,
+                                       WorkerLostError,
+                                       collectives_mismatched,
                                        is_multi_worker)
 from training_loops.step import first_non_finite
 from training_loops.supervised_step import (NonFiniteLossError,
@@ -239,6 +242,8 @@ class Controller:
         else:  # a loop that runs its own epochs calls the hooks below
           self.driver.run(self)
       except tf.errors.InvalidArgumentError as error:
+        if collectives_mismatched(error):
+          raise CollectiveMismatchError(self.position[0], error) from error
         if not restored:
           raise
         raise TrainingDataError(self.position[0], error) from error

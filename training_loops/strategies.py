@@ -26,6 +26,29 @@ class WorkerLostError(RuntimeError):
     self.epoch = epoch
 
 
+class CollectiveMismatchError(RuntimeError):
+  """The replicas' collective ops did not match: two strategies on the same
+  devices in one process (each numbers its collectives from the same keys,
+  so one's ops meet the other's), or workers whose models differ."""
+
+  def __init__(self, epoch, error):
+    where = "" if epoch is None else f" in epoch {epoch} (0-based)"
+    # "Shape mismatch in the collective instance 100. Op at device ..."
+    cause = error.message.split("aborted by: ")[-1].split(".")[0]
+    super().__init__(
+        f"The replicas' collective ops did not match{where} ({cause}): "
+        f"two tf.distribute strategies on the same devices in this process "
+        f"(build one per set of devices and reuse it, as make_strategy "
+        f"does), or workers training different models.")
+    self.epoch = epoch
+
+
+def collectives_mismatched(error):
+  """Whether a TensorFlow `error` is a collective op aborted because the
+  replicas' ops did not match (`CollectiveMismatchError`)."""
+  return "Collective ops is aborted by: Shape mismatch" in error.message
+
+
 # A collective that waits longer than this for a peer fails instead of
 # hanging: long enough for a slow step, short enough to notice a frozen peer.
 COLLECTIVE_TIMEOUT_SECONDS = 300.0
@@ -65,6 +88,11 @@ def check_jit_compile(strategy):
 def make_strategy(name, cpu_replicas=None):
   """Returns the `tf.distribute.Strategy` called `name`.
 
+  One `"mirrored"` strategy per set of devices, reused by every call: two
+  number their collective ops from the same keys, and a process that
+  trained with one and then another on the same devices would have their
+  collectives meet (`CollectiveMismatchError`).
+
   Args:
     name: one of `STRATEGIES`. `"multi_worker"` is
       `MultiWorkerMirroredStrategy`, configured from the `TF_CONFIG`
@@ -85,10 +113,11 @@ def make_strategy(name, cpu_replicas=None):
     device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
     return tf.distribute.OneDeviceStrategy(device)
   if name == "mirrored":
-    if cpu_replicas and cpu_replicas > 1:
-      devices = [d.name for d in split_cpu(cpu_replicas)]
-      return tf.distribute.MirroredStrategy(devices)
-    return tf.distribute.MirroredStrategy()
+    devices = (tuple(d.name for d in split_cpu(cpu_replicas))
+               if cpu_replicas and cpu_replicas > 1 else None)
+    if devices not in _MIRRORED:
+      _MIRRORED[devices] = tf.distribute.MirroredStrategy(devices)
+    return _MIRRORED[devices]
   if "TF_CONFIG" not in os.environ:
     raise ValueError("multi_worker needs the TF_CONFIG environment variable "
                      "(cluster and task); see tf.distribute docs.")
@@ -98,6 +127,9 @@ def make_strategy(name, cpu_replicas=None):
   return tf.distribute.MultiWorkerMirroredStrategy(
       communication_options=tf.distribute.experimental.CommunicationOptions(
           timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
+
+
+_MIRRORED = {}  # devices (None: all of them) -> the strategy over them
 
 
 def split_cpu(count):

@@ -142,6 +142,7 @@ def main_running(run_fn, partial_results="results.json"):
 ONE_LINE_ERRORS = (datasets.DataError, run_config.SettingsError,
                    training_loops.CheckpointMismatchError,
                    training_loops.CheckpointNotSharedError,
+                   training_loops.CollectiveMismatchError,
                    training_loops.DamagedCheckpointError,
                    training_loops.NonFiniteLossError,
                    training_loops.RunLockedError,
