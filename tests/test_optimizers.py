@@ -15,7 +15,8 @@ import tensorflow as tf
 import losses
 from conftest import saved_and_loaded
 from layer_harness import global_dtype_policy
-from loop_models import classification_data, classifier, run_loop
+from loop_models import (assert_same_run, classification_data, classifier,
+                         run_loop)
 from research.framework import optimizers, run_config
 
 LR, DECAY = 0.1, 0.05
@@ -374,97 +375,110 @@ def test_why_ema_is_refused_under_mixed_float16():
     np.testing.assert_array_equal(weight, 0.0)
 
 
-def test_why_accumulation_is_refused_on_several_replicas(mirrored):
+def test_accumulation_under_a_mirrored_strategy_trains_eagerly_as_one_replica(
+    mirrored):
+  """Keras accumulates under a cond holding the replicas' merge_call, which
+  no compiled loop (nor fit) can take: they refuse in one line. The eager
+  loop sums the replicas' gradients before accumulating, as one replica."""
   build = optimizers.optimizer_fn(_config(gradient_accumulation_steps=2),
-                                  2, 1)
-  with pytest.raises(RuntimeError, match="merge_call"):
-    run_loop("graph", epochs=1, model_fn=_model, optimizer_fn=build,
-             data=_batches(2), strategy=mirrored)
+                                  4, 2)
+  for loop in ("function", "graph", "keras_fit"):
+    with pytest.raises(ValueError, match=r"^gradient_accumulation_steps "
+                                         r"\(optimizer 'optimizer'\) under "
+                                         r"MirroredStrategy trains in "
+                                         r"loop='eager' only"):
+      run_loop(loop, epochs=1, model_fn=_model, optimizer_fn=build,
+               data=_batches(4), strategy=mirrored)
+  one, two = (run_loop("eager", epochs=2, model_fn=_model,
+                       optimizer_fn=build, data=_batches(4),
+                       strategy=strategy) for strategy in (None, mirrored))
+  assert int(two.model.optimizer.iterations) == 4  # 8 batches, 2 by 2
+  assert_same_run(two, one, rtol=1e-6)
 
 
 # -- check -------------------------------------------------------------------
 
 VALID_PIECES = {"lr_schedule": "piecewise", **PIECES}
-# (flags, replicas, flags the message names); a run of 2 epochs of 10 steps.
+# (flags, flags the message names); a run of 2 epochs of 10 steps.
 REFUSALS = {
-    "momentum_with_sgd": ({"momentum": 0.9}, 1, ("--momentum",
-                                                 "--optimizer")),
-    "momentum_with_adam": ({"optimizer": "adam", "momentum": 0.5}, 1,
+    "momentum_with_sgd": ({"momentum": 0.9}, ("--momentum", "--optimizer")),
+    "momentum_with_adam": ({"optimizer": "adam", "momentum": 0.5},
                            ("--momentum", "--optimizer")),
-    "momentum_one": ({"optimizer": "momentum", "momentum": 1.0}, 1,
+    "momentum_one": ({"optimizer": "momentum", "momentum": 1.0},
                      ("--momentum",)),
-    "momentum_negative": ({"optimizer": "nesterov", "momentum": -0.1}, 1,
+    "momentum_negative": ({"optimizer": "nesterov", "momentum": -0.1},
                           ("--momentum",)),
-    "weight_decay_negative": ({"weight_decay": -0.01}, 1,
-                              ("--weight_decay",)),
+    "weight_decay_negative": ({"weight_decay": -0.01}, ("--weight_decay",)),
     "decay_rate_zero": ({"lr_schedule": "exponential", "decay_rate": 0.0},
-                        1, ("--decay_rate",)),
+                        ("--decay_rate",)),
     "decay_rate_above_one": ({"lr_schedule": "exponential",
-                              "decay_rate": 1.5}, 1, ("--decay_rate",)),
-    "clipnorm_zero": ({"clipnorm": 0.0}, 1, ("--clipnorm",)),
-    "clipnorm_negative": ({"clipnorm": -1.0}, 1, ("--clipnorm",)),
-    "ema_momentum_one": ({"ema_momentum": 1.0}, 1, ("--ema_momentum",)),
-    "ema_momentum_negative": ({"ema_momentum": -0.5}, 1,
+                              "decay_rate": 1.5}, ("--decay_rate",)),
+    "clipnorm_zero": ({"clipnorm": 0.0}, ("--clipnorm",)),
+    "clipnorm_negative": ({"clipnorm": -1.0}, ("--clipnorm",)),
+    "ema_momentum_one": ({"ema_momentum": 1.0}, ("--ema_momentum",)),
+    "ema_momentum_negative": ({"ema_momentum": -0.5},
                               ("--ema_momentum",)),
-    "warmup_the_whole_run": ({"warmup_steps": 20}, 1, ("--warmup_steps",)),
+    "warmup_the_whole_run": ({"warmup_steps": 20}, ("--warmup_steps",)),
     "warmup_longer_than_the_run": ({"lr_schedule": "cosine",
-                                    "warmup_steps": 25}, 1,
+                                    "warmup_steps": 25},
                                    ("--warmup_steps",)),
     "accumulation_longer_than_the_run": (
-        {"gradient_accumulation_steps": 21}, 1,
+        {"gradient_accumulation_steps": 21},
         ("--gradient_accumulation_steps",)),
-    "pieces_without_piecewise": ({**PIECES}, 1,
+    "pieces_without_piecewise": ({**PIECES},
                                  ("--lr_boundaries", "--lr_values",
                                   "--lr_schedule")),
     "values_without_piecewise": ({"lr_schedule": "cosine",
-                                  "lr_values": [0.1]}, 1,
+                                  "lr_values": [0.1]},
                                  ("--lr_values", "--lr_schedule")),
-    "piecewise_without_pieces": ({"lr_schedule": "piecewise"}, 1,
+    "piecewise_without_pieces": ({"lr_schedule": "piecewise"},
                                  ("--lr_boundaries", "--lr_values")),
     "piecewise_without_values": ({"lr_schedule": "piecewise",
-                                  "lr_boundaries": [3]}, 1,
+                                  "lr_boundaries": [3]},
                                  ("--lr_values",)),
     "boundary_not_an_integer": ({**VALID_PIECES,
-                                 "lr_boundaries": [3, 6.5]}, 1,
+                                 "lr_boundaries": [3, 6.5]},
                                 ("--lr_boundaries",)),
     "boundaries_not_increasing": ({**VALID_PIECES,
-                                   "lr_boundaries": [6, 6]}, 1,
+                                   "lr_boundaries": [6, 6]},
                                   ("--lr_boundaries",)),
-    "boundary_zero": ({**VALID_PIECES, "lr_boundaries": [0, 6]}, 1,
+    "boundary_zero": ({**VALID_PIECES, "lr_boundaries": [0, 6]},
                       ("--lr_boundaries",)),
     "value_negative": ({**VALID_PIECES, "lr_values": [0.3, -0.2, 0.1]},
-                       1, ("--lr_values",)),
-    "value_nan": ({**VALID_PIECES, "lr_values": [0.3, float("nan"), 0.1]}, 1,
+                       ("--lr_values",)),
+    "value_nan": ({**VALID_PIECES, "lr_values": [0.3, float("nan"), 0.1]},
                   ("--lr_values",)),
-    "value_infinite": ({**VALID_PIECES, "lr_values": [float("inf"), 0.2, 0.1]},
-                       1, ("--lr_values",)),
-    "values_one_short": ({**VALID_PIECES, "lr_values": [0.3, 0.2]}, 1,
+    "value_infinite": ({**VALID_PIECES,
+                        "lr_values": [float("inf"), 0.2, 0.1]},
+                       ("--lr_values",)),
+    "values_one_short": ({**VALID_PIECES, "lr_values": [0.3, 0.2]},
                          ("--lr_values", "--lr_boundaries")),
     "values_one_over": ({**VALID_PIECES,
-                         "lr_values": [0.3, 0.2, 0.1, 0.05]}, 1,
+                         "lr_values": [0.3, 0.2, 0.1, 0.05]},
                         ("--lr_values", "--lr_boundaries")),
-    "decay_steps_with_constant": ({"decay_steps": 5}, 1,
+    "decay_steps_with_constant": ({"decay_steps": 5},
                                   ("--decay_steps", "--lr_schedule")),
-    "decay_steps_with_piecewise": ({**VALID_PIECES, "decay_steps": 5}, 1,
+    "decay_steps_with_piecewise": ({**VALID_PIECES, "decay_steps": 5},
                                    ("--decay_steps", "--lr_schedule")),
-    "decay_rate_with_constant": ({"decay_rate": 0.5}, 1,
+    "decay_rate_with_constant": ({"decay_rate": 0.5},
                                  ("--decay_rate", "--lr_schedule")),
     "decay_rate_with_cosine": ({"lr_schedule": "cosine", "decay_rate": 0.5},
-                               1, ("--decay_rate", "--lr_schedule")),
-    "accumulation_on_two_replicas": ({"gradient_accumulation_steps": 2}, 2,
-                                     ("--gradient_accumulation_steps",
-                                      "--strategy")),
+                               ("--decay_rate", "--lr_schedule")),
+    "accumulation_under_mirrored": ({"gradient_accumulation_steps": 2,
+                                     "strategy": "mirrored"},
+                                    ("--gradient_accumulation_steps",
+                                     "--strategy", "--loop=eager")),
     "ema_under_mixed_float16": ({"precision": "mixed_float16",
-                                 "ema_momentum": 0.99}, 1,
+                                 "ema_momentum": 0.99},
                                 ("--ema_momentum", "--precision")),
 }
 
 
 @pytest.mark.parametrize("case", REFUSALS)
 def test_check_refuses_bad_flags_with_one_line_naming_them(case):
-  flags, replicas, named = REFUSALS[case]
+  flags, named = REFUSALS[case]
   with pytest.raises(run_config.SettingsError) as error:
-    optimizers.check(_config(**flags), 10, 2, replicas=replicas)
+    optimizers.check(_config(**flags), 10, 2)
   message = str(error.value)
   assert "\n" not in message
   for flag in named:
@@ -473,32 +487,33 @@ def test_check_refuses_bad_flags_with_one_line_naming_them(case):
 
 # Each refusal's nearest accepted neighbour.
 ACCEPTED = {
-    "momentum_zero": ({"optimizer": "momentum", "momentum": 0.0}, 1),
-    "nesterov_default": ({"optimizer": "nesterov"}, 1),
-    "no_weight_decay": ({"optimizer": "adamw", "weight_decay": 0.0}, 1),
-    "decay_rate_one": ({"lr_schedule": "exponential", "decay_rate": 1.0,
-                        "decay_steps": 3}, 1),
-    "clipnorm": ({"clipnorm": 1e-6}, 1),
-    "ema_momentum": ({"ema_momentum": 0.999}, 1),
-    "warmup_to_the_last_step": ({"lr_schedule": "cosine",
-                                 "warmup_steps": 19}, 1),
-    "accumulation_over_the_run": ({"gradient_accumulation_steps": 20}, 1),
-    "piecewise": ({**VALID_PIECES, "warmup_steps": 2}, 1),
-    "cosine_decay_steps": ({"lr_schedule": "cosine", "decay_steps": 50}, 1),
-    "two_replicas": ({"clipnorm": 1.0, "ema_momentum": 0.9}, 2),
-    "mixed_float16": ({"precision": "mixed_float16", "optimizer": "adamw",
-                       "weight_decay": DECAY, "clipnorm": 1.0,
-                       "gradient_accumulation_steps": 2,
-                       "lr_schedule": "cosine", "warmup_steps": 3}, 1),
-    "ema_under_mixed_bfloat16": ({"precision": "mixed_bfloat16",
-                                  "ema_momentum": 0.99}, 1),
+    "momentum_zero": {"optimizer": "momentum", "momentum": 0.0},
+    "nesterov_default": {"optimizer": "nesterov"},
+    "no_weight_decay": {"optimizer": "adamw", "weight_decay": 0.0},
+    "decay_rate_one": {"lr_schedule": "exponential", "decay_rate": 1.0,
+                       "decay_steps": 3},
+    "clipnorm": {"clipnorm": 1e-6},
+    "ema_momentum": {"ema_momentum": 0.999},
+    "warmup_to_the_last_step": {"lr_schedule": "cosine",
+                                "warmup_steps": 19},
+    "accumulation_over_the_run": {"gradient_accumulation_steps": 20},
+    "piecewise": {**VALID_PIECES, "warmup_steps": 2},
+    "cosine_decay_steps": {"lr_schedule": "cosine", "decay_steps": 50},
+    "accumulation_in_eager_under_mirrored": {
+        "gradient_accumulation_steps": 2, "strategy": "mirrored",
+        "loop": "eager"},
+    "mixed_float16": {"precision": "mixed_float16", "optimizer": "adamw",
+                      "weight_decay": DECAY, "clipnorm": 1.0,
+                      "gradient_accumulation_steps": 2,
+                      "lr_schedule": "cosine", "warmup_steps": 3},
+    "ema_under_mixed_bfloat16": {"precision": "mixed_bfloat16",
+                                 "ema_momentum": 0.99},
 }
 
 
 @pytest.mark.parametrize("case", ACCEPTED)
 def test_check_accepts_the_edges_of_each_range(case):
-  flags, replicas = ACCEPTED[case]
-  config = _config(**flags)
-  optimizers.check(config, 10, 2, replicas=replicas)
+  config = _config(**ACCEPTED[case])
+  optimizers.check(config, 10, 2)
   assert isinstance(optimizers.optimizer_fn(config, 10, 2)(),
                     keras.optimizers.Optimizer)

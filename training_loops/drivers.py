@@ -74,9 +74,10 @@ class Driver(abc.ABC):
   # Whether a checkpoint saved inside an epoch can be resumed (model.fit
   # starts only at an epoch's beginning).
   resumes_mid_epoch = True
-  # The `LoopOptions` the driver honours; it refuses the others.
+  # Whether it runs the step op by op (so it cannot compile it).
+  runs_eagerly = False
+  # Whether it honours `LoopOptions.steps_per_loop`; it refuses it if not.
   takes_steps_per_loop = True
-  takes_jit_compile = True
 
   @classmethod
   def check_options(cls, options):
@@ -85,7 +86,7 @@ class Driver(abc.ABC):
     if options.steps_per_loop is not None and not cls.takes_steps_per_loop:
       raise ValueError(f"steps_per_loop needs loop='graph' or 'keras_fit'; "
                        f"{cls.__name__} ignores it.")
-    if options.jit_compile and not cls.takes_jit_compile:
+    if options.jit_compile and cls.runs_eagerly:
       raise ValueError("jit_compile needs loop='function', 'graph' or "
                        "'keras_fit'.")
 
@@ -151,7 +152,7 @@ class EagerDriver(StepDriver):
   real tensors (the supervised step compiles its update: see
   `Trainer.train_replica_step`)."""
 
-  takes_jit_compile = False
+  runs_eagerly = True
 
   def __init__(self, trainer, options=LoopOptions()):
     super().__init__(trainer, options)

@@ -85,6 +85,25 @@ def check_jit_compile(strategy):
         f"device it compiles for. Use jit_compile=False, or one device.")
 
 
+def check_gradient_accumulation(optimizers, strategy, runs_eagerly):
+  """Keras' optimizer accumulates gradients under a `cond` holding the
+  replicas' `merge_call`, which a compiled step under a mirrored strategy
+  (of any replica count) cannot take: every compiled loop, fit's too,
+  fails at its first step. The eager loop sums the replicas' gradients
+  before it accumulates, as one replica would. Refused here in one line."""
+  if runs_eagerly or not runs_replicas_in_threads(strategy):
+    return
+  for name, optimizer in optimizers.items():
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # loss scaling
+    if getattr(inner, "gradient_accumulation_steps", None):
+      raise ValueError(
+          f"gradient_accumulation_steps (optimizer {name!r}) under "
+          f"{type(strategy).__name__} trains in loop='eager' only: Keras "
+          f"accumulates under a cond a compiled step cannot take across the "
+          f"replicas' merge_call (fit fails there too). Use loop='eager', "
+          f"or the default or one_device strategy.")
+
+
 def make_strategy(name, cpu_replicas=None):
   """Returns the `tf.distribute.Strategy` called `name`.
 

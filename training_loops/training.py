@@ -140,7 +140,8 @@ def build_driver(loop, model_fn, train_data, validation_data=None, *,
   same weights. The data is only checked against the step and traced, not
   read."""
   drivers.check_loop(loop)
-  drivers.DRIVERS[loop].check_options(options)
+  driver = drivers.DRIVERS[loop]
+  driver.check_options(options)
   strategy = strategy or tf.distribute.get_strategy()
   if options.jit_compile:
     strategies.check_jit_compile(strategy)
@@ -155,7 +156,9 @@ def build_driver(loop, model_fn, train_data, validation_data=None, *,
     else:
       step = _supervised_step(built, supervised, options, train_data,
                               validation_data, strategy)
-  return drivers.DRIVERS[loop](step, options)
+  strategies.check_gradient_accumulation(step.optimizers(), strategy,
+                                         driver.runs_eagerly)
+  return driver(step, options)
 
 
 def _own_step(built, supervised, strategy):

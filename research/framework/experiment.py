@@ -332,7 +332,7 @@ class RunPlan:
     # A dev run's optimizer and schedule are the full run's: it checks
     # that run's code paths, cut short.
     schedule_steps = full if config.fast_dev_run else steps_per_epoch
-    optimizers.check(config, schedule_steps, config.epochs, replicas)
+    optimizers.check(config, schedule_steps, config.epochs)
     return cls(config=config, strategy=strategy,
                epochs=1 if config.fast_dev_run else config.epochs,
                batches={split: (limit if split == "train" or not

@@ -96,7 +96,7 @@ class Warmup(keras.optimizers.schedules.LearningRateSchedule):
     return cls(config["warmup_steps"], after)
 
 
-def check(config, steps_per_epoch, epochs, replicas=1):
+def check(config, steps_per_epoch, epochs):
   """Refuses a combination of the optimizer flags that Keras would reject,
   ignore or train wrongly with.
 
@@ -104,7 +104,6 @@ def check(config, steps_per_epoch, epochs, replicas=1):
     config: the run's `run_config.RunConfig`.
     steps_per_epoch: the batches an epoch trains on.
     epochs: the epochs of the run.
-    replicas: the replicas of the run's strategy.
 
   Raises:
     run_config.SettingsError: one line naming the flags and what is
@@ -124,13 +123,17 @@ def check(config, steps_per_epoch, epochs, replicas=1):
           "accepted: one of those.")
   _check_schedule(config, steps_per_epoch * epochs)
   accumulation = config.gradient_accumulation_steps
-  if accumulation > 1 and replicas > 1:
+  if (accumulation > 1 and config.strategy in ("mirrored", "multi_worker")
+      and config.loop != "eager"):
+    # What `training_loops.train` refuses too, said before anything runs.
     raise run_config.SettingsError(
-        f"--gradient_accumulation_steps={accumulation} with the {replicas} "
-        f"replicas of --strategy={config.strategy}: Keras applies the "
-        "accumulated gradient in a cond whose branch needs a merge_call, "
-        "which fails in model.fit and the function and graph loops; "
-        "accepted: --gradient_accumulation_steps=1, or one replica.")
+        f"--gradient_accumulation_steps={accumulation} with "
+        f"--strategy={config.strategy} trains in --loop=eager only: Keras "
+        "applies the accumulated gradient in a cond whose branch needs the "
+        "replicas' merge_call, which fails in model.fit and the function "
+        "and graph loops; accepted: --loop=eager, "
+        "--gradient_accumulation_steps=1, or --strategy=default or "
+        "one_device.")
   if config.precision == "mixed_float16" and config.ema_momentum > 0:
     raise run_config.SettingsError(
         f"--ema_momentum={config.ema_momentum} with "
