@@ -101,3 +101,18 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
                            "it to start over"):
     _shuffled_run("graph", 3, tmp_path)
   assert len(list((tmp_path / "damaged").iterdir())) == 4  # 2 x index+data
+
+
+def test_damaged_files_that_cannot_be_moved_aside_are_a_write_error(
+    tmp_path):
+  """A file where the `damaged/` directory would go (as a read-only or full
+  disk would refuse it): one line naming the checkpoint directory, not the
+  OSError of the move."""
+  _shuffled_run("graph", 2, tmp_path)
+  _truncate(next(tmp_path.glob("ckpt-2.data-*")))
+  (tmp_path / "damaged").write_text("in the way")
+  with pytest.raises(training_loops.WriteError,
+                     match=rf"^Could not write {tmp_path}: "):
+    _shuffled_run("graph", 3, tmp_path)
+  # Nothing moved: the damaged checkpoint is where it was, for a rerun.
+  assert len(list(tmp_path.glob("ckpt-2.*"))) == 2

@@ -297,6 +297,31 @@ def test_a_failed_write_keeps_the_previous_file(finished_run, tmp_path,
       "device.")
 
 
+
+def test_an_interruption_whose_partial_results_fail_keeps_its_exit_code(
+    tmp_path, monkeypatch, capsys):
+  """SIGINT after epoch 0, then a full disk for the partial results.json:
+  the run still exits as interrupted (130), saying the results were not
+  written; its checkpoint stands for the rerun."""
+  recorded = training_loops.callbacks.EpochRecorder.on_epoch_end
+
+  def interrupt_after_epoch_0(recorder, epoch, logs=None):
+    recorded(recorder, epoch, logs)
+    if epoch == 0:
+      os.kill(os.getpid(), signal.SIGINT)
+  monkeypatch.setattr(training_loops.callbacks.EpochRecorder, "on_epoch_end",
+                      interrupt_after_epoch_0)
+  monkeypatch.setattr(training_loops.atomic.json, "dump", _results_disk_full)
+  with pytest.raises(SystemExit) as exit_:
+    _classify(tmp_path, epochs=3)
+  assert exit_.value.code == 128 + signal.SIGINT
+  assert capsys.readouterr().err.strip() == (
+      "Interrupted by SIGINT at epoch 1 (0-based), step 0: checkpoint saved; "
+      "run again with the same checkpoint_dir to resume. The partial results "
+      f"were not written: Could not write {tmp_path}/results.json: No space "
+      "left on device. A rerun resumes.")
+  assert not (tmp_path / "results.json").exists()
+
 def test_a_failed_export_keeps_the_previous_export(finished_run, tmp_path,
                                                    monkeypatch):
   run_dir, export_dir = _copy(finished_run, tmp_path)

@@ -195,6 +195,14 @@ class RunCheckpoint:
     return self._without_callback_state
 
   def _move_aside(self, damaged, newest_good, checkpoints):
+    """Moves the `damaged` checkpoints' files into `damaged/` and points the
+    state file at `newest_good` (None: removes it); a move that fails (a
+    read-only or full disk) is a `WriteError` naming the directory."""
+    with writing(self.directory):
+      self._move_files_aside(damaged, newest_good, checkpoints)
+    self._open_managers()
+
+  def _move_files_aside(self, damaged, newest_good, checkpoints):
     aside = os.path.join(self.directory, "damaged")
     os.makedirs(aside, exist_ok=True)
     for prefix in damaged:
@@ -216,7 +224,6 @@ class RunCheckpoint:
       with replaced_atomically(state) as temporary:
         with open(temporary, "w", encoding="utf-8") as stream:
           stream.write("\n".join(lines) + "\n")
-    self._open_managers()
 
   def save(self, epochs_done, steps_in_epoch=0, steps_done=0):
     """Saves the state after `epochs_done` epochs and `steps_in_epoch`

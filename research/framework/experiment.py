@@ -125,7 +125,9 @@ def main_running(run_fn, partial_results="results.json"):
     try:
       return run_fn(config, strategy)
     except training_loops.TrainingInterrupted as interruption:
-      where = (f" Partial results are in {partial_results}."
+      failed = getattr(interruption, "partial_results_error", None)
+      where = (f" The partial results were not written: {failed}" if failed
+               else f" Partial results are in {partial_results}."
                if partial_results else "")
       print(f"{interruption}{where} A rerun resumes.", file=sys.stderr)
       sys.exit(128 + interruption.signal_number)
@@ -264,7 +266,12 @@ def _run_loops(experiment, plan, loops, outputs):
                                 interruption.signal_name,
                                 "epoch": interruption.epoch,
                                 "step": interruption.step}
-      training_loops.write_json_atomically(results_path, results, indent=2)
+      try:
+        training_loops.write_json_atomically(results_path, results, indent=2)
+      except training_loops.WriteError as error:
+        # The interruption still ends the run, with its exit code: its
+        # checkpoint stands and a rerun resumes from it.
+        interruption.partial_results_error = error
       raise
     # One architecture for every loop: its summary once.
     results["model"] = results["loops"][loop].pop("model")
