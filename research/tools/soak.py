@@ -345,6 +345,7 @@ class _PhaseTracker:
     self.entries = {point: 0 for point in KILL_POINTS}
     self.sub_points = None  # of the current tracked call
     self.armed = False  # in the call the plan aims at
+    self._killing = threading.Lock()
 
   def instrument(self):
     # pylint: disable=g-import-not-at-top
@@ -414,7 +415,9 @@ class _PhaseTracker:
     self._kill(f"{seconds:.3f}s")
 
   def _kill(self, sub_point):
-    """Records where the kill lands, then SIGKILLs this process."""
+    """Records where the kill lands, then SIGKILLs this process. The first
+    caller (the main thread, or the timer's) holds the lock till the end."""
+    self._killing.acquire()
     at = f"{self.phases[-1]}:{sub_point}"
     with open(self.record_path, "w", encoding="utf-8") as stream:
       json.dump({"at": at}, stream)
