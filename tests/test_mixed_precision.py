@@ -52,19 +52,27 @@ def test_mixed_float16_with_loss_scaling_trains_as_fit(loop, float16_fit):
   assert {v.dtype for v in model.weights} == {"float32"}
   losses = history.history["loss"]
   assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
-  assert max_weight_difference(history, fit) < 2e-2
+  # The same float16 ops in the same order as fit's step, the eager loop's
+  # included: the same weights to the bit.
+  assert max_weight_difference(history, fit) == 0.0
   # Loss scaling ran: the default 2**15 overflowed at least once, as in fit.
   scale = made[-1].dynamic_scale.numpy()
   assert scale == fit_optimizers[-1].dynamic_scale.numpy() < 2.0**15
 
 
-@pytest.mark.parametrize("loop", CUSTOM_LOOPS)
-def test_mixed_bfloat16_trains_as_fit(loop):
+@pytest.mark.parametrize("loop,tolerance", [
+    ("function", 0.0), ("graph", 0.0),
+    # Eagerly each op is a kernel of its own; a compiled step's graph may
+    # be fused by TensorFlow's optimizer (oneDNN on this CPU), which rounds
+    # bfloat16 intermediates differently: after 8 SGD steps the weights
+    # part by 3.6e-3, under one bfloat16 step at 1 (2**-7).
+    ("eager", 5e-3)])
+def test_mixed_bfloat16_trains_as_fit(loop, tolerance):
   sgd = lambda: keras.optimizers.SGD(0.1)
   fit = _run("keras_fit", "mixed_bfloat16", sgd, 2)
   history = _run(loop, "mixed_bfloat16", sgd, 2)
   assert history.model.layers[0].compute_dtype == "bfloat16"
-  assert max_weight_difference(history, fit) < 2e-2
+  assert max_weight_difference(history, fit) <= tolerance
 
 
 def test_overflowing_steps_are_skipped_and_lower_the_scale_as_in_fit(
