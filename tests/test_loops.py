@@ -35,15 +35,18 @@ def test_every_loop_reports_the_same_keys(histories):
     assert all(rate > 0 for rate in history.steps_per_second)
 
 
-def test_custom_loops_agree_and_match_model_fit(histories):
-  reference = histories["eager"].history
-  for loop in ("function", "graph"):
-    for key, values in histories[loop].history.items():
-      np.testing.assert_allclose(values, reference[key], rtol=1e-5,
-                                 err_msg=f"{loop} {key}")
-  for key, values in histories["keras_fit"].history.items():
-    np.testing.assert_allclose(values, reference[key], rtol=1e-3,
-                               err_msg=f"keras_fit {key}")
+# How far each custom loop's weights and history may sit from fit's, as
+# measured: the compiled loops run fit's ops, dropout masks included, and
+# end on its weights to the bit; eagerly the same ops run one by one, and
+# float32 rounds differently in a few fused ones (1.2e-6 in the weights,
+# 2.2e-7 relative in the history, here).
+FROM_FIT = {"function": {"rtol": 1e-7}, "graph": {"rtol": 1e-7},
+            "eager": {"rtol": 5e-7, "atol": 2e-6}}
+
+
+def test_custom_loops_match_model_fit_in_weights_and_history(histories):
+  for loop, tolerance in FROM_FIT.items():
+    assert_same_run(histories[loop], histories["keras_fit"], **tolerance)
 
 
 def test_loss_is_the_example_weighted_epoch_mean():
@@ -397,17 +400,15 @@ def test_multi_input_multi_output_agree_with_model_fit():
                 metrics={"main": [keras.metrics.MeanAbsoluteError(
                     name="mae")]},
                 validation_data=data, optimizer_fn=sgd(0.01))
-  results = {loop: run_loop(loop, **kwargs).history
+  results = {loop: run_loop(loop, **kwargs)
              for loop in training_loops.LOOPS}
-  assert sorted(results["graph"]) == sorted(results["keras_fit"]) == [
+  assert sorted(results["graph"].history) == sorted(
+      results["keras_fit"].history) == [
       "aux_loss", "learning_rate", "loss", "main_loss", "main_mae",
       "val_aux_loss",
       "val_loss", "val_main_loss", "val_main_mae"]
   for loop, history in results.items():
-    for key, values in history.items():
-      np.testing.assert_allclose(values, results["eager"][key],
-                                 rtol=1e-3 if loop == "keras_fit" else 1e-5,
-                                 err_msg=f"{loop} {key}")
+    assert_same_run(history, results["keras_fit"], rtol=1e-7)
 
 
 @pytest.mark.parametrize("structure", ["dict", "list"])

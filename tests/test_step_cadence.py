@@ -60,12 +60,15 @@ def test_step_validation_runs_at_every_multiple_of_n(every_three):
 
 
 def test_step_validations_agree_across_loops(every_three):
+  """fit's validations by step run the graph loop's eval step: the compiled
+  loops agree with it to the bit, eager within float32's rounding of ops
+  run one by one (9.7e-8 relative measured)."""
   runs, _ = every_three
-  reference = runs["eager"].step_history
+  reference = runs["keras_fit"].step_history
   for loop, history in runs.items():
     np.testing.assert_allclose(history.step_history["val_loss"],
                                reference["val_loss"],
-                               rtol=1e-3 if loop == "keras_fit" else 1e-5,
+                               rtol=2e-7 if loop == "eager" else 1e-7,
                                err_msg=loop)
 
 
