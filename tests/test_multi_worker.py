@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO
 from loop_models import wait_for_epochs
 import multi_worker_job
+import training_loops
 from research.experiments import classify
 
 def _free_ports(count):
@@ -217,3 +218,21 @@ def test_workers_that_cannot_read_the_chiefs_checkpoints_refuse_to_resume(
         "checkpoint directory on a file system they share.")
   assert not [name for name in _files(own[0]) if "damaged" in name]
   assert _files(own[1]) == []
+
+
+def test_what_only_the_chief_refuses_every_worker_says(tmp_path):
+  """The chief alone takes the output directory's lock: held by another
+  run, it refuses, and the other worker stops with the chief's line (not
+  "A peer worker stopped responding"), neither training nor writing."""
+  with training_loops.RunLock(tmp_path) as _:
+    outcomes = _finish(_start_cluster(
+        lambda index: [*_CLASSIFY, f"--output_dir={tmp_path}"], cwd=REPO))
+  lines = []
+  for code, _, stderr in outcomes:
+    assert code == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    lines.append(stderr.strip().splitlines()[-1])
+  assert lines[0].startswith(f"error: {tmp_path} is in use by "), lines[0]
+  assert lines[1] == "error: the chief refused the run: " + lines[0][
+      len("error: "):]
+  assert sorted(os.listdir(tmp_path)) == ["run.lock"]

@@ -23,7 +23,9 @@ from training_loops.keras_step import KerasStep
 from training_loops.lockstep import Divergence, LockstepReport, compare
 from training_loops.run_lock import RunLock, RunLockedError
 from training_loops.strategies import (STRATEGIES, CollectiveMismatchError,
-                                       WorkerLostError, make_strategy)
+                                       PeerRefusedError, WorkerLostError,
+                                       first_refusal, is_multi_worker,
+                                       make_strategy)
 from training_loops.step import TrainingStep
 from training_loops.supervised_step import (NonFiniteLossError, Trainer,
                                     TrainingDataError)
@@ -35,9 +37,10 @@ __all__ = ["BestModelCheckpoint", "build_driver", "CallbackState",
            "CheckpointNotSharedError", "CollectiveMismatchError", "compare",
            "DamagedCheckpointError",
            "Controller", "Divergence", "Driver", "EarlyStopping", "evaluate",
+           "first_refusal", "is_multi_worker",
            "History", "KerasStep", "LockstepReport", "LoopOptions", "LOOPS",
            "make_directory", "make_strategy", "NonFiniteLossError",
-           "ProfileEpoch",
+           "PeerRefusedError", "ProfileEpoch",
            "replaced_atomically", "RunLock", "RunLockedError", "RunOptions",
            "StepDriver",
            "STRATEGIES", "SupervisedOptions", "train",

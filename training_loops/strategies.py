@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import tensorflow as tf
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
@@ -47,6 +48,49 @@ def collectives_mismatched(error):
   """Whether a TensorFlow `error` is a collective op aborted because the
   replicas' ops did not match (`CollectiveMismatchError`)."""
   return "Collective ops is aborted by: Shape mismatch" in error.message
+
+
+class PeerRefusedError(RuntimeError):
+  """Another worker of a multi-worker run refused to start it (`first_refusal`):
+  this one stops with that worker's reason."""
+
+  def __init__(self, worker, reason):
+    who = "the chief" if worker == 0 else f"worker {worker}"
+    super().__init__(f"{who} refused the run: {reason}")
+    self.worker, self.reason = worker, reason
+
+
+# The longest refusal `first_refusal` passes on, in UTF-8 bytes.
+_REFUSAL_BYTES = 1024
+
+
+def first_refusal(strategy, reason):
+  """Every worker of a multi-worker run learns whether one refused to start
+  it, and why: a refusal only one worker can see (the chief's lock, its
+  run_config.json) would otherwise leave the others waiting in a
+  collective for a peer that left, and stopping with "A peer worker
+  stopped responding" instead of the reason.
+
+  A collective: every worker calls it, with `reason` its own one-line
+  refusal or None. Returns `(worker index, reason)` of the first worker
+  that refused (the chief first), or None.
+  """
+  encoded = np.frombuffer((reason or "").encode("utf-8")[:_REFUSAL_BYTES],
+                          np.uint8)
+  row = np.zeros([1, _REFUSAL_BYTES], np.int32)
+  row[0, :len(encoded)] = encoded
+  found = strategy.gather(
+      strategy.experimental_distribute_values_from_function(
+          lambda _: tf.constant(row)), axis=0).numpy()
+  # Gathered by replica, the workers' in order: as many replicas each.
+  per_worker = len(found) // strategy.cluster_resolver.cluster_spec(
+  ).num_tasks("worker")
+  for replica, codes in enumerate(found):
+    if codes.any():
+      text = bytes(codes[codes > 0].astype(np.uint8)).decode("utf-8",
+                                                             "replace")
+      return replica // per_worker, text
+  return None
 
 
 # A collective that waits longer than this for a peer fails instead of

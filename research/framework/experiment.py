@@ -147,6 +147,7 @@ ONE_LINE_ERRORS = (datasets.DataError, run_config.SettingsError,
                    training_loops.CollectiveMismatchError,
                    training_loops.DamagedCheckpointError,
                    training_loops.NonFiniteLossError,
+                   training_loops.PeerRefusedError,
                    training_loops.RunLockedError,
                    training_loops.TrainingDataError,
                    training_loops.WorkerLostError,
@@ -187,7 +188,9 @@ def run(experiment, config, strategy):
   a temporary directory, removed at the end. In a multi-worker run only
   the chief writes the run's files; the other workers train in step with
   it, each writing its checkpoints to a scratch copy that `RunCheckpoint`
-  deletes and the rest to a temporary directory.
+  deletes and the rest to a temporary directory; when one refuses to start
+  (the chief's held lock or changed flags), every worker stops with its
+  reason.
 
   Args:
     config: the experiment's `run_config.RunConfig`.
@@ -195,6 +198,7 @@ def run(experiment, config, strategy):
 
   Raises:
     training_loops.RunLockedError: a live run holds the output directory.
+    training_loops.PeerRefusedError: another worker refused to start.
     training_loops.WriteError: a file could not be written.
     And the errors `training_loops.train` raises.
   """
@@ -208,18 +212,42 @@ def run(experiment, config, strategy):
     print("fast_dev_run: every selected loop trained, validated and tested "
           "on one batch; nothing was kept.")
     return results
-  if not strategy.extended.should_checkpoint:
-    check_output_dir(output_dir, experiment.name, config)
+  chief = strategy.extended.should_checkpoint
+  with contextlib.ExitStack() as held:
+    with _refusal_shared(strategy):
+      if chief:
+        held.enter_context(training_loops.RunLock(output_dir))
+        claim_output_dir(output_dir, experiment.name, config)
+      else:
+        check_output_dir(output_dir, experiment.name, config)
+    if chief:
+      return _run_loops(experiment, plan, loops, Outputs(
+          output_dir, os.path.join(output_dir, "checkpoints"),
+          config.export_dir))
     with tempfile.TemporaryDirectory(prefix="worker_outputs_") as scratch:
       return _run_loops(experiment, plan, loops, Outputs(
           scratch, os.path.join(output_dir, "checkpoints"),
           os.path.join(scratch, "export") if config.export_dir
           else None))
-  with training_loops.RunLock(output_dir):
-    claim_output_dir(output_dir, experiment.name, config)
-    return _run_loops(experiment, plan, loops, Outputs(
-        output_dir, os.path.join(output_dir, "checkpoints"),
-        config.export_dir))
+
+
+@contextlib.contextmanager
+def _refusal_shared(strategy):
+  """In a multi-worker run, every worker stops with the reason of the one
+  that refused to start the run in the block (the chief, whose lock and
+  run_config.json the others do not see): `training_loops.first_refusal`.
+  Elsewhere the block's refusal is raised as it is."""
+  if not training_loops.is_multi_worker(strategy):
+    yield
+    return
+  try:
+    yield
+  except ONE_LINE_ERRORS as error:
+    training_loops.first_refusal(strategy, str(error))
+    raise
+  refused = training_loops.first_refusal(strategy, None)
+  if refused:
+    raise training_loops.PeerRefusedError(*refused)
 
 
 @dataclasses.dataclass(frozen=True)
