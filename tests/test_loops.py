@@ -2,6 +2,7 @@
 and a loop added the way BUILD.md's recipe says."""
 
 import contextlib
+import logging
 import io
 
 import keras
@@ -751,3 +752,28 @@ def test_a_registered_loop_trains_through_train_and_matches_the_graph_loop(
                      callbacks=[stopper])
   assert resumed.epochs == [0, 1, 2] and stopper.best_epoch is not None
   assert_same_run(resumed, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_many_evaluations_trace_once_each_without_retracing_warnings(caplog):
+  """A process that evaluates many models (the report, this suite) builds a
+  driver each time, whose functions trace once each: TensorFlow, counting
+  every function made from the same code together, warned after five of
+  them that a function was retracing."""
+  model = classifier(batch_norm=False)
+  data = classification_data()
+  drivers_made = []
+  graph_driver = drivers.GraphDriver
+
+  def recorded(*args, **kwargs):
+    drivers_made.append(graph_driver(*args, **kwargs))
+    return drivers_made[-1]
+  with caplog.at_level(logging.WARNING, logger="tensorflow"):
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(drivers, "GraphDriver", recorded)
+      for _ in range(7):
+        training_loops.evaluate(model, losses.SparseCategoricalCrossentropy(),
+                                data)
+  assert len(drivers_made) == 7
+  assert [driver.eval_steps.experimental_get_tracing_count()
+          for driver in drivers_made] == [1] * 7
+  assert "retracing" not in caplog.text

@@ -190,16 +190,14 @@ class FunctionDriver(StepDriver):
     super().__init__(trainer, options)
     train_step, eval_step = _distributed_steps(trainer, options.jit_compile)
 
-    @tf.function
     def train_next(iterator):
       return train_step(next(iterator))
 
-    @tf.function
     def eval_next(iterator):
       return eval_step(next(iterator))
 
-    self.train_next = train_next
-    self.eval_next = eval_next
+    self.train_next = step_lib.own_function(train_next)
+    self.eval_next = step_lib.own_function(eval_next)
 
   def stepper(self, iterator):
     train_next = self.train_next.get_concrete_function(iterator)
@@ -244,7 +242,6 @@ class GraphDriver(StepDriver):
     train_chunk = (xla_chunks.compiled_chunk(trainer) if options.jit_compile
                    else None)
 
-    @tf.function
     def train_steps(iterator, max_steps):
       """Returns (steps run, last logs); stops early at the end of the data
       or at a non-finite loss, so the caller can name the step."""
@@ -256,14 +253,13 @@ class GraphDriver(StepDriver):
                           lambda batch, logs: train_step(batch),
                           step_lib.no_logs(trainer), step_lib.all_finite)
 
-    @tf.function
     def eval_steps(iterator, max_steps):
       return over_batches(
           iterator, max_steps, lambda batch, logs: eval_step(batch),
           step_lib.no_logs(trainer, training=False))
 
-    self.train_steps = train_steps
-    self.eval_steps = eval_steps
+    self.train_steps = step_lib.own_function(train_steps)
+    self.eval_steps = step_lib.own_function(eval_steps)
 
   def stepper(self, iterator):
     full_call = tf.constant(self.steps_per_call)

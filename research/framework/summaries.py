@@ -84,7 +84,6 @@ def confusion_matrix(model, dataset, num_classes):
     classes), as Python ints.
   """
   # The whole pass in one function: one trace, and no Python per batch.
-  @tf.function
   def count():
     matrix = tf.zeros([num_classes, num_classes], tf.int64)
     for x, y in dataset:
@@ -92,7 +91,7 @@ def confusion_matrix(model, dataset, num_classes):
       matrix += tf.math.confusion_matrix(tf.reshape(y, [-1]), predicted,
                                          num_classes, dtype=tf.int64)
     return matrix
-  return count().numpy().tolist()
+  return training_loops.step.own_function(count)().numpy().tolist()
 
 
 def plot_confusion_matrix(matrix, path, title):
