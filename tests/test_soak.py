@@ -12,8 +12,9 @@ from research.tools import soak
 
 # Smaller than the soak's own graph configuration: two epochs of six steps,
 # a checkpoint every four.
-_TINY = ("classify", {**soak.CONFIGURATIONS["graph"][1], "epochs": 2,
-                      "limit_batches": 6, "checkpoint_every_steps": 4})
+_TINY = soak.Configuration("classify", {
+    **soak.CONFIGURATIONS["graph"].settings, "epochs": 2,
+    "limit_batches": 6, "checkpoint_every_steps": 4})
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,10 @@ directory with the uninterrupted run's:
 - no file the uninterrupted run has is missing, no temporary of an
   interrupted write is left, and every JSON file parses.
 
-It prints one line per trial and a summary; `soak.json` in --output_dir
-holds every trial. The experiment runs with op determinism, so any
+The `multi_worker` configuration runs two workers on localhost sharing
+one output directory; each trial kills one of them (drawn), the other stops
+when it finds its peer gone, and both rerun. It prints one line per trial
+and a summary; `soak.json` in --output_dir holds every trial. The experiment runs with op determinism, so any
 difference is a resume that is not exact.
 """
 
@@ -32,6 +34,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,20 +42,36 @@ import time
 
 from research.framework import run_config
 
-# What each configuration runs: an experiment on scikit-learn's digits,
-# small enough for a trial in seconds, checkpointing mid-epoch.
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+  """What a soak kills: an experiment with its settings, run by `workers`
+  processes (a multi-worker run on localhost, of which each trial kills
+  one; every worker reruns)."""
+  experiment: str
+  settings: dict
+  workers: int = 1
+
+
+# Each an experiment on scikit-learn's digits, small enough for a trial in
+# seconds, checkpointing mid-epoch.
 _SMALL = {"dataset": "digits", "epochs": 3, "batch_size": 64,
           "limit_batches": 12, "checkpoint_every_steps": 5,
           "deterministic": True, "verbose": 0}
 CONFIGURATIONS = {
-    "graph": ("classify", {**_SMALL, "loop": "graph"}),
-    "eager": ("classify", {**_SMALL, "loop": "eager"}),
-    "mixed_float16": ("classify", {**_SMALL, "loop": "graph",
-                                   "precision": "mixed_float16"}),
+    "graph": Configuration("classify", {**_SMALL, "loop": "graph"}),
+    "eager": Configuration("classify", {**_SMALL, "loop": "eager"}),
+    "mixed_float16": Configuration("classify", {
+        **_SMALL, "loop": "graph", "precision": "mixed_float16"}),
     # A step of its own with two optimizers (discriminator, generator).
-    "gan": ("gan", {**_SMALL, "loop": "graph", "epochs": 2,
-                    "score_samples": 200}),
+    "gan": Configuration("gan", {**_SMALL, "loop": "graph", "epochs": 2,
+                                 "score_samples": 200}),
+    # Two workers sharing one output directory, the chief writing it.
+    "multi_worker": Configuration("classify", {
+        **_SMALL, "loop": "graph", "strategy": "multi_worker"}, workers=2),
 }
+
+# A worker that outlives a run by this much is stopped: it hangs.
+_TIMEOUT_SECONDS = 900
 
 # Where a kill lands: the phase of the run the child was in.
 KILL_POINTS = ("step", "checkpoint", "evaluation", "results")
@@ -86,6 +105,7 @@ class Trial:
   """One killed and resumed run, compared with the uninterrupted one."""
   number: int
   aimed_at: str  # the kill point drawn
+  worker: int  # the worker killed (0: the chief, or the only one)
   hit: str | None  # where the kill landed ("phase:sub-point"); None: missed
   differences: tuple  # what differs from the uninterrupted run
   resumed: bool  # the rerun completed
@@ -99,30 +119,33 @@ class Trial:
 
 def main(config):
   """Runs the soak of `config.configuration`; returns its `Trial`s."""
-  experiment, settings = CONFIGURATIONS[config.configuration]
+  configuration = CONFIGURATIONS[config.configuration]
   root = os.path.join(config.output_dir, config.configuration)
   shutil.rmtree(root, ignore_errors=True)
   os.makedirs(root)
-  if experiment == "gan":  # one judge for every run, trained once
-    settings = {**settings, "judge_dir": os.path.abspath(
-        os.path.join(config.output_dir, "judge"))}
+  if configuration.experiment == "gan":  # one judge for every run
+    configuration = dataclasses.replace(configuration, settings={
+        **configuration.settings, "judge_dir": os.path.abspath(
+            os.path.join(config.output_dir, "judge"))})
   reference = os.path.join(root, "uninterrupted")
-  if _run_child(experiment, settings, reference, plan=None) != 0:
-    sys.exit(f"error: the uninterrupted run failed; see {reference}.log")
-  calls = _read_json(os.path.join(reference, "phases.json"))
+  if _run(configuration, reference, plan=None) != [0] * configuration.workers:
+    sys.exit(f"error: the uninterrupted run failed; see {reference}.*.log")
+  calls = [_read_json(os.path.join(reference, f"phases_{worker}.json"))
+           for worker in range(configuration.workers)]
   draw = random.Random(config.seed)
   trials = []
   for number in range(config.trials):
     aimed_at = config.kill_points[number % len(config.kill_points)]
-    plan = _kill_plan(draw, aimed_at, calls)
-    directory = os.path.join(root, f"trial_{number:03d}")
-    trial = _trial(number, aimed_at, plan, experiment, settings, directory,
-                   reference)
+    worker = (draw.randrange(configuration.workers)
+              if configuration.workers > 1 else 0)
+    plan = {**_kill_plan(draw, aimed_at, calls[worker]), "worker": worker}
+    trial = _trial(number, aimed_at, plan, configuration,
+                   os.path.join(root, f"trial_{number:03d}"), reference)
     trials.append(trial)
     print(_trial_line(trial), flush=True)
   _write_json(os.path.join(root, "soak.json"), {
-      "configuration": config.configuration, "experiment": experiment,
-      "settings": settings, "seed": config.seed,
+      "configuration": config.configuration,
+      **dataclasses.asdict(configuration), "seed": config.seed,
       "kill_points": config.kill_points,
       "trials": [dataclasses.asdict(trial) for trial in trials]})
   print(summary(config.configuration, trials))
@@ -141,22 +164,23 @@ def _kill_plan(draw, aimed_at, calls):
           "delay": draw.uniform(0, seconds)}
 
 
-def _trial(number, aimed_at, plan, experiment, settings, directory,
-           reference):
-  code = _run_child(experiment, settings, directory, plan)
+def _trial(number, aimed_at, plan, configuration, directory, reference):
+  codes = _run(configuration, directory, plan)
   hit = None
-  if code == -signal.SIGKILL:
+  if codes[plan["worker"]] == -signal.SIGKILL:
     hit = _read_json(os.path.join(directory, "killed.json"))["at"]
   on_disk = _positions(directory)  # what the rerun must resume from
-  if _run_child(experiment, settings, directory, plan=None) != 0:
-    return Trial(number, aimed_at, hit, (), resumed=False)
-  return Trial(number, aimed_at, hit,
+  if _run(configuration, directory, plan=None) != [0] * configuration.workers:
+    return Trial(number, aimed_at, plan["worker"], hit, (), resumed=False)
+  return Trial(number, aimed_at, plan["worker"], hit,
                tuple(differences(directory, reference, on_disk)),
                resumed=True)
 
 
 def _trial_line(trial):
   where = trial.hit or "not killed (the run ended first)"
+  if trial.worker:
+    where = f"worker {trial.worker} {where}"
   details = f": {'; '.join(trial.differences)}" if trial.differences else ""
   return (f"trial {trial.number:3d}  aimed at {trial.aimed_at:10}  killed "
           f"at {where:32}  {trial.outcome}{details}")
@@ -195,13 +219,15 @@ def differences(directory, reference, on_disk):
 
 
 def _file_differences(directory, reference):
+  """Files of the uninterrupted run the trial lacks, files it has that the
+  uninterrupted run does not (a temporary of an interrupted write, a
+  worker's scratch checkpoint), and JSON files that do not parse."""
   found = []
-  for kind, missing in (("missing", _files(reference) - _files(directory)),
-                        ("left over", {path for path in _files(directory)
-                                       if os.path.basename(path).startswith(
-                                           (".tmp-", ".old."))})):
-    if missing:
-      found.append(f"{kind}: {', '.join(sorted(missing))}")
+  ours, theirs = _files(directory), _files(reference)
+  for kind, paths in (("missing", theirs - ours),
+                      ("left over", ours - theirs)):
+    if paths:
+      found.append(f"{kind}: {', '.join(sorted(paths))}")
   for path in _files(directory):
     if path.endswith(".json"):
       try:
@@ -299,19 +325,55 @@ def _without_timings(content):
 
 # -- the child process ------------------------------------------------------
 
-def _run_child(experiment, settings, directory, plan):
-  """Runs `experiment` with `settings` into `directory/run` in a child
-  process that follows `plan` (None: no kill, and it records each phase's
-  calls to `directory/phases.json`); returns its exit code."""
+def _run(configuration, directory, plan):
+  """Runs `configuration` into `directory/run`: each worker a child
+  process (`child`), the one `plan` names killing itself as it says (None:
+  no kill, and each records its phases' calls to
+  `directory/phases_<worker>.json`). Returns the workers' exit codes
+  (None: stopped after `_TIMEOUT_SECONDS`)."""
   os.makedirs(directory, exist_ok=True)
-  instructions = os.path.join(directory, "child.json")
-  _write_json(instructions, {"experiment": experiment, "plan": plan,
-                             "settings": settings, "directory": directory})
-  with open(f"{directory}.log", "a", encoding="utf-8") as log:
-    return subprocess.run(
-        [sys.executable, "-c", "from research.tools import soak; "
-         f"soak.child({instructions!r})"], stdout=log, stderr=log,
-        check=False).returncode
+  addresses = [f"127.0.0.1:{port}"
+               for port in _free_ports(configuration.workers)]
+  processes = []
+  for worker in range(configuration.workers):
+    instructions = os.path.join(directory, f"child_{worker}.json")
+    _write_json(instructions, {
+        "experiment": configuration.experiment,
+        "settings": configuration.settings, "directory": directory,
+        "worker": worker,
+        "plan": plan if plan and plan["worker"] == worker else None,
+        "record_phases": plan is None})
+    environment = dict(os.environ)
+    if configuration.workers > 1:
+      environment["TF_CONFIG"] = json.dumps({
+          "cluster": {"worker": addresses},
+          "task": {"type": "worker", "index": worker}})
+    with open(f"{directory}.worker{worker}.log", "a",
+              encoding="utf-8") as log:
+      processes.append(subprocess.Popen(
+          [sys.executable, "-c", "from research.tools import soak; "
+           f"soak.child({instructions!r})"], stdout=log, stderr=log,
+          env=environment))
+  deadline = time.monotonic() + _TIMEOUT_SECONDS
+  codes = []
+  for process in processes:
+    try:
+      codes.append(process.wait(max(0.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
+      codes.append(None)
+  return codes
+
+
+def _free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for sock in sockets:
+    sock.bind(("127.0.0.1", 0))
+  ports = [sock.getsockname()[1] for sock in sockets]
+  for sock in sockets:
+    sock.close()
+  return ports
 
 
 def child(instructions_path):
@@ -319,6 +381,7 @@ def child(instructions_path):
   import research  # pylint: disable=g-import-not-at-top
   instructions = _read_json(instructions_path)
   directory, plan = instructions["directory"], instructions["plan"]
+  worker = instructions["worker"]
   tracker = _PhaseTracker(plan, os.path.join(directory, "killed.json"))
   tracker.instrument()
   module = __import__(f"research.experiments.{instructions['experiment']}",
@@ -327,8 +390,9 @@ def child(instructions_path):
   config = module.Config.resolved(
       **instructions["settings"], output_dir=os.path.join(directory, "run"))
   module.main(config)
-  if plan is None:
-    _write_json(os.path.join(directory, "phases.json"), tracker.calls)
+  if instructions["record_phases"]:
+    _write_json(os.path.join(directory, f"phases_{worker}.json"),
+                tracker.calls)
 
 
 class _PhaseTracker:
