@@ -1,6 +1,5 @@
 """Tiny models, datasets and checks shared by the training-loop tests."""
 
-import json
 import os
 import time
 
@@ -62,6 +61,40 @@ def accuracy():
   return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
 
+class ShardRecorder(keras.layers.Layer):
+  """Passes its inputs through; in training, adds the examples it saw and
+  their sum to variables each replica holds a copy of (synchronized on
+  read), so a test can read what every replica was given (`seen`)."""
+
+  def build(self, input_shape):
+    del input_shape
+    self.totals = [tf.Variable(
+        0.0, trainable=False,
+        synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.SUM) for _ in range(2)]
+
+  def call(self, inputs, training=False):
+    if training:
+      self.totals[0].assign_add(tf.cast(tf.shape(inputs)[0], tf.float32))
+      self.totals[1].assign_add(tf.reduce_sum(inputs))
+    return inputs
+
+  def seen(self, strategy):
+    """`(examples, their sum)` of each of this process's replicas."""
+    counts, sums = (strategy.experimental_local_results(total)
+                    for total in self.totals)
+    return [(float(count), float(total))
+            for count, total in zip(counts, sums)]
+
+
+def recorded_classifier(recorders):
+  """`classifier(batch_norm=False)` behind a `ShardRecorder`, which is
+  appended to `recorders`."""
+  recorders.append(ShardRecorder())
+  return keras.Sequential([keras.Input((4,)), recorders[-1],
+                           *classifier(batch_norm=False).layers])
+
+
 def run_loop(loop, epochs=2, data=None, **kwargs):
   """`training_loops.train` on the tiny classifier (with dropout) and
   weighted classification data, unless `kwargs` say otherwise."""
@@ -93,17 +126,25 @@ def max_weight_difference(history, reference):
 
 
 def wait_for_epochs(checkpoint_dir, epochs, process, timeout=120):
-  """Waits until the run in `process` has checkpointed `epochs` epochs."""
-  history = checkpoint_dir / "history.json"
+  """Waits until the run in `process` has checkpointed `epochs` epochs:
+  its newest checkpoint, whose state file TensorFlow writes last, says so
+  (history.json is written before the checkpoint, which a loaded machine
+  may take a while to follow)."""
   deadline = time.monotonic() + timeout
   while process.poll() is None:
-    if history.exists() and len(json.loads(history.read_text())[
-        "epochs"]) >= epochs:
-      time.sleep(0.2)  # the checkpoint is written right after the history
+    if _checkpointed_epochs(checkpoint_dir) >= epochs:
       return
     assert time.monotonic() < deadline, f"no epoch {epochs} in {timeout} s"
     time.sleep(0.05)
   raise AssertionError(f"the run ended early: {process.returncode}")
+
+
+def _checkpointed_epochs(checkpoint_dir):
+  latest = tf.train.latest_checkpoint(os.fspath(checkpoint_dir))
+  if latest is None:
+    return 0
+  return int(tf.train.load_checkpoint(latest).get_tensor(
+      "epochs_done/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
 class Switch:

@@ -21,7 +21,11 @@ import keras  # noqa: E402
 import losses  # noqa: E402
 import step_models  # noqa: E402
 import training_loops  # noqa: E402
-from loop_models import classification_data, classifier, sgd  # noqa: E402
+from loop_models import (classification_data, recorded_classifier,  # noqa: E402
+                         sgd)
+
+# The `ShardRecorder` of each model `run` builds.
+RECORDERS = []
 
 
 class _Pause(keras.callbacks.Callback):
@@ -40,7 +44,7 @@ def run(loop, strategy=None, epochs=2, checkpoint_dir=None, pause=0.0):
   # A dataset's shuffle order depends on the global seed when it is built.
   keras.utils.set_random_seed(3)
   return training_loops.train(
-      lambda: classifier(batch_norm=False), sgd(),
+      lambda: recorded_classifier(RECORDERS), sgd(),
       losses.SparseCategoricalCrossentropy(),
       classification_data(shuffle=True), loop=loop, epochs=epochs,
       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
@@ -74,5 +78,7 @@ if __name__ == "__main__":
                     "resumed_from": history.resumed_from,
                     "steps_trained": history.steps_trained,
                     "replicas": strategy.num_replicas_in_sync,
+                    "seen": RECORDERS[-1].seen(strategy) if RECORDERS
+                    else None,
                     "weights": [weights.tolist() for weights
                                 in history.model.get_weights()]}))

@@ -14,7 +14,7 @@ import losses
 import training_loops
 from conftest import REPO
 from loop_models import (assert_same_run, classification_data, classifier,
-                         run_loop)
+                         recorded_classifier, run_loop)
 
 SYNCHRONIZED_LOOPS = training_loops.LOOPS
 
@@ -206,25 +206,6 @@ def test_two_strategies_on_the_same_devices_are_named_not_bad_data():
       "different models.")
 
 
-class _ShardRecorder(keras.layers.Layer):
-  """Passes its inputs through; in training, adds the examples it saw and
-  their sum to variables each replica holds a copy of (synchronized on
-  read), so a test can read what every replica was given."""
-
-  def build(self, input_shape):
-    del input_shape
-    self.seen = [tf.Variable(
-        0.0, trainable=False,
-        synchronization=tf.VariableSynchronization.ON_READ,
-        aggregation=tf.VariableAggregation.SUM) for _ in range(2)]
-
-  def call(self, inputs, training=False):
-    if training:
-      self.seen[0].assign_add(tf.cast(tf.shape(inputs)[0], tf.float32))
-      self.seen[1].assign_add(tf.reduce_sum(inputs))
-    return inputs
-
-
 def test_each_replica_trains_on_its_half_of_every_batch(mirrored):
   """The equality tests above would pass if the strategy were ignored;
   this one reads what each replica saw: the first half of every global
@@ -239,20 +220,13 @@ def test_each_replica_trains_on_its_half_of_every_batch(mirrored):
             np.concatenate([x[start + 8:start + 16] for start in (0, 16, 32)]
                            + [x[49:50]])]
   recorders = []
-
-  def model_fn():
-    recorders.append(_ShardRecorder())
-    return keras.Sequential([keras.Input((4,)), recorders[-1],
-                             layers.Dense(8, "relu"),
-                             layers.Dense(3, "softmax")])
+  model_fn = lambda: recorded_classifier(recorders)
   for loop in training_loops.LOOPS:
     single = run_loop(loop, epochs=1, model_fn=model_fn, data=data)
     replicated = run_loop(loop, epochs=1, model_fn=model_fn, data=data,
                           strategy=mirrored)
-    counts, sums = (mirrored.experimental_local_results(variable)
-                    for variable in recorders[-1].seen)
-    assert [float(count) for count in counts] == [25.0, 25.0], loop
-    np.testing.assert_allclose([float(total) for total in sums],
-                               [half.sum() for half in halves], rtol=1e-5,
-                               err_msg=loop)
+    counts, sums = zip(*recorders[-1].seen(mirrored))
+    assert counts == (25.0, 25.0), loop
+    np.testing.assert_allclose(sums, [half.sum() for half in halves],
+                               rtol=1e-5, err_msg=loop)
     assert_same_run(replicated, single, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import REPO
 from loop_models import wait_for_epochs
@@ -77,13 +78,25 @@ def _results_of(outcomes):
 
 
 def test_two_workers_on_localhost_equal_one_process():
+  """Each worker trains on its half of every batch (two workers each
+  training alone on all the data would print the one-process history
+  too), and their gradients are summed: the one process's weights."""
   outputs = _results_of(_finish(_start_workers("graph")))
-  single = multi_worker_job.run("graph").history
+  single = multi_worker_job.run("graph")
+  ((examples, total),) = multi_worker_job.RECORDERS[-1].seen(
+      tf.distribute.get_strategy())
+  assert examples == 100  # 2 epochs of 50
+  (first,), (second,) = (output["seen"] for output in outputs)
+  assert first[0] == second[0] == examples / 2
+  assert first[1] != second[1]
+  np.testing.assert_allclose(first[1] + second[1], total, rtol=1e-5)
   for output in outputs:
     assert output["replicas"] == 2
-    for key, values in single.items():
+    for key, values in single.history.items():
       np.testing.assert_allclose(output["history"][key], values, rtol=1e-4,
                                  err_msg=key)
+    for got, expected in zip(output["weights"], single.model.get_weights()):
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("loop", ["eager", "function", "graph"])
