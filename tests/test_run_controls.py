@@ -262,11 +262,22 @@ def test_regression_runs_have_no_confusion_matrix(tmp_path):
   assert not list(tmp_path.glob("confusion_matrix_*.png"))
 
 
-def test_compare_trace_uses_the_flags_optimizer(capsys):
+def test_compare_trace_uses_the_flags_optimizer(capsys, monkeypatch):
+  traced = []
+  lockstep = training_loops.compare
+
+  def recording(**arguments):
+    traced.append(arguments["optimizer_fn"]())
+    return lockstep(**arguments)
+  monkeypatch.setattr(training_loops, "compare", recording)
   compare.compare("classify", classify.Config.resolved(
-      loop="graph", optimizer="adam", learning_rate=1e-3), trace_loops=True,
-                  trace_steps=3)
-  assert "agree" in capsys.readouterr().out
+      loop="graph", optimizer="adam", learning_rate=1e-3, beta_1=0.8),
+                  trace_loops=True, trace_steps=3)
+  (optimizer,) = traced
+  assert type(optimizer) is keras.optimizers.Adam
+  assert (float(optimizer.learning_rate), optimizer.beta_1) == (
+      pytest.approx(1e-3), 0.8)
+  assert "agree over 3 steps" in capsys.readouterr().out
 
 
 def test_hparam_search_refuses_a_schedule_that_ignores_the_learning_rate(
