@@ -48,5 +48,9 @@ class Dropout(RandomDrop):
   def call(self, inputs, training=None):
     if not training or self.rate == 0.0:
       return inputs
-    return tf.where(self.keep_mask(inputs), inputs / (1.0 - self.rate),
+    # A product by the reciprocal, as `tf.nn.dropout` (Keras') computes it:
+    # a division by a constant, which a compiled step's graph optimizer
+    # folds into that product, would round 1 ulp apart eagerly.
+    return tf.where(self.keep_mask(inputs),
+                    inputs * (1.0 / (1.0 - self.rate)),
                     tf.zeros_like(inputs))

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -49,7 +50,7 @@ def test_compare_runs_every_loop_side_by_side(tmp_path, capsys):
   for word in ("eager", "keras_fit", "steps/s", "vs fit", "matches fit"):
     assert word in printed
   losses = [r["history"]["loss"][-1] for r in results["loops"].values()]
-  np.testing.assert_allclose(losses, losses[-1], rtol=1e-3)
+  np.testing.assert_allclose(losses, losses[-1], rtol=1e-12)
   for loop in results["loops"]:
     assert os.path.isfile(tmp_path / f"learning_curves_{loop}.png")
     assert os.path.isdir(tmp_path / "logs" / loop / "train")
@@ -84,12 +85,23 @@ def test_classify_on_real_mnist_exports_a_reloadable_model(tmp_path,
 
 
 def test_regress_reports_test_mse(tmp_path):
+  """The test figures are the exported model's on the test split, computed
+  again here with NumPy."""
   regress.main(
       regress.Config.resolved(
-          loop="function", epochs=2, verbose=0, output_dir=str(tmp_path)))
+          loop="function", epochs=2, verbose=0, output_dir=str(tmp_path),
+          export_dir=str(tmp_path / "export")))
   results = _results(tmp_path)
   _check_results(results, "regress", ["function"], 2, {"mae"})
   assert results["flags"]["dataset"] == "diabetes"
+  splits = datasets.load("diabetes", seed=42)
+  model = keras.models.load_model(tmp_path / "export" / "function.keras")
+  errors = model.predict(splits.x_test, verbose=0).reshape(-1) - (
+      splits.y_test)
+  test = results["loops"]["function"]["test"]
+  np.testing.assert_allclose(test["loss"], np.mean(errors ** 2), rtol=1e-5)
+  np.testing.assert_allclose(test["mae"], np.mean(np.abs(errors)),
+                             rtol=1e-5)
 
 
 def test_callbacks_report_where_each_loop_stopped(tmp_path):
