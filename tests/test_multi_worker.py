@@ -6,7 +6,6 @@ one each."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,7 @@ from loop_models import wait_for_epochs
 import multi_worker_job
 import training_loops
 from research.experiments import classify
-
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for sock in sockets:
-    sock.bind(("127.0.0.1", 0))
-  ports = [sock.getsockname()[1] for sock in sockets]
-  for sock in sockets:
-    sock.close()
-  return ports
+from research.tools import soak
 
 
 def _start_workers(*arguments):
@@ -42,7 +33,7 @@ def _start_workers(*arguments):
 def _start_cluster(arguments_of, cwd):
   """Two workers on localhost ports, worker `index` running
   `python *arguments_of(index)`."""
-  workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+  workers = [f"127.0.0.1:{port}" for port in soak.free_ports(2)]
   processes = []
   for index in range(2):
     environment = dict(os.environ, TF_CONFIG=json.dumps({

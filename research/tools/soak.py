@@ -333,7 +333,7 @@ def _run(configuration, directory, plan):
   (None: stopped after `_TIMEOUT_SECONDS`)."""
   os.makedirs(directory, exist_ok=True)
   addresses = [f"127.0.0.1:{port}"
-               for port in _free_ports(configuration.workers)]
+               for port in free_ports(configuration.workers)]
   processes = []
   for worker in range(configuration.workers):
     instructions = os.path.join(directory, f"child_{worker}.json")
@@ -366,7 +366,8 @@ def _run(configuration, directory, plan):
   return codes
 
 
-def _free_ports(count):
+def free_ports(count):
+  """`count` TCP ports free on localhost now, for a cluster's workers."""
   sockets = [socket.socket() for _ in range(count)]
   for sock in sockets:
     sock.bind(("127.0.0.1", 0))
