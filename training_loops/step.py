@@ -152,7 +152,9 @@ def own_function(python_function, **options):
   which has no code of its own, each function is counted alone, and the
   warning means what it says: one function tracing again and again.
   """
-  return tf.function(functools.partial(python_function), **options)
+  alone = functools.partial(python_function)
+  alone.__name__ = python_function.__name__  # the trace's and profile's name
+  return tf.function(alone, **options)
 
 
 def guarded_by_batch(replica_step):
