@@ -777,3 +777,40 @@ def test_many_evaluations_trace_once_each_without_retracing_warnings(caplog):
   assert [driver.eval_steps.experimental_get_tracing_count()
           for driver in drivers_made] == [1] * 7
   assert "retracing" not in caplog.text
+
+
+@pytest.mark.parametrize("loss", [
+    [keras.losses.MeanAbsoluteError(), losses.MeanSquaredError()],
+    {"main": losses.MeanSquaredError(), "aux": keras.losses.MeanAbsoluteError()},
+    losses.MeanSquaredError()], ids=["list", "dict", "one"])
+def test_a_dict_model_is_known_by_its_keys_not_its_layers_names(loss):
+  """fit names a dict-output model's outputs by the dict's keys (sorted,
+  for positions), whatever its output layers are called."""
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(32, 4)).astype("float32")
+  targets = {"main": (x @ rng.normal(size=(4, 1))).astype("float32"),
+             "aux": (x @ rng.normal(size=(4, 2))).astype("float32")}
+
+  def model_fn():
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, {
+        "main": layers.Dense(1, name="dense_main")(inputs),
+        "aux": layers.Dense(2, name="dense_aux")(inputs)})
+  data = tf.data.Dataset.from_tensor_slices((x, targets)).batch(8)
+  runs = {loop: run_loop(loop, data=data, model_fn=model_fn,
+                         optimizer_fn=sgd(0.01), loss=loss, metrics=[])
+          for loop in ("graph", "keras_fit")}
+  assert sorted(runs["graph"].history) == [
+      "aux_loss", "learning_rate", "loss", "main_loss"]
+  assert_same_run(runs["graph"], runs["keras_fit"], rtol=1e-6)
+
+
+def test_loss_weights_in_another_structure_than_the_losses_are_refused():
+  """fit would pair a dict of weights with a list of losses by position
+  (the dict's sorted keys against the list's order), not by output."""
+  with pytest.raises(ValueError, match=r"^loss_weights is a dict but the "
+                                       r"losses are a list: give the weights "
+                                       r"in the losses' structure"):
+    run_loop("graph", model_fn=two_regressions,
+             loss=[losses.MeanSquaredError(), losses.MeanSquaredError()],
+             loss_weights={"a": 0.5, "b": 2.0}, metrics=[])

@@ -244,13 +244,16 @@ def test_a_list_setting_with_choices_checks_each_item():
   assert soak.Config.from_flags(flag_values).kill_points == (
       "results", "checkpoint")
   assert soak.Config().kill_points == soak.KILL_POINTS
-  assert "Each one of: step, checkpoint, evaluation, results." in (
+  assert "Each one of: training, checkpoint, evaluation, results." in (
       flag_values["kill_points"].help)
   with pytest.raises(run_config.SettingsError,
-                     match=r"^--kill_points=results,steps holds an item "
-                           r"that is not one of the accepted values: step, "
+                     match=r"^--kill_points=results,steps holds steps, "
+                           r"not one of the accepted values: training, "
                            r"checkpoint, evaluation, results\.$"):
     soak.Config(kill_points=("results", "steps"))
+  with pytest.raises(run_config.SettingsError,
+                     match=r"^--kill_points needs at least one of: "):
+    soak.Config(kill_points=())
 
 def test_every_experiment_has_a_typed_config_and_a_main():
   for name in EXPERIMENTS:

@@ -18,6 +18,7 @@ import keras
 import matplotlib.figure
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import training_loops
 from conftest import REPO
@@ -321,6 +322,8 @@ def test_an_interruption_whose_partial_results_fail_keeps_its_exit_code(
       f"were not written: Could not write {tmp_path}/results.json: No space "
       "left on device. A rerun resumes.")
   assert not (tmp_path / "results.json").exists()
+  # The checkpoint of epoch 0 stands for the rerun.
+  assert tf.train.latest_checkpoint(tmp_path / "checkpoints" / "graph")
 
 def test_a_failed_export_keeps_the_previous_export(finished_run, tmp_path,
                                                    monkeypatch):

@@ -147,10 +147,11 @@ def own_function(python_function, **options):
   TensorFlow warns when five calls in a row trace, counting together every
   function made from one piece of code. The drivers (and the summaries'
   passes) make theirs anew for each model, and each traces once per
-  signature; a process that builds many (the report, the test suite) was
-  warned of a retracing that is none. Made from a `functools.partial`,
-  which has no code of its own, each function is counted alone, and the
-  warning means what it says: one function tracing again and again.
+  signature; counted together, a process that builds many (the report,
+  the test suite) would be warned of a retracing that is none. Made from a
+  `functools.partial`, which has no code of its own, each function is
+  counted alone, and the warning means what it says: one function tracing
+  again and again.
   """
   alone = functools.partial(python_function)
   alone.__name__ = python_function.__name__  # the trace's and profile's name

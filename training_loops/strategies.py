@@ -82,9 +82,9 @@ def first_refusal(strategy, reason):
   found = strategy.gather(
       strategy.experimental_distribute_values_from_function(
           lambda _: tf.constant(row)), axis=0).numpy()
-  # Gathered by replica, the workers' in order: as many replicas each.
-  per_worker = len(found) // strategy.cluster_resolver.cluster_spec(
-  ).num_tasks("worker")
+  # Gathered by replica, the workers' in order: as many replicas each as
+  # this one has (a "chief" task in TF_CONFIG is one of them).
+  per_worker = len(strategy.extended.worker_devices)
   for replica, codes in enumerate(found):
     if codes.any():
       text = bytes(codes[codes > 0].astype(np.uint8)).decode("utf-8",

@@ -96,7 +96,7 @@ class Output:
 def output_of(model, key):
   """The `Output` of `model` a loss, metric or weight keyed by `key` (an
   output name or a position) is for."""
-  names = list(getattr(model, "output_names", None) or ())
+  names = output_names(model)
   if isinstance(key, int):
     if not names:  # fit would name the logs after the losses instead
       raise ValueError(
@@ -106,6 +106,20 @@ def output_of(model, key):
           "its keys.")
     return Output(key, names[key] if key < len(names) else None)
   return Output(names.index(key) if key in names else None, key)
+
+
+def output_names(model):
+  """The names of `model`'s outputs in their order, as fit knows them: a
+  functional model built on a dict of outputs, its keys sorted (the names
+  its predictions carry, whatever its layers are called); otherwise its
+  output layers' names; none for a subclassed model."""
+  try:
+    structure = model.output
+  except (AttributeError, ValueError):  # subclassed, or not built
+    structure = None
+  if isinstance(structure, dict):
+    return sorted(structure)
+  return list(getattr(model, "output_names", None) or ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -593,27 +607,36 @@ def _output_losses(model, loss, loss_weights):
   if isinstance(loss, dict):
     _check_output_names("loss", list(loss), model)
   elif isinstance(loss, (list, tuple)):
-    names = getattr(model, "output_names", None)
+    names = output_names(model)
     if names and len(names) != len(loss):
       raise ValueError(f"{len(loss)} losses for a model with {len(names)} "
-                       f"outputs ({list(names)}).")
+                       f"outputs ({names}).")
   else:
     raise ValueError(f"loss must be a keras.losses.Loss, or a dict or list "
                      f"of them; got {type(loss).__name__}.")
   keys = list(loss) if isinstance(loss, dict) else range(len(loss))
   outputs = [output_of(model, key) for key in keys]
-  weights = _loss_weights(model, loss_weights, outputs)
+  weights = _loss_weights(model, loss_weights, outputs,
+                         isinstance(loss, dict))
   return [_OutputLoss(output, f"{output}_loss", _unreduced(loss[key]),
                       weight)
           for key, output, weight in zip(keys, outputs, weights)]
 
 
-def _loss_weights(model, loss_weights, outputs):
-  """The weight of each of `outputs`: `loss_weights` is a dict (output
-  name -> weight; 1 where missing) or a list (one per output with a loss,
-  in order), as fit takes it."""
+def _loss_weights(model, loss_weights, outputs, losses_by_name):
+  """The weight of each of `outputs`: `loss_weights` in the structure of
+  the losses, a dict (output name -> weight; 1 where missing) for a dict
+  (`losses_by_name`), a list (one per loss, in order) for a list. A mixed
+  pair is refused: fit pairs the two structures' flattened orders, which
+  can give one output's weight to another."""
   if loss_weights is None:
     return [1.0] * len(outputs)
+  if isinstance(loss_weights, dict) != losses_by_name:
+    raise ValueError(
+        f"loss_weights is a {type(loss_weights).__name__} but the losses "
+        f"are a {'dict' if losses_by_name else 'list'}: give the weights "
+        f"in the losses' structure (fit would pair them by position, not "
+        f"by output).")
   if isinstance(loss_weights, dict):
     _check_output_names("loss_weights", list(loss_weights), model)
     named = {output_of(model, key): weight
@@ -633,11 +656,11 @@ def _check_output_names(what, keys, model):
   """Refuses `what` (a loss, weights or metrics dict) naming an output the
   model does not have, as fit does; a model without output names
   (subclassed) is taken at its word."""
-  outputs = getattr(model, "output_names", None)
+  outputs = output_names(model)
   unknown = [key for key in keys if outputs and key not in outputs]
   if unknown:
     raise ValueError(f"The {what} dict names outputs the model does not "
-                     f"have: {unknown}; its outputs are {list(outputs)}.")
+                     f"have: {unknown}; its outputs are {outputs}.")
 
 
 def _unreduced(loss):

@@ -242,12 +242,22 @@ def _refusal_shared(strategy):
     return
   try:
     yield
-  except ONE_LINE_ERRORS as error:
-    training_loops.first_refusal(strategy, str(error))
+  except Exception as error:  # any reason to stop: the others must hear it
+    _share_refusal(strategy, (str(error).strip().splitlines()
+                              or [type(error).__name__])[0])
     raise
-  refused = training_loops.first_refusal(strategy, None)
+  refused = _share_refusal(strategy, None)
   if refused:
     raise training_loops.PeerRefusedError(*refused)
+
+
+def _share_refusal(strategy, reason):
+  """`training_loops.first_refusal`; a peer that never joins (it died) is
+  a `WorkerLostError`."""
+  try:
+    return training_loops.first_refusal(strategy, reason)
+  except training_loops.strategies.PEER_FAILURES as error:
+    raise training_loops.WorkerLostError(None, error) from error
 
 
 @dataclasses.dataclass(frozen=True)

@@ -324,9 +324,10 @@ def _checked(name, value, hint, metadata):
     value = tuple(element(item) for item in value)
   choices = metadata.get("choices")
   if choices and kind is tuple and not set(value) <= set(choices):
-    raise SettingsError(f"--{name}={_listed(value)} holds an item that is "
-                        f"not one of the accepted values: "
-                        f"{', '.join(choices)}.")
+    refused = [item for item in value if item not in choices]
+    raise SettingsError(f"--{name}={_listed(value)} holds "
+                        f"{_listed(refused)}, not one of the accepted "
+                        f"values: {', '.join(choices)}.")
   if choices and kind is not tuple and value not in choices:
     raise SettingsError(f"--{name}={value} is not one of the accepted "
                         f"values: {', '.join(choices)}.")

@@ -4,12 +4,13 @@ that each rerun ends exactly as one uninterrupted run.
     python -m research soak --configuration=graph --trials=50
 
 Each trial runs the configuration's experiment in a child process that
-kills itself at a moment drawn from the trial's seed: inside a training
-step, during a checkpoint write, during an evaluation or during the write
-of `results.json` (at the call's start, at one of its file syncs or
-renames, or after a random share of its duration in the uninterrupted
-run; at its end if it ends first). It then reruns the same command to completion and compares the run
-directory with the uninterrupted run's:
+kills itself at a moment drawn from the trial's seed: while a loop trains
+(its restore, steps, step validations and callbacks), during a checkpoint
+write, during an evaluation or during the write of `results.json` (at the
+call's start, just before one of its file syncs or renames, or after a
+random share of its duration in the uninterrupted run; at its end if it
+ends first). It then reruns the same command to completion and compares
+the run directory with the uninterrupted run's:
 
 - every checkpointed tensor (weights, optimizer slots and step, loss scale,
   position, running metrics), bit for bit;
@@ -74,7 +75,10 @@ CONFIGURATIONS = {
 _TIMEOUT_SECONDS = 900
 
 # Where a kill lands: the phase of the run the child was in.
-KILL_POINTS = ("step", "checkpoint", "evaluation", "results")
+# "training" is a loop's whole training call (its restore, steps and step
+# validations, the callbacks' writes); the others are calls within it or
+# after it, each labelled as the innermost.
+KILL_POINTS = ("training", "checkpoint", "evaluation", "results")
 
 # Entries of results.json and history.json that time or count one
 # invocation's work, or name the run's directory.
@@ -95,6 +99,12 @@ class Config(run_config.Settings):
       KILL_POINTS, "Where the trials aim their kills, in turn.",
       choices=KILL_POINTS)
   seed: int = run_config.setting(0, "Seeds the kill moments.", at_least=0)
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not self.kill_points:
+      raise run_config.SettingsError(
+          f"--kill_points needs at least one of: {', '.join(KILL_POINTS)}.")
   output_dir: str = run_config.setting(
       os.path.join("runs", "soak"), "Where the runs go; each "
       "configuration in a directory of its own, replaced.")
@@ -149,6 +159,9 @@ def main(config):
       "kill_points": config.kill_points,
       "trials": [dataclasses.asdict(trial) for trial in trials]})
   print(summary(config.configuration, trials))
+  if any(trial.outcome != "identical" for trial in trials):
+    sys.exit(f"error: not every trial ended as the uninterrupted run; see "
+             f"{os.path.join(root, 'soak.json')}.")
   return trials
 
 
@@ -156,6 +169,9 @@ def _kill_plan(draw, aimed_at, calls):
   """Where the child kills itself: the `call`-th entry (1-based) into
   `aimed_at` in the uninterrupted run, at its start (sub-point 0), at one
   of its file syncs or renames, or after `delay` seconds."""
+  if not calls[aimed_at]:
+    sys.exit(f"error: the uninterrupted run never entered {aimed_at!r}: "
+             f"nothing to kill there; choose other --kill_points.")
   chosen = draw.randrange(len(calls[aimed_at]))
   seconds, sub_points = calls[aimed_at][chosen]
   at = draw.randrange(sub_points + 2)  # entry, each sub-point, a delay
@@ -416,7 +432,7 @@ class _PhaseTracker:
     # pylint: disable=g-import-not-at-top
     import training_loops
     from training_loops import checkpoints, controller, drivers, keras_fit
-    self._wrap(controller.Controller, "run", "step")
+    self._wrap(controller.Controller, "run", "training")
     self._wrap(checkpoints.RunCheckpoint, "save", "checkpoint")
     for driver in (drivers.StepDriver, keras_fit.KerasFitDriver):
       self._wrap(driver, "evaluate", "evaluation")
