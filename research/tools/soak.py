@@ -30,6 +30,7 @@ difference is a resume that is not exact.
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import random
@@ -134,12 +135,15 @@ def main(config):
   shutil.rmtree(root, ignore_errors=True)
   os.makedirs(root)
   if configuration.experiment == "gan":  # one judge for every run
+    judge_dir = os.path.abspath(os.path.join(config.output_dir, "judge"))
     configuration = dataclasses.replace(configuration, settings={
-        **configuration.settings, "judge_dir": os.path.abspath(
-            os.path.join(config.output_dir, "judge"))})
+        **configuration.settings, "judge_dir": judge_dir})
+    if not glob.glob(os.path.join(judge_dir, "export", "*.keras")):
+      # Trained by a run of its own: the reference's calls, from which the
+      # kills are drawn, must be the trials' (which load the judge).
+      _reference(configuration, os.path.join(root, "judge_training"))
   reference = os.path.join(root, "uninterrupted")
-  if _run(configuration, reference, plan=None) != [0] * configuration.workers:
-    sys.exit(f"error: the uninterrupted run failed; see {reference}.*.log")
+  _reference(configuration, reference)
   calls = [_read_json(os.path.join(reference, f"phases_{worker}.json"))
            for worker in range(configuration.workers)]
   draw = random.Random(config.seed)
@@ -163,6 +167,12 @@ def main(config):
     sys.exit(f"error: not every trial ended as the uninterrupted run; see "
              f"{os.path.join(root, 'soak.json')}.")
   return trials
+
+
+def _reference(configuration, directory):
+  """An uninterrupted run of `configuration` into `directory`."""
+  if _run(configuration, directory, plan=None) != [0] * configuration.workers:
+    sys.exit(f"error: the uninterrupted run failed; see {directory}.*.log")
 
 
 def _kill_plan(draw, aimed_at, calls):
