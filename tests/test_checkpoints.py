@@ -116,3 +116,18 @@ def test_damaged_files_that_cannot_be_moved_aside_are_a_write_error(
     _shuffled_run("graph", 3, tmp_path)
   # Nothing moved: the damaged checkpoint is where it was, for a rerun.
   assert len(list(tmp_path.glob("ckpt-2.*"))) == 2
+
+
+def test_the_shards_of_a_save_killed_mid_write_are_deleted(tmp_path):
+  """TensorFlow writes a checkpoint's shards into ckpt-<n>_temp/ and
+  renames them out: a save killed in between leaves that directory, which
+  the next run deletes, and resumes from the checkpoint before."""
+  _shuffled_run("graph", 2, tmp_path)
+  dead = tmp_path / "ckpt-3_temp"
+  dead.mkdir()
+  (dead / "part-00000-of-00001.data-00000-of-00001.tempstate1").write_text(
+      "half")
+  resumed = _shuffled_run("graph", 3, tmp_path)
+  assert not dead.exists()
+  assert (resumed.resumed_from, resumed.steps_trained) == (
+      {"epoch": 2, "step": 0}, 4)

@@ -3,6 +3,7 @@ resume exactly where it stopped."""
 
 import json
 import os
+import re
 import shutil
 
 from absl import logging
@@ -29,6 +30,9 @@ class CheckpointNotSharedError(ValueError):
 # (a short data file is an IndexError: "Read less bytes than requested").
 _READ_ERRORS = (tf.errors.OpError, IndexError, ValueError, OSError)
 _CALLBACK_STATE_KEY = "callback_state/.ATTRIBUTES/py_state"
+# Where TensorFlow writes a checkpoint's shards before it renames them out:
+# left behind by a save that was killed.
+_DEAD_SAVE = re.compile(r"ckpt-\d+_temp")
 
 
 class RunCheckpoint:
@@ -119,6 +123,8 @@ class RunCheckpoint:
         different checkpoints.
     """
     self._check_workers_agree()
+    if self.is_writer:
+      self._remove_dead_saves()
     if self._reader.latest_checkpoint is None:
       return 0, 0, 0
     self._check_same_model()
@@ -182,6 +188,14 @@ class RunCheckpoint:
           f"{self.directory} holds no readable checkpoint (the damaged ones"
           f" are in {os.path.join(self.directory, 'damaged')}): restore the"
           " directory from a copy, or delete it to start over.")
+
+  def _remove_dead_saves(self):
+    """Deletes the shards of saves killed mid-write (`ckpt-<n>_temp/`): the
+    directory has one writer, under its `RunLock`, so they are dead."""
+    for name in os.listdir(self.directory):
+      path = os.path.join(self.directory, name)
+      if _DEAD_SAVE.fullmatch(name) and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
 
   def _checkpoint_for(self, prefix):
     """The object to restore `prefix` into: the run's, or, for a checkpoint
