@@ -21,8 +21,8 @@ import keras  # noqa: E402
 import losses  # noqa: E402
 import step_models  # noqa: E402
 import training_loops  # noqa: E402
-from loop_models import (classification_data, recorded_classifier,  # noqa: E402
-                         sgd)
+from loop_models import (  # noqa: E402
+    classification_data, recorded_classifier, sgd)
 
 # The `ShardRecorder` of each model `run` builds.
 RECORDERS = []

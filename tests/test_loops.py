@@ -781,7 +781,8 @@ def test_many_evaluations_trace_once_each_without_retracing_warnings(caplog):
 
 @pytest.mark.parametrize("loss", [
     [keras.losses.MeanAbsoluteError(), losses.MeanSquaredError()],
-    {"main": losses.MeanSquaredError(), "aux": keras.losses.MeanAbsoluteError()},
+    {"main": losses.MeanSquaredError(),
+     "aux": keras.losses.MeanAbsoluteError()},
     losses.MeanSquaredError()], ids=["list", "dict", "one"])
 def test_a_dict_model_is_known_by_its_keys_not_its_layers_names(loss):
   """fit names a dict-output model's outputs by the dict's keys (sorted,

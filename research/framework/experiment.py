@@ -486,7 +486,8 @@ def _run_loop(experiment, loop, plan, outputs):
     history = training_loops.train(
         **plan.step_arguments(experiment), train_data=train_data, loop=loop,
         epochs=plan.epochs, validation_data=validation_data,
-        strategy=strategy, checkpoint_dir=os.path.join(outputs.checkpoints, loop),
+        strategy=strategy,
+        checkpoint_dir=os.path.join(outputs.checkpoints, loop),
         log_dir=os.path.join(output_dir, "logs", loop), callbacks=callbacks,
         seed=seed, verbose=config.verbose,
         eval_every_steps=config.eval_every_steps,

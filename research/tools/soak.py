@@ -18,14 +18,16 @@ the run directory with the uninterrupted run's:
 - the steps each loop's rerun says it trained (`steps_trained`) and where it
   resumed (`resumed_from`) against the checkpoint left on disk by the kill:
   a rerun that silently started over would end identical too;
-- no file the uninterrupted run has is missing, no temporary of an
-  interrupted write is left, and every JSON file parses.
+- no file the uninterrupted run has is missing, none is left that it does
+  not have (a temporary of an interrupted write, a worker's scratch
+  checkpoint), and every JSON file parses.
 
 The `multi_worker` configuration runs two workers on localhost sharing
 one output directory; each trial kills one of them (drawn), the other stops
 when it finds its peer gone, and both rerun. It prints one line per trial
-and a summary; `soak.json` in --output_dir holds every trial. The experiment runs with op determinism, so any
-difference is a resume that is not exact.
+and a summary, and exits 1 unless every trial ended identical; `soak.json`
+in --output_dir holds every trial. The experiment runs with op
+determinism, so any difference is a resume that is not exact.
 """
 
 import contextlib
@@ -220,9 +222,11 @@ def summary(configuration, trials):
     hits[point] = hits.get(point, 0) + 1
   outcomes = {outcome: sum(trial.outcome == outcome for trial in trials)
               for outcome in ("identical", "differing", "failed to resume")}
-  return (f"{configuration}: {len(trials)} trials; killed in "
-          f"{', '.join(f'{point} {count}' for point, count in sorted(hits.items()))}; "
-          f"{', '.join(f'{outcome} {count}' for outcome, count in outcomes.items())}")
+  killed = ", ".join(f"{point} {count}"
+                     for point, count in sorted(hits.items()))
+  ended = ", ".join(f"{outcome} {count}"
+                    for outcome, count in outcomes.items())
+  return f"{configuration}: {len(trials)} trials; killed in {killed}; {ended}"
 
 
 # -- comparing a trial with the uninterrupted run ---------------------------
