@@ -600,7 +600,7 @@ def test_losses_metrics_and_targets_reach_outputs_by_name_or_position_as_fit(
                     else [weights[name] for name in loss_by]),
       metrics=(metric if metrics_by == "name"
                else [metric[name] for name in positions]),
-      validation_data=data) for loop in ("graph", "keras_fit")}
+      validation_data=data, epochs=1) for loop in ("graph", "keras_fit")}
   fit = results["keras_fit"]
   assert sorted(fit.history) == sorted(
       ["learning_rate", "loss", "a_loss", "b_loss", "a_mae", "b_mse",
@@ -798,7 +798,7 @@ def test_a_dict_model_is_known_by_its_keys_not_its_layers_names(loss):
         "main": layers.Dense(1, name="dense_main")(inputs),
         "aux": layers.Dense(2, name="dense_aux")(inputs)})
   data = tf.data.Dataset.from_tensor_slices((x, targets)).batch(8)
-  runs = {loop: run_loop(loop, data=data, model_fn=model_fn,
+  runs = {loop: run_loop(loop, epochs=1, data=data, model_fn=model_fn,
                          optimizer_fn=sgd(0.01), loss=loss, metrics=[])
           for loop in ("graph", "keras_fit")}
   assert sorted(runs["graph"].history) == [

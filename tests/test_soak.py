@@ -10,11 +10,11 @@ import pytest
 
 from research.tools import soak
 
-# Smaller than the soak's own graph configuration: two epochs of six steps,
-# a checkpoint every four.
+# Smaller than the soak's own graph configuration: two epochs of four
+# steps, a checkpoint every three.
 _TINY = soak.Configuration("classify", {
     **soak.CONFIGURATIONS["graph"].settings, "epochs": 2,
-    "limit_batches": 6, "checkpoint_every_steps": 4})
+    "limit_batches": 4, "checkpoint_every_steps": 3})
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +55,14 @@ def test_a_rerun_that_started_over_is_told_from_one_that_resumed(soaked):
   identical: only its account of the steps it trained tells."""
   root, _ = soaked
   reference = root / "uninterrupted"
-  # The uninterrupted run trained all 12 steps from no checkpoint; had the
-  # kill left one after epoch 1, it should have trained 6.
+  # The uninterrupted run trained all 8 steps from no checkpoint; had the
+  # kill left one after epoch 1, it should have trained 4.
   found = soak.differences(reference, reference, {"graph": {
-      "epochs_done": 1, "steps_in_epoch": 0, "steps_done": 6}})
+      "epochs_done": 1, "steps_in_epoch": 0, "steps_done": 4}})
   assert found == [
       "graph: resumed from None, the checkpoint on disk was "
       "{'epoch': 1, 'step': 0}",
-      "graph: trained 12 steps, 6 were left"]
+      "graph: trained 8 steps, 4 were left"]
   assert soak.differences(reference, reference, {}) == []
 
 
