@@ -1,16 +1,20 @@
 """One worker of the multi-worker tests: trains, prints its results as JSON.
 
     TF_CONFIG='{"cluster": ..., "task": ...}' python multi_worker_job.py \
-        LOOP [EPOCHS [CHECKPOINT_DIR [PAUSE_SECONDS]]]
+        LOOP [EPOCHS [CHECKPOINT_DIR [PAUSE_SECONDS [DYING_WORKER]]]]
 
-With LOOP written `gan:LOOP`, it trains `step_models`' GAN (its own
-`train_step`) instead of the classifier.
+With LOOP written `gan:LOOP[,LOOP...]`, it trains `step_models`' GAN (its
+own `train_step`) instead of the classifier, in each loop in turn. Prints
+a JSON list: one run's results per loop. Worker DYING_WORKER SIGKILLs
+itself as its checkpoint restore begins, before the restore's collective
+(the workers' agreement on the checkpoint).
 
 Exits 3 with the error on stderr when it loses its peer.
 """
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -21,6 +25,7 @@ import keras  # noqa: E402
 import losses  # noqa: E402
 import step_models  # noqa: E402
 import training_loops  # noqa: E402
+from training_loops import checkpoints  # noqa: E402
 from loop_models import (  # noqa: E402
     classification_data, recorded_classifier, sgd)
 
@@ -60,25 +65,38 @@ def run_gan(loop, strategy=None, epochs=2):
       epochs=epochs, strategy=strategy, seed=3, verbose=0)
 
 
+def _die_in_restore():
+  """Makes this worker's `RunCheckpoint` SIGKILL the process when it starts
+  to restore: its peers are left waiting in the restore's collective."""
+  def die(self):
+    os.kill(os.getpid(), signal.SIGKILL)
+  checkpoints.RunCheckpoint._check_workers_agree = die
+
+
 if __name__ == "__main__":
   strategy = training_loops.make_strategy("multi_worker")
-  arguments = sys.argv[1:] + [None] * 4
-  model, _, loop = arguments[0].rpartition(":")
+  arguments = sys.argv[1:] + [None] * 5
+  if arguments[4] is not None and (
+      int(arguments[4]) == strategy.cluster_resolver.task_id):
+    _die_in_restore()
+  model, _, loops = arguments[0].rpartition(":")
   try:
     if model == "gan":
-      history = run_gan(loop, strategy, epochs=int(arguments[1] or 2))
+      histories = [run_gan(loop, strategy, epochs=int(arguments[1] or 2))
+                   for loop in loops.split(",")]
     else:
-      history = run(loop, strategy,
-                    epochs=int(arguments[1] or 2), checkpoint_dir=arguments[2],
-                    pause=float(arguments[3] or 0))
+      histories = [run(loops, strategy, epochs=int(arguments[1] or 2),
+                       checkpoint_dir=arguments[2],
+                       pause=float(arguments[3] or 0))]
   except training_loops.WorkerLostError as error:
     print(error, file=sys.stderr)
     sys.exit(3)
-  print(json.dumps({"history": history.history,
-                    "resumed_from": history.resumed_from,
-                    "steps_trained": history.steps_trained,
-                    "replicas": strategy.num_replicas_in_sync,
-                    "seen": RECORDERS[-1].seen(strategy) if RECORDERS
-                    else None,
-                    "weights": [weights.tolist() for weights
-                                in history.model.get_weights()]}))
+  print(json.dumps([{"history": history.history,
+                     "resumed_from": history.resumed_from,
+                     "steps_trained": history.steps_trained,
+                     "replicas": strategy.num_replicas_in_sync,
+                     "seen": RECORDERS[-1].seen(strategy) if RECORDERS
+                     else None,
+                     "weights": [weights.tolist() for weights
+                                 in history.model.get_weights()]}
+                    for history in histories]))

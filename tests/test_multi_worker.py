@@ -1,11 +1,13 @@
-"""Multi-worker training: two localhost workers equal one process; a dead
-peer stops the survivor fast and a restart resumes; a research script's
+"""Multi-worker training: two localhost workers equal one process; a peer
+dead in training or in a restore stops the survivor fast and a restart
+resumes; a research script's
 workers share one output directory, where the chief alone writes, or have
 one each."""
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -61,10 +63,11 @@ def _finish(processes, timeout=240):
         process.wait()
 
 
-def _results_of(outcomes):
+def _results_of(outcomes, run=0):
+  """Each worker's results of its `run`-th run."""
   for code, stdout, stderr in outcomes:
     assert code == 0, stderr[-3000:]
-  return [json.loads(stdout.strip().splitlines()[-1])
+  return [json.loads(stdout.strip().splitlines()[-1])[run]
           for _, stdout, _ in outcomes]
 
 
@@ -90,14 +93,23 @@ def test_two_workers_on_localhost_equal_one_process():
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loop", ["eager", "function", "graph"])
+_GAN_LOOPS = ("eager", "function", "graph")
+
+
+@pytest.fixture(scope="module")
+def gan_workers():
+  """Two workers training the GAN in each of `_GAN_LOOPS` in turn."""
+  return _finish(_start_workers(f"gan:{','.join(_GAN_LOOPS)}"))
+
+
+@pytest.mark.parametrize("loop", _GAN_LOOPS)
 def test_a_gans_own_step_on_two_workers_equals_two_replicas_in_one_process(
-    loop, mirrored):
+    loop, mirrored, gan_workers):
   """Each worker one replica, each replica half of every batch and its own
   mean loss, as two mirrored replicas in one process (which
   `test_custom_steps` holds to fit under the same strategy): the same logs
   and, in both networks, the same weights."""
-  outputs = _results_of(_finish(_start_workers(f"gan:{loop}")))
+  outputs = _results_of(gan_workers, _GAN_LOOPS.index(loop))
   single = multi_worker_job.run_gan(loop, mirrored)
   for output in outputs:
     assert output["replicas"] == 2
@@ -111,17 +123,59 @@ def test_a_gans_own_step_on_two_workers_equals_two_replicas_in_one_process(
       np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_a_dead_worker_stops_its_peer_fast_and_a_restart_resumes(tmp_path):
+def _lost_peer(survivor, killed_at):
+  """The line `survivor` stopped with, within a minute of its peer's
+  death, having said so."""
+  code, _, stderr = _finish([survivor], timeout=120)[0]
+  assert time.monotonic() - killed_at < 60
+  assert code == 3, stderr[-3000:]
+  (line,) = [line for line in stderr.splitlines()
+             if line.startswith("A peer worker stopped responding")]
+  return line
+
+
+def _checkpoint_files(directory):
+  """What the chief's checkpoint directory holds, and the contents of its
+  state file and history."""
+  names = sorted(os.listdir(directory))
+  return names, [(directory / name).read_bytes()
+                 for name in ("checkpoint", "history.json")]
+
+
+def test_a_worker_lost_in_training_or_in_a_restore_stops_its_peer_fast(
+    tmp_path):
+  """A worker SIGKILLed in training, then one SIGKILLed as the restart's
+  restore begins: each time its peer stops within a minute with the lost
+  peer's line (not waiting forever in a collective), leaving the
+  checkpoints as they were; a restart of both then resumes from the last
+  one and trains only what is left."""
   epochs = 12
   processes = _start_workers("graph", epochs, tmp_path, 0.3)
   wait_for_epochs(tmp_path, 3, processes[0])
   processes[1].kill()  # SIGKILL: no goodbye to its peer
-  killed_at = time.monotonic()
-  code, _, stderr = _finish(processes[:1], timeout=120)[0]
-  assert time.monotonic() - killed_at < 60
-  assert code == 3, stderr[-3000:]
-  assert "A peer worker stopped responding" in stderr
+  line = _lost_peer(processes[0], time.monotonic())
+  assert re.search(r"in epoch \d+ \(0-based\)", line), line
   _finish(processes[1:])
+  before = _checkpoint_files(tmp_path)
+  checkpoint = tf.train.load_checkpoint(tf.train.latest_checkpoint(
+      str(tmp_path)))
+  saved_at = {"epoch": int(checkpoint.get_tensor(
+      "epochs_done/.ATTRIBUTES/VARIABLE_VALUE")), "step": int(
+          checkpoint.get_tensor("steps_in_epoch/.ATTRIBUTES/VARIABLE_VALUE"))}
+  assert saved_at["epoch"] >= 3 and saved_at["step"] == 0, saved_at
+
+  # Worker 1 dies as the restart's restore begins; the chief is in it.
+  processes = _start_workers("graph", epochs, tmp_path, 0, 1)
+  killed = processes[1].wait(timeout=120)
+  assert killed == -signal.SIGKILL
+  line = _lost_peer(processes[0], time.monotonic())
+  assert "epoch" not in line, line  # before training
+  # Nothing moved or written; the dead worker's scratch directory, made
+  # empty as it started, goes at its next save.
+  assert os.listdir(tmp_path / ".worker_1") == []
+  os.rmdir(tmp_path / ".worker_1")
+  assert _checkpoint_files(tmp_path) == before
+
   # Restart both: they resume from the chief's last checkpoint.
   outputs = _results_of(_finish(_start_workers("graph", epochs, tmp_path)))
   single = multi_worker_job.run("graph", epochs=epochs)
@@ -129,11 +183,9 @@ def test_a_dead_worker_stops_its_peer_fast_and_a_restart_resumes(tmp_path):
   for output in outputs:
     np.testing.assert_allclose(output["history"]["loss"],
                                single.history["loss"], rtol=1e-4)
-    # Both resumed from the chief's last epoch checkpoint (3 or more done)
-    # and trained only the epochs after it.
-    resumed = output["resumed_from"]
-    assert resumed["epoch"] >= 3 and resumed["step"] == 0, resumed
-    assert output["steps_trained"] == (epochs - resumed["epoch"]) * per_epoch
+    assert output["resumed_from"] == saved_at
+    assert output["steps_trained"] == (epochs - saved_at["epoch"]) * per_epoch
+  assert not (tmp_path / ".worker_1").exists()
 
 
 # -- a research script's workers and their output directories -------------
