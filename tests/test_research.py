@@ -127,31 +127,77 @@ def test_callbacks_report_where_each_loop_stopped(tmp_path):
   assert len(stops) == 1  # our callbacks and Keras' stop alike
 
 
+def _keras_gradient_norms(config):
+  """The kernel-gradient norms `deep_net` reports, computed again through
+  Keras' own Dense and BatchNormalization layers and Keras' loss, with the
+  weights of the script's model at its seed (its input scaling and its
+  dropout, whose seeded masks this repeats, are the model's own)."""
+  splits = datasets.load("digits", seed=config.seed)
+  keras.utils.set_random_seed(config.seed)
+  ours = models.deep_classifier(
+      splits.x_train, splits.num_classes, config.activation,
+      config.batchnorm, config.dropout, seed=config.seed)
+  stack, hidden = [], {}  # hidden: {our layer's name: Keras' layer}
+  for layer in ours.layers[1:]:
+    config_of = layer.get_config()
+    if type(layer).__name__ == "Dense":
+      theirs = keras.layers.Dense(config_of["units"],
+                                  config_of["activation"])
+    elif type(layer).__name__ == "BatchNormalization":
+      theirs = keras.layers.BatchNormalization(
+          momentum=config_of["momentum"], epsilon=config_of["epsilon"])
+    else:  # no trainable weights: Flatten, the scaler, dropout
+      stack.append(layer)
+      continue
+    theirs.build(layer.input.shape)
+    theirs.set_weights(layer.get_weights())
+    stack.append(theirs)
+    if layer.name.startswith("hidden_"):
+      hidden[layer.name] = theirs
+  norms = {name: [] for name in hidden}
+  size = config.batch_size
+  for start in range(0, config.gradient_batches * size, size):
+    x = splits.x_train[start:start + size]
+    with tf.GradientTape() as tape:
+      for layer in stack:
+        x = layer(x, training=True)
+      value = keras.losses.SparseCategoricalCrossentropy()(
+          splits.y_train[start:start + size], x)
+    gradients = tape.gradient(
+        value, [layer.kernel for layer in hidden.values()])
+    for name, gradient in zip(hidden, gradients):
+      norms[name].append(float(np.linalg.norm(gradient)))
+  return norms
+
+
 @pytest.mark.parametrize("activation,batchnorm,dropout", [
     ("selu", False, "alpha"), ("relu", True, "standard")])
 def test_deep_net_reports_gradient_norms_per_layer(tmp_path, activation,
                                                    batchnorm, dropout):
-  deep_net.main(
-      deep_net.Config.resolved(
-          loop="graph",
-          epochs=1,
-          activation=activation,
-          batchnorm=batchnorm,
-          dropout=dropout,
-          verbose=0,
-          gradient_batches=2,
-          output_dir=str(tmp_path)))
+  """Per hidden layer, input side first, the norms Keras' own layers and
+  loss give at the same initialization on the same batches."""
+  config = deep_net.Config.resolved(
+      loop="graph", epochs=1, activation=activation, batchnorm=batchnorm,
+      dropout=dropout, verbose=0, gradient_batches=2,
+      output_dir=str(tmp_path))
+  deep_net.main(config)
   results = _results(tmp_path)
   _check_results(results, "deep_net", ["graph"], 1, {"accuracy"})
   norms = results["gradient_norms"]
   assert list(norms) == [f"hidden_{i:02d}" for i in range(1, 21)]
-  assert all(len(v) == 2 and all(n > 0 for n in v) for v in norms.values())
+  expected = _keras_gradient_norms(config)
+  for name, values in norms.items():
+    np.testing.assert_allclose(values, expected[name], rtol=1e-6,
+                               err_msg=name)
   assert results["flags"]["activation"] == activation
 
 
 @pytest.mark.parametrize("variant,aux", [
     ("functional", False), ("subclassed", False), ("multi_input", True)])
 def test_wide_deep_variants(tmp_path, variant, aux):
+  """The test figures are the exported model's on the test split, computed
+  again here with NumPy: with the auxiliary output, the loss weighs the
+  two outputs' squared errors 0.9 and 0.1."""
   wide_deep.main(
       wide_deep.Config.resolved(
           loop="graph",
@@ -159,31 +205,60 @@ def test_wide_deep_variants(tmp_path, variant, aux):
           wide_deep_variant=variant,
           aux_output=aux,
           verbose=0,
-          output_dir=str(tmp_path)))
+          output_dir=str(tmp_path),
+          export_dir=str(tmp_path / "export")))
   results = _results(tmp_path)
-  report = results["loops"]["graph"]
-  expected = {"loss", "main_loss", "aux_loss", "main_mae"} if aux else {
-      "loss", "mae"}
-  assert set(report["test"]) == expected
   assert results["variant"] == variant
+  test = results["loops"]["graph"]["test"]
+  splits = datasets.load("diabetes", seed=42)
+  model = keras.models.load_model(tmp_path / "export" / "graph.keras")
+  inputs = (models.split_wide_deep(splits.x_test) if variant == "multi_input"
+            else splits.x_test)
+  predictions = model.predict(inputs, verbose=0)
+  if not aux:
+    assert set(test) == {"loss", "mae"}
+    errors = predictions.reshape(-1) - splits.y_test
+    np.testing.assert_allclose(test["loss"], np.mean(errors ** 2), rtol=1e-5)
+    np.testing.assert_allclose(test["mae"], np.mean(np.abs(errors)),
+                               rtol=1e-5)
+    return
+  assert set(test) == {"loss", "main_loss", "aux_loss", "main_mae"}
+  main_errors, aux_errors = (predictions[name].reshape(-1) - splits.y_test
+                             for name in ("main", "aux"))
+  main_mse, aux_mse = np.mean(main_errors ** 2), np.mean(aux_errors ** 2)
+  np.testing.assert_allclose(test["main_loss"], main_mse, rtol=1e-5)
+  np.testing.assert_allclose(test["aux_loss"], aux_mse, rtol=1e-5)
+  np.testing.assert_allclose(test["loss"], 0.9 * main_mse + 0.1 * aux_mse,
+                             rtol=1e-5)
+  np.testing.assert_allclose(test["main_mae"], np.mean(np.abs(main_errors)),
+                             rtol=1e-5)
 
 
 def test_hparam_search_sweeps_searches_and_logs_hparams(tmp_path):
-  hparam_search.main(
-      hparam_search.Config.resolved(
-          epochs=1,
-          sweep_points=2,
-          search_iterations=2,
-          cv_folds=2,
-          verbose=0,
-          output_dir=str(tmp_path)))
+  """The best candidate is the trial of least cross-validated MSE, and the
+  test MSE is that candidate's, refitted on the training split here and
+  scored with NumPy."""
+  config = hparam_search.Config.resolved(
+      epochs=1, sweep_points=2, search_iterations=2, cv_folds=2, verbose=0,
+      output_dir=str(tmp_path))
+  hparam_search.main(config)
   results = _results(tmp_path)
   rates = [row["learning_rate"] for row in results["learning_rate_sweep"]]
   np.testing.assert_allclose(rates, [1e-4, 3e-2])
   search = results["random_search"]
-  assert set(search["best_params"]) == {"hidden_layers", "units",
-                                        "learning_rate"}
-  assert len(search["trials"]) == 2 and np.isfinite(search["test_mse"])
+  assert len(search["trials"]) == 2
+  best = min(search["trials"], key=lambda trial: trial["cv_mse"])
+  assert search["best_params"] == best["params"]
+  assert search["best_cv_mse"] == best["cv_mse"]
+  splits = datasets.load("diabetes", seed=config.seed)
+  refitted = hparam_search.ToolkitRegressor(
+      epochs=config.epochs, batch_size=config.batch_size, loop=config.loop,
+      seed=config.seed, settings=config).set_params(**best["params"]).fit(
+          splits.x_train, splits.y_train)
+  np.testing.assert_allclose(
+      search["test_mse"],
+      np.mean((refitted.predict(splits.x_test) - splits.y_test) ** 2),
+      rtol=1e-6)
   assert len(os.listdir(tmp_path / "hparams")) == 4  # 2 sweep + 2 search
   assert results["flags"]["cv_folds"] == 2
 
