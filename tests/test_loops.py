@@ -615,6 +615,51 @@ def test_losses_metrics_and_targets_reach_outputs_by_name_or_position_as_fit(
   assert_same_run(results["graph"], fit, rtol=1e-6)
 
 
+class _OneHead(keras.Model):
+  """Subclassed, so its one output has no name."""
+
+  def __init__(self):
+    super().__init__(name="one_head")
+    self.head = layers.Dense(1)
+
+  def call(self, inputs):
+    return self.head(inputs)
+
+
+@pytest.mark.parametrize("metrics_by", ["name", "position", "subclassed"])
+def test_metrics_keyed_to_a_single_output_model_report_as_fit(metrics_by):
+  """fit takes metrics keyed by a one-output model's name (a dict), by
+  position (a list of lists), or by any name where the model has none
+  (subclassed), beside a single loss, as the model's metrics, named without
+  a prefix; so do the loops, to the bit of fit's weights."""
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(32, 4)).astype("float32")
+  y = (x @ rng.normal(size=(4, 1))).astype("float32")
+  data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+  def model_fn():
+    if metrics_by == "subclassed":
+      return _OneHead()
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, layers.Dense(1, name="out")(inputs))
+
+  mae = [keras.metrics.MeanAbsoluteError(name="mae")]
+  results = {loop: run_loop(
+      loop, data=data, model_fn=model_fn, optimizer_fn=sgd(0.01),
+      loss=losses.MeanSquaredError(),
+      metrics=[mae] if metrics_by == "position" else {"out": mae},
+      validation_data=data, epochs=1) for loop in ("eager", "graph",
+                                                   "keras_fit")}
+  fit = results["keras_fit"]
+  assert sorted(fit.history) == ["learning_rate", "loss", "mae", "val_loss",
+                                 "val_mae"]
+  np.testing.assert_allclose(
+      fit.history["val_mae"][-1], np.mean(np.abs(fit.model(x) - y)),
+      rtol=1e-5)
+  for loop in ("eager", "graph"):
+    assert_same_run(results[loop], fit, rtol=1e-6)
+
+
 class _TwoHeads(keras.Model):
   """Subclassed, so without output names: fit names its metrics by the
   keys of the predictions it returns."""

@@ -181,18 +181,26 @@ class Trainer(TrainingStep):
     prefixed by their output's where the model gives several outputs, as
     fit names them. Call inside the strategy's scope."""
     several_outputs = len(tf.nest.flatten(predictions)) > 1
-    self.train_metrics = _reported(self.train_metrics, several_outputs)
-    self.eval_metrics = _reported(self.eval_metrics, several_outputs)
+    # One output and one tensor of targets: every metric is the model's,
+    # whatever name or position it is keyed by, as fit takes them (a name
+    # the model does not have was refused before, where it has names).
+    one_to_one = not (tf.nest.is_nested(targets)
+                      or tf.nest.is_nested(predictions))
+    self.train_metrics = _reported(self.train_metrics, several_outputs,
+                                   one_to_one)
+    self.eval_metrics = _reported(self.eval_metrics, several_outputs,
+                                  one_to_one)
     loss_outputs = [loss.output for loss in self.output_losses]
     for (output, name), metric in (*self.train_metrics.items(),
                                    *self.eval_metrics.items()):
       if not tf.nest.is_nested(targets) and output not in (None,
                                                            *loss_outputs):
         # One tensor of targets is the output's with the loss.
+        owners = ("the model's output" if loss_outputs == [None] else
+                  f"{[str(loss) for loss in loss_outputs]}")
         raise ValueError(
             f"Metric {name!r} is for output {str(output)!r}, but the "
-            f"targets are one tensor, for "
-            f"{[str(loss) for loss in loss_outputs]}: give the targets as a "
+            f"targets are one tensor, for {owners}: give the targets as a "
             f"dict.")
       try:
         y_true, y_pred = (_batch_spec(_pick(structure, output))
@@ -687,8 +695,8 @@ def _copied_metrics(model, metrics, keyed):
     _check_output_names("metrics", list(metrics), model)
     entries = [(output_of(model, key), metric)
                for key, group in metrics.items() for metric in group]
-  elif keyed and metrics and all(isinstance(group, (list, tuple))
-                                 for group in metrics):
+  elif metrics and all(isinstance(group, (list, tuple))
+                       for group in metrics):
     entries = [(output_of(model, index), metric)
                for index, group in enumerate(metrics) for metric in group]
   elif keyed and metrics:
@@ -711,11 +719,22 @@ def _copied_metrics(model, metrics, keyed):
   return copies
 
 
-def _reported(metrics, prefixed):
+def _reported(metrics, prefixed, one_to_one):
   """`metrics` keyed by the names they report under: prefixed by their
-  output's where the model has several outputs, as fit names them."""
-  return {(output, f"{output}_{name}" if output is not None and prefixed
-           else name): metric for (output, name), metric in metrics.items()}
+  output's where the model has several outputs, as fit names them; with
+  `one_to_one` (one output, one tensor of targets), all for the model's
+  one output (None)."""
+  reported = {}
+  for (output, name), metric in metrics.items():
+    if one_to_one:
+      output = None
+    key = (output, f"{output}_{name}" if output is not None and prefixed
+           else name)
+    if key in reported:
+      raise ValueError(f"Two metrics report as {key[1]!r}: give them "
+                       f"distinct names.")
+    reported[key] = metric
+  return reported
 
 
 def _results(trackers, metrics):
