@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import training_loops
 from conftest import fast_dev_run_keeps_nothing
 from research.experiments import gan
 from research.framework import models, run_config, sample_quality
@@ -97,6 +98,88 @@ def test_the_conv_networks_map_flat_noise_to_flat_images_and_back(
   assert discriminator(images).shape == (3, 1)
   with pytest.raises(ValueError, match="multiples of 4"):
     models.conv_gan_networks((28, 30))
+
+
+def _averaged_gan(decay=0.9):
+  """A small GAN with batch normalization in its generator (moving
+  statistics to average too), its optimizers built."""
+  discriminator, generator = models.gan_networks(
+      16, 4, (8,), (8,), batch_norm=True, seed=1)
+  model = models.GAN(discriminator, generator, 4, seed=1,
+                     generator_average=decay)
+  model.compile(keras.optimizers.Adam(1e-2), keras.optimizers.Adam(1e-2),
+                keras.losses.BinaryCrossentropy(from_logits=True))
+  model(tf.zeros((1, 16)))
+  return model
+
+
+class _GeneratorStates(keras.callbacks.Callback):
+  """The generator's weights after each batch."""
+
+  def __init__(self):
+    super().__init__()
+    self.states = []
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.states.append(self.model.generator.get_weights())
+
+
+def _averages(model):
+  """The model's averages in the order of its generator's `weights`."""
+  averages = {id(variable): average.numpy()
+              for variable, average in model.averaged_variables()}
+  return [averages[id(variable)] for variable in model.generator.weights]
+
+
+@pytest.mark.filterwarnings("ignore:`compile\\(\\)` was not called")
+def test_the_averaged_generator_is_the_moving_average_and_draws_the_samples(
+    tmp_path):
+  """Each generator update moves every average by (1 - decay) towards the
+  generator's variables, from their initial values (NumPy over the eager
+  loop's per-step states); `generate` draws with the averages, in every
+  loop as in fit; a resumed run and an exported model keep them."""
+  data = tf.data.Dataset.from_tensor_slices(np.random.default_rng(0).uniform(
+      size=(32, 16)).astype("float32")).batch(8)
+  keras.utils.set_random_seed(3)  # train's seed: the initial weights
+  expected = _averaged_gan().generator.get_weights()
+  recorded = _GeneratorStates()
+  runs = {loop: training_loops.train(
+      _averaged_gan, train_data=data, loop=loop, epochs=2, seed=3,
+      verbose=0, callbacks=[recorded] if loop == "eager" else [])
+      for loop in training_loops.LOOPS}
+  assert len(recorded.states) == 8
+  for state in recorded.states:
+    expected = [0.9 * average + 0.1 * value
+                for average, value in zip(expected, state)]
+  noise = np.random.default_rng(1).normal(size=(5, 4)).astype("float32")
+  model = runs["eager"].model
+  averages = _averages(model)
+  assert len(averages) == len(expected) == 8  # two Dense's 4, the BN's 4
+  for got, value in zip(averages, expected):
+    np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-7)
+  samples = {loop: np.asarray(run.model.generate(noise))
+             for loop, run in runs.items()}
+  averaged = keras.models.clone_model(model.generator)
+  averaged.set_weights(averages)
+  np.testing.assert_allclose(samples["eager"], np.asarray(
+      averaged(noise, training=False)), rtol=1e-6)
+  assert not np.allclose(samples["eager"], model.generator(noise,
+                                                           training=False))
+  for loop in ("function", "graph"):
+    np.testing.assert_array_equal(samples[loop], samples["keras_fit"])
+  np.testing.assert_allclose(samples["eager"], samples["keras_fit"],
+                             atol=1e-4)
+  for epochs in (1, 2):  # the second resumes the first's checkpoint
+    resumed = training_loops.train(
+        _averaged_gan, train_data=data, loop="graph", epochs=epochs, seed=3,
+        verbose=0, checkpoint_dir=tmp_path / "checkpoints")
+  assert resumed.resumed_from == {"epoch": 1, "step": 0}
+  np.testing.assert_array_equal(np.asarray(resumed.model.generate(noise)),
+                                samples["graph"])
+  runs["graph"].model.save(tmp_path / "gan.keras")
+  reloaded = keras.models.load_model(tmp_path / "gan.keras")
+  np.testing.assert_array_equal(np.asarray(reloaded.generate(noise)),
+                                samples["graph"])
 
 
 def _results(output_dir):

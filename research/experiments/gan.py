@@ -73,6 +73,10 @@ class Config(run_config.RunConfig):
   discriminator_dropout: float | None = run_config.setting(
       None, "Dropout after each of the discriminator's hidden layers; "
       "default: the objective's.", at_least=0, below=1)
+  generator_average: float = run_config.setting(
+      0.0, "Decay of an exponential moving average of the generator's "
+      "weights, updated after each generator update; samples and scores "
+      "come from the averaged generator. 0: none.", at_least=0, below=1)
   penalty_weight: float = run_config.setting(
       10.0, "wgan_gp: the gradient penalty's weight (lambda).", at_least=0)
   judge_dir: str = run_config.setting(
@@ -126,11 +130,13 @@ def build(config):
       model = models.WassersteinGAN(
           *networks, config.noise_dim, seed=config.seed,
           critic_steps=config.critic_steps,
+          generator_average=config.generator_average,
           penalty_weight=config.penalty_weight)
       model.compile(optimizer_fn(), optimizer_fn())
     else:
       model = models.GAN(*networks, config.noise_dim, seed=config.seed,
-                         critic_steps=config.critic_steps)
+                         critic_steps=config.critic_steps,
+                         generator_average=config.generator_average)
       model.compile(optimizer_fn(), optimizer_fn(),
                     keras.losses.BinaryCrossentropy(from_logits=True))
     # Built for the callbacks that save weights, called for an export.

@@ -188,20 +188,49 @@ class GAN(Networks):
   real images and fresh fakes, then one generator update. `test_step`
   computes the same losses without updating. Logs `d_loss` (the last
   discriminator update's) and `g_loss`, the epoch's means.
+
+  With `generator_average` in (0, 1), the model also keeps an exponential
+  moving average of the generator's float variables (its weights and
+  batch-normalization statistics), `average = generator_average * average +
+  (1 - generator_average) * variable` after each generator update, starting
+  from the generator's initial values; `generate` draws with the averages,
+  the training steps with the generator's own variables. The averages are
+  model variables: checkpoints, exports and restores carry them.
   """
 
   NETWORKS = ("discriminator", "generator")
-  SETTINGS = ("latent_dim", "seed", "critic_steps")
+  SETTINGS = ("latent_dim", "seed", "critic_steps", "generator_average")
 
   def __init__(self, discriminator, generator, latent_dim, seed=1337,
-               critic_steps=1, **kwargs):
+               critic_steps=1, generator_average=0.0, **kwargs):
     super().__init__(**kwargs)
+    if not 0 <= generator_average < 1:
+      raise ValueError(f"generator_average={generator_average} is out of "
+                       f"range; accepted: >= 0 and < 1 (0: no average).")
     self.discriminator, self.generator = discriminator, generator
     self.latent_dim, self.seed = latent_dim, seed
     self.critic_steps = critic_steps
+    self.generator_average = generator_average
     self.seed_generator = keras.random.SeedGenerator(seed)
     self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
     self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
+    # Each replica updates its average from identical values: the first
+    # replica's update stands for all.
+    averaged = [(index, variable)
+                for index, variable in enumerate(self._generator_state())
+                if generator_average and _is_float(variable)]
+    self._averaged = tuple(index for index, _ in averaged)
+    self.averages = [
+        self.add_weight(shape=variable.shape, dtype=variable.dtype,
+                        initializer=_initial_value_of(variable),
+                        trainable=False, aggregation="only_first_replica",
+                        name=f"generator_average_{index}")
+        for index, variable in averaged]
+
+  def _generator_state(self):
+    """The generator's variables in `stateless_call`'s order."""
+    return [*self.generator.trainable_variables,
+            *self.generator.non_trainable_variables]
 
   def compile(self, d_optimizer, g_optimizer, loss_fn):
     super().compile()
@@ -216,8 +245,32 @@ class GAN(Networks):
     return self.discriminator(images, training=training)
 
   def generate(self, noise):
-    """Images from `noise` `[batch, latent_dim]`, in inference mode."""
-    return self.generator(noise, training=False)
+    """Images from `noise` `[batch, latent_dim]`, in inference mode: by the
+    averaged generator where the model keeps one."""
+    if not self.averages:
+      return self.generator(noise, training=False)
+    averages = {id(variable): average
+                for variable, average in self.averaged_variables()}
+    state = [averages.get(id(variable), variable)
+             for variable in self._generator_state()]
+    trainable = len(self.generator.trainable_variables)
+    images, _ = self.generator.stateless_call(
+        state[:trainable], state[trainable:], noise, training=False)
+    return images
+
+  def update_averages(self):
+    """One step of the generator's moving averages (none without
+    `generator_average`)."""
+    decay = self.generator_average
+    for variable, average in self.averaged_variables():
+      average.assign(decay * average + (1.0 - decay) * variable)
+
+  def averaged_variables(self):
+    """`[(a generator variable, its moving average)]`: empty without
+    `generator_average`."""
+    state = self._generator_state()
+    return [(state[index], average)
+            for index, average in zip(self._averaged, self.averages)]
 
   def _noise(self, batch_size):
     return keras.random.normal((batch_size, self.latent_dim),
@@ -252,6 +305,7 @@ class GAN(Networks):
           training=True))
     self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, weights),
                                          weights))
+    self.update_averages()
     return self._track(d_loss, g_loss)
 
   def test_step(self, real):
@@ -269,6 +323,18 @@ class GAN(Networks):
             "g_loss": self.g_loss_tracker.result()}
 
 
+def _is_float(variable):
+  return keras.backend.is_float_dtype(variable.dtype)
+
+
+def _initial_value_of(variable):
+  """An initializer giving `variable`'s value now."""
+  def initializer(shape, dtype=None):
+    del shape, dtype  # the variable's own
+    return keras.ops.convert_to_tensor(variable)
+  return initializer
+
+
 @keras.saving.register_keras_serializable(package="research")
 class WassersteinGAN(GAN):
   """Gulrajani et al.'s WGAN-GP: the critic's loss `D(fake) - D(real)` plus
@@ -277,7 +343,8 @@ class WassersteinGAN(GAN):
   step's tape); the generator's loss `-D(G(z))`; by default 5 critic
   updates per generator update. `compile(d_optimizer, g_optimizer)`."""
 
-  SETTINGS = ("latent_dim", "seed", "critic_steps", "penalty_weight")
+  SETTINGS = ("latent_dim", "seed", "critic_steps", "generator_average",
+              "penalty_weight")
 
   def __init__(self, discriminator, generator, latent_dim, seed=1337,
                critic_steps=5, penalty_weight=10.0, **kwargs):
