@@ -1,4 +1,4 @@
-"""Alpha dropout for self-normalizing (SELU) networks (Klambauer et al., 2017)."""
+"""Alpha dropout (Klambauer et al., 2017) for self-normalizing SELU networks."""
 
 import math
 

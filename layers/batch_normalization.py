@@ -8,8 +8,9 @@ import tensorflow as tf
 class BatchNormalization(keras.layers.Layer):
   """Normalizes `axis` with batch statistics in training, moving ones otherwise.
 
-  Training (and trainable): `y = gamma * (x - mean_b) / sqrt(var_b + eps) + beta`
-  with the biased batch moments over every axis but `axis`, and
+  Training (and trainable):
+  `y = gamma * (x - mean_b) / sqrt(var_b + eps) + beta` with the biased batch
+  moments over every axis but `axis`, and
   `moving = momentum * moving + (1 - momentum) * batch`, as Keras does.
   Inference: the same with `moving_mean` / `moving_variance`.
   Inputs and outputs: any shape; weights are `[input_shape[axis]]`.

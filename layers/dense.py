@@ -1,4 +1,7 @@
-"""A fully connected layer, numerically interchangeable with `keras.layers.Dense`."""
+"""A fully connected layer.
+
+Numerically interchangeable with `keras.layers.Dense`.
+"""
 
 import keras
 import tensorflow as tf

@@ -1,5 +1,5 @@
-"""research.tools.benchmark runs end to end and reports what it claims; no timing
-assertions (speed belongs in the benchmark's own figures)."""
+"""research.tools.benchmark runs end to end and reports what it claims; no
+timing assertions (speed belongs in the benchmark's own figures)."""
 
 import importlib.util
 import json

@@ -47,8 +47,8 @@ def _model_fn(armed):
 
 
 def _run(loop, data, output_dir, armed=None):
-  """research.experiments.early_stopping' run: our callbacks in the custom loops, Keras' in
-  `model.fit`. Returns the `History` and the callbacks."""
+  """research.experiments.early_stopping' run: our callbacks in the custom
+  loops, Keras' in `model.fit`. Returns the `History` and the callbacks."""
   callbacks = stopping_callbacks(loop, output_dir, patience=2)
   history = run_loop(loop, epochs=10, data=data[0], validation_data=data[1],
                      model_fn=_model_fn(armed or Switch()),
@@ -83,7 +83,7 @@ def uninterrupted(data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("loop", training_loops.LOOPS)
-def test_an_interrupted_run_resumes_its_callbacks_and_ends_as_an_uninterrupted_one(
+def test_an_interrupted_run_resumes_its_callbacks_and_ends_as_uninterrupted(
     loop, data, uninterrupted, tmp_path):
   reference, reference_callbacks, reference_dir = uninterrupted(loop)
   armed = Switch()

@@ -65,7 +65,7 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("damage", ["truncated data", "missing index"])
-def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(
+def test_damaged_newest_checkpoint_moved_aside_run_resumes_from_one_before(
     tmp_path, caplog, damage):
   """Three epoch checkpoints (ckpt-1..3); the newest damaged as a full disk
   or a cut copy leaves it. The rerun warns naming it, moves its files to

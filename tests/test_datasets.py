@@ -1,4 +1,5 @@
-"""research/framework/datasets.py against hand-made files and the shared real data."""
+"""research/framework/datasets.py against hand-made files and the shared
+real data."""
 
 import os
 

@@ -1,5 +1,5 @@
-"""research.experiments.distill: Keras' Distiller in our loops against plain student
-training, and the script end to end on tiny settings."""
+"""research.experiments.distill: Keras' Distiller in our loops against plain
+student training, and the script end to end on tiny settings."""
 
 import functools
 import json

@@ -96,8 +96,9 @@ def test_per_output_sample_weights_for_one_loss_are_refused():
 
 
 def test_a_metric_that_does_not_fit_the_outputs_names_both_shapes():
-  with pytest.raises(ValueError, match=r"Metric 'f1_score' does not fit the "
-                                       r"targets \(None,\) and outputs \(None, 3\)"):
+  with pytest.raises(ValueError,
+                     match=r"Metric 'f1_score' does not fit the targets "
+                           r"\(None,\) and outputs \(None, 3\)"):
     _train(metrics=[keras.metrics.F1Score()])
 
 

@@ -1,5 +1,6 @@
 """`training_loops.compare`: loops trained in lockstep, and the first step
-and variable where one parts from the others; `research.tools.compare --trace`."""
+and variable where one parts from the others;
+`research.tools.compare --trace`."""
 
 import keras
 import numpy as np

@@ -1,6 +1,6 @@
-"""research.framework.optimizers: the schedules against closed forms, each optimizer's
-steps through `training_loops.train` against NumPy updates from the same
-weights and tape gradients, the global clip norm, moving averages,
+"""research.framework.optimizers: the schedules against closed forms, each
+optimizer's steps through `training_loops.train` against NumPy updates from
+the same weights and tape gradients, the global clip norm, moving averages,
 gradient accumulation, loss scaling, `Warmup`'s serialization, and every
 refusal of `check`.
 """

@@ -58,8 +58,8 @@ def _run_until_training(script, **flag_values):
 # What run_config.json records besides a script's own flags: the shared
 # flags a rerun may not change.
 _SHARED = {"experiment", "dataset", "loop", "batch_size", "learning_rate",
-           "seed", "strategy", "cpu_replicas", "data_dir",
-           "optimizer", "momentum", "beta_1", "beta_2", "weight_decay", "lr_schedule",
+           "seed", "strategy", "cpu_replicas", "data_dir", "optimizer",
+           "momentum", "beta_1", "beta_2", "weight_decay", "lr_schedule",
            "warmup_steps", "decay_steps", "decay_rate", "lr_boundaries",
            "lr_values", "precision", "clipnorm", "ema_momentum",
            "gradient_accumulation_steps", "eval_every_steps",

@@ -73,7 +73,7 @@ def test_step_validations_agree_across_loops(every_three):
 
 
 @pytest.mark.parametrize("loop", training_loops.LOOPS)
-def test_a_step_validation_equals_the_epoch_end_validation_of_a_run_that_stops_there(
+def test_step_validation_equals_epoch_end_validation_of_a_run_stopping_there(
     loop):
   """Independent reference: the validation at step 2 is that of a run whose
   only epoch is the first two batches (unshuffled data, same seed)."""

@@ -1,6 +1,6 @@
-"""research.framework.summaries: model summaries against Keras' own counts, confusion
-matrices against scikit-learn, HParams sessions read back as TensorBoard
-reads them."""
+"""research.framework.summaries: model summaries against Keras' own counts,
+confusion matrices against scikit-learn, HParams sessions read back as
+TensorBoard reads them."""
 
 import json
 import os

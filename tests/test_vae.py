@@ -1,5 +1,5 @@
-"""research.experiments.vae: the bounds against NumPy and closed forms, and the script
-end to end on tiny settings."""
+"""research.experiments.vae: the bounds against NumPy and closed forms, and
+the script end to end on tiny settings."""
 
 import json
 import os

@@ -1,9 +1,10 @@
 """A 20-layer MLP: vanishing gradients, SELU, batch normalization, dropout.
 
 Twenty Dense(100) layers: the course's lesson on vanishing gradients,
-SELU self-normalization, batch normalization and dropout. Reports test accuracy and, per hidden layer, the kernel-gradient norm over
-the first batches at initialization (vanishing gradients show as
-norms shrinking towards the input).
+SELU self-normalization, batch normalization and dropout. Reports test
+accuracy and, per hidden layer, the kernel-gradient norm over the first
+batches at initialization (vanishing gradients show as norms shrinking
+towards the input).
 
     python -m research deep_net --activation=selu --dropout=alpha
 """

@@ -12,8 +12,8 @@ Judged by the toolkit's own MNIST classifier (the classify experiment's
 recipe): loaded from --judge_dir when it holds one, else trained there
 first. Per loop: the classifier Inception Score and the Fréchet distance
 in its last hidden layer against the test set, on --score_samples
-samples, and the share of each digit; per epoch, the same scores and a grid of samples from
-the same fixed noise.
+samples, and the share of each digit; per epoch, the same scores and a grid
+of samples from the same fixed noise.
 """
 
 import dataclasses

@@ -1,8 +1,8 @@
 """Wide & deep regression (Cheng et al., 2016), written three ways.
 
-A functional model, the same as a subclass, and a two-input model (wide = features 0-4,
-deep = features 2-7) with an optional auxiliary output (loss weights
-0.9 / 0.1).
+A functional model, the same as a subclass, and a two-input model (wide =
+features 0-4, deep = features 2-7) with an optional auxiliary output (loss
+weights 0.9 / 0.1).
 
     python -m research wide_deep --dataset=california_housing \\
         --data_dir=../shared/data/california-housing \\

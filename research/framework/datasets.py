@@ -1,12 +1,15 @@
 """The course's datasets, read from local files where possible, with seeded
 train / validation / test splits.
 
-| name | task | source |
-| --- | --- | --- |
-| `digits` | 10 classes, 8x8 | scikit-learn's bundled copy (no download) |
-| `diabetes` | regression, 10 features, target / 100 | scikit-learn's bundled copy |
-| `mnist`, `fashion_mnist` | 10 classes, 28x28 | IDX files in `data_dir`, else `keras.datasets` |
-| `california_housing` | regression, 8 features | `cal_housing.csv` in `data_dir`, else scikit-learn |
+The datasets, each with its task and source:
+
+- `digits`: 10 classes, 8x8; scikit-learn's bundled copy (no download).
+- `diabetes`: regression, 10 features, target / 100; scikit-learn's bundled
+  copy.
+- `mnist`, `fashion_mnist`: 10 classes, 28x28; IDX files in `data_dir`, else
+  `keras.datasets`.
+- `california_housing`: regression, 8 features; `cal_housing.csv` in
+  `data_dir`, else scikit-learn.
 """
 
 import dataclasses
@@ -162,7 +165,8 @@ def _load_idx_dataset(name, data_dir, seed, validation_fraction,
                              validation_fraction)
   if not os.path.isfile(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz")):
     raise DataError(f"--data_dir {data_dir!r} has no {name} IDX files "
-                    "(train-images-idx3-ubyte.gz or t10k-images-idx3-ubyte.gz).")
+                    "(train-images-idx3-ubyte.gz or "
+                    "t10k-images-idx3-ubyte.gz).")
   # Only the 10k test files: split them (8,000 / 1,000 / 1,000 by default).
   images, labels = read_idx_pair(data_dir, "t10k")
   return _split(images.astype("float32"), labels, True, seed,

@@ -22,7 +22,8 @@ matmul here. `--profile_dir` adds a profiler trace of each variant
 For the MLP, every round also measures the two other references of each
 loop, in the same alternating order: TensorFlow's raw-op floor of its kind
 (`research.tools.floor`, rows `tf_floor`), and with `--peers_python`,
-PyTorch and JAX doing the same kind of work (`research.tools.peers`, rows `peer`):
+PyTorch and JAX doing the same kind of work (`research.tools.peers`, rows
+`peer`):
 
     python -m research benchmark --batch_sizes=32,256 \\
         --peers_python=$HOME/peers/bin/python
@@ -297,10 +298,10 @@ def run_benchmark(model_name, batch_sizes, steps, repeats, rounds, loops,
   timed rounds, so the profiler's overhead is in no reported rate.
 
   With `floors` (the MLP only), each round also measures
-  `research.tools.floor`'s raw-op loops, and with `peers_python`, `research.tools.peers` in that
-  interpreter; each of our variants then gets its ratio to the floor and
-  the peer of its kind (`REFERENCES`), paired within rounds as the ratio
-  to fit.
+  `research.tools.floor`'s raw-op loops, and with `peers_python`,
+  `research.tools.peers` in that interpreter; each of our variants then gets
+  its ratio to the floor and the peer of its kind (`REFERENCES`), paired
+  within rounds as the ratio to fit.
   """
   roofline = matmul_roofline_gflops()
   variants = [variant for variant in VARIANTS
@@ -370,8 +371,10 @@ def machine():
   return {"platform": platform.platform(), "processor": platform.processor(),
           "cpu_count": os.cpu_count(),
           "tensorflow_threads": {
-              "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-              "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}}
+              "intra_op":
+                  tf.config.threading.get_intra_op_parallelism_threads(),
+              "inter_op":
+                  tf.config.threading.get_inter_op_parallelism_threads()}}
 
 
 def format_table(report):

@@ -1,9 +1,10 @@
 """TensorFlow's raw-op floor for each kind of loop, on the benchmark's MLP.
 
 The benchmark's MLP (784-300-100-10, ReLU, softmax cross-entropy, SGD)
-trained with raw TensorFlow ops, no Keras layers, loss, metrics or optimizer. A loop of ours
-does more in a step (Keras' layers and optimizer, metrics, hooks, a finite-
-loss check), so its floor is the fastest a loop of its kind can go here.
+trained with raw TensorFlow ops, no Keras layers, loss, metrics or
+optimizer. A loop of ours does more in a step (Keras' layers and optimizer,
+metrics, hooks, a finite-loss check), so its floor is the fastest a loop of
+its kind can go here.
 
 Kinds, as the loops they bound:
   eager:     a Python loop of eager steps on the batches (the eager loop);

@@ -564,7 +564,8 @@ def _gan_section(results):
             f"{real['inception_score']:.2f}", "0",
             f"{_percent(100 * min(real['digit_shares']))} - "
             f"{_percent(100 * max(real['digit_shares']))}"],
-           ["this project's goal", f">= {GAN_GOALS['inception_score']:.1f}", "-",
+           ["this project's goal",
+            f">= {GAN_GOALS['inception_score']:.1f}", "-",
             f"each digit in {_percent(100 * low)} - {_percent(100 * high)}"]]
   flags_ = results[runs[0]]["flags"]
   judge_loop = os.path.splitext(os.path.basename(judge["path"]))[0]
@@ -613,7 +614,8 @@ def _distill_section(results):
   teacher, alone, distilled = HINTON_ERRORS
   rows += [["Hinton et al. (2015), section 3", teacher, alone, distilled,
             f"{100 * (alone - distilled) / (alone - teacher):.0f}%"],
-           ["this project's goal", "-", "-", "-", f">= {100 * DISTILL_GOAL:.0f}%"]]
+           ["this project's goal", "-", "-", "-",
+            f">= {100 * DISTILL_GOAL:.0f}%"]]
   flags_ = run["flags"]
   return "\n\n".join([
       "## 7. Distillation on MNIST (Hinton, Vinyals & Dean, 2015)",
