@@ -121,13 +121,37 @@ def test_the_eager_loop_runs_the_step_op_by_op():
                                     for x, _ in data])
 
 
-def test_gan_under_mirrored_strategy_trains_as_fit_under_it(mirrored):
-  model, logs = _plain_fit(step_models.gan_fn, step_models.images_data,
-                           False, strategy=mirrored)
+@pytest.mark.parametrize("name", ["gan", "guide"])
+def test_own_steps_under_mirrored_strategy_train_as_fit_under_it(mirrored,
+                                                                 name):
+  """The GAN's optimizers built in its model_fn; the guide's
+  `model.optimizer` not, which fit builds before its first step (the loops
+  must too: two replicas cannot create it inside the step's trace)."""
+  _, model_fn, data_fn, validate, tolerance = next(
+      model for model in MODELS if model[0] == name)
+  model, logs = _plain_fit(model_fn, data_fn, validate, strategy=mirrored)
   for loop in CUSTOM_LOOPS:
-    history = _trained(step_models.gan_fn, step_models.images_data, False,
-                       loop, strategy=mirrored)
-    _assert_same(history, model, logs, 1e-4)
+    history = _trained(model_fn, data_fn, validate, loop, strategy=mirrored)
+    _assert_same(history, model, logs, tolerance)
+
+
+def test_optimizers_a_step_would_create_under_two_replicas_are_one_line(
+    mirrored):
+  def unbuilt_gan():
+    model = step_models.GAN()
+    model.compile(d_optimizer=keras.optimizers.Adam(1e-3),
+                  g_optimizer=keras.optimizers.Adam(1e-3),
+                  loss_fn=keras.losses.BinaryCrossentropy(from_logits=True))
+    return model
+  for loop in training_loops.LOOPS:
+    with pytest.raises(ValueError) as raised:
+      _trained(unbuilt_gan, step_models.images_data, False, loop,
+               strategy=mirrored)
+    assert str(raised.value) == (
+        "GAN's step creates its optimizers' state (d_optimizer, g_optimizer)"
+        " in its first step, which 2 replicas cannot: build each in "
+        "model_fn, `optimizer.build(the variables it updates)`, as "
+        "model.fit under this strategy needs too.")
 
 
 def test_a_resumed_gan_ends_as_an_uninterrupted_one(tmp_path):

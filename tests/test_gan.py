@@ -4,6 +4,7 @@ NumPy, and the script end to end on tiny settings."""
 
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -323,3 +324,15 @@ def test_fast_dev_run_trains_conv_wgan_gp_in_every_loop_and_keeps_nothing(
                              dataset="digits", networks="conv",
                              objective="wgan_gp", score_samples=50,
                              judge_dir=digits_judge)
+
+
+def test_the_script_trains_on_two_replicas(tmp_path, digits_judge, capsys,
+                                           mirrored):
+  """Its two optimizers built with the networks (either objective's, by
+  the same code): a step cannot create them under two replicas."""
+  del mirrored  # the CPU split in two, as --cpu_replicas=2 asks
+  gan.main(gan.Config.resolved(
+      dataset="digits", objective="wgan_gp", strategy="mirrored",
+      cpu_replicas=2, loop="graph", fast_dev_run=True, score_samples=50,
+      judge_dir=digits_judge, verbose=0, output_dir=str(tmp_path / "run")))
+  assert re.search(r"^ *graph +[0-9]", capsys.readouterr().out, re.M)

@@ -10,6 +10,8 @@ adapter makes the same call the `step.TrainingStep` the loops drive.
 
 import keras
 import tensorflow as tf
+# Raised by a trace that creates a mirrored variable; no public name.
+from tensorflow.python.ops import op_selector
 
 from training_loops.step import TrainingStep
 from training_loops.supervised_step import first_line, shapes
@@ -52,6 +54,7 @@ class KerasStep(TrainingStep):
           "model_fn (its optimizers and losses are its own), as model.fit "
           "needs.")
     self._logs_specs = {}
+    self._unbuilt = []  # the optimizers not built before the step's trace
 
   def train_replica_step(self, batch):
     return _logs("train_step", self.model.train_step(batch))
@@ -65,7 +68,21 @@ class KerasStep(TrainingStep):
     lazily (every optimizer but `model.optimizer`, which Keras' symbolic
     build alone would build) exist before a checkpoint is restored into
     them, and the logs' structure is known. Nothing runs: no state
-    changes."""
+    changes.
+
+    Under several replicas an optimizer cannot be created inside the
+    trace (a mirrored variable's copies are initialized from the first
+    one's, which a traced function cannot lift out): `model.optimizer` is
+    built first, on the model's trainable variables, as fit's symbolic
+    build does; any other optimizer the step would create is refused in
+    one line, as fit fails there too."""
+    optimizer = self.model.optimizer
+    if self.strategy.num_replicas_in_sync > 1 and isinstance(
+        optimizer, keras.optimizers.Optimizer) and not optimizer.built:
+      optimizer.build(self.model.trainable_variables)
+    self._unbuilt = sorted(
+        name.lstrip("_") for name, value in vars(self.model).items()
+        if isinstance(value, keras.optimizers.Optimizer) and not value.built)
     self._logs_specs[True] = self._traced_logs(self.train_replica_step,
                                                train_spec)
     if eval_spec is not None:
@@ -81,6 +98,14 @@ class KerasStep(TrainingStep):
       raise ValueError(
           f"{type(self.model).__name__}'s step does not accept the data's "
           f"batches {shapes(spec)}: {first_line(error)}") from None
+    except op_selector.UnliftableError:
+      raise ValueError(
+          f"{type(self.model).__name__}'s step creates its optimizers' "
+          f"state ({', '.join(self._unbuilt)}) in its first "
+          f"step, which {self.strategy.num_replicas_in_sync} replicas "
+          f"cannot: build each in model_fn, `optimizer.build(the variables "
+          f"it updates)`, as model.fit under this strategy needs too."
+      ) from None
     return tf.nest.map_structure(
         lambda value: tf.TensorSpec(value.shape, value.dtype), logs)
 

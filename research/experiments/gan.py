@@ -139,6 +139,10 @@ def build(config):
                          generator_average=config.generator_average)
       model.compile(optimizer_fn(), optimizer_fn(),
                     keras.losses.BinaryCrossentropy(from_logits=True))
+    # Built here rather than at the first step, which several replicas
+    # cannot do (nor can fit).
+    model.d_optimizer.build(model.discriminator.trainable_variables)
+    model.g_optimizer.build(model.generator.trainable_variables)
     # Built for the callbacks that save weights, called for an export.
     model(tf.zeros((1, pixels)))
     return model
