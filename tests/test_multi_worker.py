@@ -71,14 +71,17 @@ def _results_of(outcomes, run=0):
           for _, stdout, _ in outcomes]
 
 
-def test_two_workers_on_localhost_equal_one_process():
+def test_two_workers_on_localhost_equal_one_process(mirrored):
   """Each worker trains on its half of every batch (two workers each
   training alone on all the data would print the one-process history
-  too), and their gradients are summed: the one process's weights."""
+  too), and their gradients are summed: the weights of one process with
+  two replicas (a strategy's run: fit's data order under one, which the
+  loops follow)."""
   outputs = _results_of(_finish(_start_workers("graph")))
-  single = multi_worker_job.run("graph")
-  ((examples, total),) = multi_worker_job.RECORDERS[-1].seen(
-      tf.distribute.get_strategy())
+  single = multi_worker_job.run("graph", mirrored)
+  replicas = multi_worker_job.RECORDERS[-1].seen(mirrored)
+  examples = sum(seen for seen, _ in replicas)
+  total = sum(summed for _, summed in replicas)
   assert examples == 100  # 2 epochs of 50
   (first,), (second,) = (output["seen"] for output in outputs)
   assert first[0] == second[0] == examples / 2
@@ -143,7 +146,7 @@ def _checkpoint_files(directory):
 
 
 def test_a_worker_lost_in_training_or_in_a_restore_stops_its_peer_fast(
-    tmp_path):
+    tmp_path, mirrored):
   """A worker SIGKILLed in training, then one SIGKILLed as the restart's
   restore begins: each time its peer stops within a minute with the lost
   peer's line (not waiting forever in a collective), leaving the
@@ -178,7 +181,7 @@ def test_a_worker_lost_in_training_or_in_a_restore_stops_its_peer_fast(
 
   # Restart both: they resume from the chief's last checkpoint.
   outputs = _results_of(_finish(_start_workers("graph", epochs, tmp_path)))
-  single = multi_worker_job.run("graph", epochs=epochs)
+  single = multi_worker_job.run("graph", mirrored, epochs=epochs)
   per_epoch = single.steps_trained // epochs
   for output in outputs:
     np.testing.assert_allclose(output["history"]["loss"],
@@ -245,13 +248,17 @@ def test_a_worker_with_its_own_output_dir_leaves_it_empty(script_runs):
 
 
 def test_workers_in_either_layout_train_the_one_process_run(script_runs,
-                                                            tmp_path):
+                                                            tmp_path,
+                                                            mirrored):
+  """One process with two replicas (the session's `mirrored`)."""
+  del mirrored  # the CPU split in two, as --cpu_replicas=2 asks
   shared, own = _loss_of(script_runs["shared"]), _loss_of(
       script_runs["own"][0])
   np.testing.assert_allclose(shared, own, rtol=1e-6)
   classify.main(
       classify.Config.resolved(
-          loop="graph", epochs=2, verbose=0, output_dir=str(tmp_path)))
+          loop="graph", epochs=2, verbose=0, strategy="mirrored",
+          cpu_replicas=2, output_dir=str(tmp_path)))
   np.testing.assert_allclose(shared, _loss_of(tmp_path), rtol=1e-4)
 
 

@@ -28,7 +28,7 @@ from training_loops.strategies import (PEER_FAILURES,
                                        CollectiveMismatchError,
                                        WorkerLostError,
                                        collectives_mismatched,
-                                       is_multi_worker)
+                                       is_entered, is_multi_worker)
 from training_loops.step import first_non_finite
 from training_loops.supervised_step import (NonFiniteLossError,
                                             TrainingDataError)
@@ -264,7 +264,12 @@ class Controller:
       if self.position != (0, 0):
         self.history.resumed_from = {"epoch": epochs_done,
                                      "step": steps_in_epoch}
-    replay_data_order(self.train_data, self.position[0])
+    # Under a strategy other than the default, fit opens the training data
+    # once before its first epoch, which moves a reshuffling dataset on by
+    # one order: every loop does, so that each epoch sees fit's order.
+    looked = int(is_entered(self.trainer.strategy)
+                 and not self.driver.opens_data_before_training)
+    replay_data_order(self.train_data, self.position[0] + looked)
 
   @property
   def stop_requested(self):

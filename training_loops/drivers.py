@@ -78,6 +78,9 @@ class Driver(abc.ABC):
   runs_eagerly = False
   # Whether it honours `LoopOptions.steps_per_loop`; it refuses it if not.
   takes_steps_per_loop = True
+  # Whether it opens the training data once before the first epoch under a
+  # strategy other than the default, as model.fit does.
+  opens_data_before_training = False
 
   @classmethod
   def check_options(cls, options):

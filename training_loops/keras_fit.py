@@ -27,6 +27,9 @@ class KerasFitDriver(drivers.Driver):
   """
 
   resumes_mid_epoch = False
+  # Keras' symbolic build draws a batch before the first epoch when the
+  # model was built under a strategy's scope.
+  opens_data_before_training = True
 
   def __init__(self, trainer, options=drivers.LoopOptions()):
     super().__init__(trainer, options)

@@ -98,6 +98,15 @@ def first_refusal(strategy, reason):
 COLLECTIVE_TIMEOUT_SECONDS = 300.0
 
 
+def is_entered(strategy):
+  """Whether `strategy` is one that `strategy.scope()` makes current: every
+  strategy but TensorFlow's default, whose scope changes nothing. A Keras
+  model built under such a scope keeps it, and its fit opens the training
+  data once before the first epoch."""
+  with strategy.scope():
+    return tf.distribute.has_strategy()
+
+
 def is_multi_worker(strategy):
   """Whether `strategy` spans workers, whose collectives can lose a peer."""
   return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
