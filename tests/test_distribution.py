@@ -49,11 +49,11 @@ def test_mirrored_two_replicas_equal_one_device(mirrored):
 
 def test_reshuffled_data_reaches_every_loop_in_fits_order_under_a_strategy(
     mirrored):
-  """Under a strategy, fit opens the training data once before its first
-  epoch (Keras' symbolic build draws a batch), so a reshuffling dataset's
-  epochs come in its second order on; every loop follows, to fit's
-  weights. Without a strategy fit opens it once per epoch only, as the
-  loops do: the first order first."""
+  """Under a strategy (two replicas or one device), fit opens the training
+  data once before its first epoch (Keras' symbolic build draws a batch),
+  so a reshuffling dataset's epochs come in its second order on; every
+  loop follows, to fit's weights. Without a strategy fit opens it once per
+  epoch only, as the loops do: the first order first."""
   model_fn = lambda: classifier(batch_norm=False)
 
   def shuffled():
@@ -61,7 +61,8 @@ def test_reshuffled_data_reaches_every_loop_in_fits_order_under_a_strategy(
     return classification_data(shuffle=True)
 
   results = {}
-  for strategy in (mirrored, None):
+  for strategy in (mirrored, tf.distribute.OneDeviceStrategy("/cpu:0"),
+                   None):
     results[strategy] = {
         loop: run_loop(loop, model_fn=model_fn, strategy=strategy,
                        data=shuffled()) for loop in training_loops.LOOPS}

@@ -28,7 +28,8 @@ from training_loops.strategies import (PEER_FAILURES,
                                        CollectiveMismatchError,
                                        WorkerLostError,
                                        collectives_mismatched,
-                                       is_entered, is_multi_worker)
+                                       fit_builds_symbolically,
+                                       is_multi_worker)
 from training_loops.step import first_non_finite
 from training_loops.supervised_step import (NonFiniteLossError,
                                             TrainingDataError)
@@ -267,7 +268,7 @@ class Controller:
     # Under a strategy other than the default, fit opens the training data
     # once before its first epoch, which moves a reshuffling dataset on by
     # one order: every loop does, so that each epoch sees fit's order.
-    looked = int(is_entered(self.trainer.strategy)
+    looked = int(fit_builds_symbolically(self.model, self.trainer.strategy)
                  and not self.driver.opens_data_before_training)
     replay_data_order(self.train_data, self.position[0] + looked)
 

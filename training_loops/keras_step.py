@@ -13,6 +13,7 @@ import tensorflow as tf
 # Raised by a trace that creates a mirrored variable; no public name.
 from tensorflow.python.ops import op_selector
 
+from training_loops import strategies
 from training_loops.step import TrainingStep
 from training_loops.supervised_step import first_line, shapes
 
@@ -70,15 +71,16 @@ class KerasStep(TrainingStep):
     them, and the logs' structure is known. Nothing runs: no state
     changes.
 
-    Under several replicas an optimizer cannot be created inside the
-    trace (a mirrored variable's copies are initialized from the first
-    one's, which a traced function cannot lift out): `model.optimizer` is
-    built first, on the model's trainable variables, as fit's symbolic
-    build does; any other optimizer the step would create is refused in
-    one line, as fit fails there too."""
+    Under a strategy, `model.optimizer` is built first, on the model's
+    trainable variables, as fit's symbolic build does. Under several
+    replicas no other variable can be created inside the trace (a mirrored
+    variable's copies are initialized from the first one's, which a traced
+    function cannot lift out): an optimizer the step would create is
+    refused in one line, as fit fails there too."""
     optimizer = self.model.optimizer
-    if self.strategy.num_replicas_in_sync > 1 and isinstance(
-        optimizer, keras.optimizers.Optimizer) and not optimizer.built:
+    if (strategies.fit_builds_symbolically(self.model, self.strategy)
+        and isinstance(optimizer, keras.optimizers.Optimizer)
+        and not optimizer.built):
       optimizer.build(self.model.trainable_variables)
     self._unbuilt = sorted(
         name.lstrip("_") for name, value in vars(self.model).items()
@@ -98,14 +100,20 @@ class KerasStep(TrainingStep):
       raise ValueError(
           f"{type(self.model).__name__}'s step does not accept the data's "
           f"batches {shapes(spec)}: {first_line(error)}") from None
-    except op_selector.UnliftableError:
+    except op_selector.UnliftableError as error:
+      replicas = self.strategy.num_replicas_in_sync
+      name = type(self.model).__name__
+      if self._unbuilt:
+        raise ValueError(
+            f"{name}'s step creates its optimizers' state "
+            f"({', '.join(self._unbuilt)}) in its first step, which "
+            f"{replicas} replicas cannot: build each in model_fn, "
+            f"`optimizer.build(the variables it updates)`, as model.fit "
+            f"under this strategy needs too.") from None
       raise ValueError(
-          f"{type(self.model).__name__}'s step creates its optimizers' "
-          f"state ({', '.join(self._unbuilt)}) in its first "
-          f"step, which {self.strategy.num_replicas_in_sync} replicas "
-          f"cannot: build each in model_fn, `optimizer.build(the variables "
-          f"it updates)`, as model.fit under this strategy needs too."
-      ) from None
+          f"{name}'s step creates variables in its first step, which "
+          f"{replicas} replicas cannot ({first_line(error)}): create them "
+          f"in model_fn.") from None
     return tf.nest.map_structure(
         lambda value: tf.TensorSpec(value.shape, value.dtype), logs)
 

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training_loops import drivers, training
+from training_loops import drivers, strategies, training
 from training_loops.controller import Controller, RunOptions
 from training_loops.step import losses_of
 from training_loops.supervised_step import (NonFiniteLossError,
@@ -146,7 +146,6 @@ def compare(model_fn, optimizer_fn=None, loss=None, data=None, *,
   loops = _checked_loops(training.LOOPS if loops is None else loops)
   _check_arguments(steps, rtol, atol, seed)
   training.check_data("data", data)
-  batches = _first_batches(data, steps)
   supervised = training.SupervisedOptions(optimizer_fn, loss, metrics,
                                           loss_weights)
   built = [
@@ -155,6 +154,10 @@ def compare(model_fn, optimizer_fn=None, loss=None, data=None, *,
           options=drivers.LoopOptions(jit_compile=jit_compile),
           strategy=strategy, seed=seed)
       for name in loops]
+  reference = built[0].trainer
+  batches = _first_batches(data, steps,
+                           opened=strategies.fit_builds_symbolically(
+                               reference.model, reference.strategy))
   lockstep = _Lockstep(loops, built, batches, data, rtol, atol,
                        optimizer_variables)
   own_epochs = [(name, driver) for name, driver in zip(loops, built)
@@ -202,10 +205,14 @@ def _check_arguments(steps, rtol, atol, seed):
                      f"weights only when seeded alike), got {seed!r}.")
 
 
-def _first_batches(data, steps):
+def _first_batches(data, steps, opened=False):
   """`[(epoch, step in it, batch)]`: the first `steps` batches as NumPy
   arrays (default: one epoch), an iterator per epoch as `train` opens
-  them, so a reshuffling dataset gives `train`'s order."""
+  them, after one more when `opened` (`train` opens the data once before
+  training under a strategy, as fit does), so a reshuffling dataset gives
+  `train`'s order."""
+  if opened:
+    iter(data)
   if steps is None and data.cardinality() == tf.data.INFINITE_CARDINALITY:
     raise ValueError("data repeats forever: pass steps.")
   batches, epoch = [], 0

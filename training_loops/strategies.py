@@ -3,6 +3,7 @@
 import json
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -98,11 +99,15 @@ def first_refusal(strategy, reason):
 COLLECTIVE_TIMEOUT_SECONDS = 300.0
 
 
-def is_entered(strategy):
-  """Whether `strategy` is one that `strategy.scope()` makes current: every
-  strategy but TensorFlow's default, whose scope changes nothing. A Keras
-  model built under such a scope keeps it, and its fit opens the training
-  data once before the first epoch."""
+def fit_builds_symbolically(model, strategy):
+  """Whether `model.fit` builds `model` symbolically before its first epoch
+  (Keras' `_maybe_symbolic_build`): a Keras model made under a strategy's
+  scope keeps that strategy, and its fit then opens the training data once
+  (drawing a batch) and builds `model.optimizer` on the trainable
+  variables. Without a Keras model: whether `strategy` is one whose scope
+  makes it current (every strategy but the default)."""
+  if isinstance(model, keras.Model):
+    return getattr(model, "_distribute_strategy", None) is not None
   with strategy.scope():
     return tf.distribute.has_strategy()
 

@@ -214,8 +214,9 @@ class GAN(Networks):
     self.seed_generator = keras.random.SeedGenerator(seed)
     self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
     self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
-    # Each replica updates its average from identical values: the first
-    # replica's update stands for all.
+    # The first replica's update stands for all: the weights are identical
+    # on every replica, and generate and checkpoints read the first
+    # replica's batch-normalization statistics too.
     averaged = [(index, variable)
                 for index, variable in enumerate(self._generator_state())
                 if generator_average and _is_float(variable)]
@@ -228,9 +229,9 @@ class GAN(Networks):
         for index, variable in averaged]
 
   def _generator_state(self):
-    """The generator's variables in `stateless_call`'s order."""
-    return [*self.generator.trainable_variables,
-            *self.generator.non_trainable_variables]
+    """The generator's variables, in an order a layer's `trainable` flag
+    does not change."""
+    return list(self.generator.weights)
 
   def compile(self, d_optimizer, g_optimizer, loss_fn):
     super().compile()
@@ -251,11 +252,12 @@ class GAN(Networks):
       return self.generator(noise, training=False)
     averages = {id(variable): average
                 for variable, average in self.averaged_variables()}
-    state = [averages.get(id(variable), variable)
-             for variable in self._generator_state()]
-    trainable = len(self.generator.trainable_variables)
+    trainable, non_trainable = (
+        [averages.get(id(variable), variable) for variable in variables]
+        for variables in (self.generator.trainable_variables,
+                          self.generator.non_trainable_variables))
     images, _ = self.generator.stateless_call(
-        state[:trainable], state[trainable:], noise, training=False)
+        trainable, non_trainable, noise, training=False)
     return images
 
   def update_averages(self):
