@@ -711,11 +711,8 @@ def _copied_metrics(model, metrics, keyed):
     if not isinstance(metric, keras.metrics.Metric):
       raise ValueError(f"metrics must be keras.metrics.Metric objects, got "
                        f"{metric!r}.")
-    if (output, metric.name) in copies:  # one entry of the logs for two
-      raise ValueError(f"Two metrics report as {metric.name!r}: give them "
-                       f"distinct names.")
-    copies[(output, metric.name)] = type(metric).from_config(
-        metric.get_config())
+    _add_once(copies, (output, metric.name),
+              type(metric).from_config(metric.get_config()))
   return copies
 
 
@@ -728,13 +725,19 @@ def _reported(metrics, prefixed, one_to_one):
   for (output, name), metric in metrics.items():
     if one_to_one:
       output = None
-    key = (output, f"{output}_{name}" if output is not None and prefixed
-           else name)
-    if key in reported:
-      raise ValueError(f"Two metrics report as {key[1]!r}: give them "
-                       f"distinct names.")
-    reported[key] = metric
+    _add_once(reported, (output, f"{output}_{name}"
+                         if output is not None and prefixed else name),
+              metric)
   return reported
+
+
+def _add_once(metrics, key, metric):
+  """`metrics[key] = metric`, refusing a second metric under the same
+  `(output, name)`: one entry of the logs for two."""
+  if key in metrics:
+    raise ValueError(f"Two metrics report as {key[1]!r}: give them "
+                     f"distinct names.")
+  metrics[key] = metric
 
 
 def _results(trackers, metrics):

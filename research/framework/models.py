@@ -219,7 +219,8 @@ class GAN(Networks):
     # replica's batch-normalization statistics too.
     averaged = [(index, variable)
                 for index, variable in enumerate(self._generator_state())
-                if generator_average and _is_float(variable)]
+                if generator_average
+                and keras.backend.is_float_dtype(variable.dtype)]
     self._averaged = tuple(index for index, _ in averaged)
     self.averages = [
         self.add_weight(shape=variable.shape, dtype=variable.dtype,
@@ -323,10 +324,6 @@ class GAN(Networks):
     self.g_loss_tracker.update_state(g_loss)
     return {"d_loss": self.d_loss_tracker.result(),
             "g_loss": self.g_loss_tracker.result()}
-
-
-def _is_float(variable):
-  return keras.backend.is_float_dtype(variable.dtype)
 
 
 def _initial_value_of(variable):
