@@ -227,6 +227,9 @@ def test_tables_hold_the_runs_results(quick_report):
       test = run["test"]
       assert (f"| ours: {objective}, {loop} loop | "
               f"{test['inception_score']:.2f} | {test['fid']:.2f} |") in text
+  # The recipes sample from the averaged generator, and the report says so.
+  assert ("sampled from a moving average of the generator's weights (decay "
+          "0.999)") in text
   for loop, run in _results(output_dir, "distill")["loops"].items():
     test = run["test"]
     assert (f"| ours: {loop} loop | {test['teacher_errors']} | "

@@ -38,20 +38,25 @@ SAMPLE_SEED = 0
 
 # Without batch normalization in the generator and dropout in the
 # discriminator, the discriminator wins within an epoch and the generator
-# collapses to one digit.
+# collapses to one digit. Samples come from an average of the generator's
+# weights (Yazici et al., 2019).
 GAN_RECIPE = {"critic_steps": 1, "beta_1": 0.5, "beta_2": 0.999,
-              "generator_batch_norm": True, "discriminator_dropout": 0.3}
-# Gulrajani et al.'s MNIST settings.
-WGAN_GP_RECIPE = {"critic_steps": 5, "learning_rate": 1e-4, "epochs": 10,
+              "generator_batch_norm": True, "discriminator_dropout": 0.3,
+              "generator_average": 0.999}
+# Gulrajani et al.'s MNIST settings, and samples from an average of the
+# generator's weights.
+WGAN_GP_RECIPE = {"critic_steps": 5, "learning_rate": 1e-4, "epochs": 20,
                   "beta_1": 0.5, "beta_2": 0.9, "generator_batch_norm": False,
-                  "discriminator_dropout": 0.0}
+                  "discriminator_dropout": 0.0, "generator_average": 0.999}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(run_config.RunConfig):
   dataset: str = "mnist"
-  epochs: int = 30
-  learning_rate: float = 2e-4
+  epochs: int = 40
+  # Twice Radford et al.'s rate: the averaged generator smooths what the
+  # larger steps add, and the scores rise twice as fast per epoch.
+  learning_rate: float = 4e-4
   optimizer: str = "adam"
   objective: str = run_config.setting(
       "gan", "gan: Goodfellow et al.'s, non-saturating; wgan_gp: Gulrajani "

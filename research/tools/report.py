@@ -547,6 +547,13 @@ def _vae_section(results):
       _image(os.path.join(directory, f"reconstructions_{loop}.png"))])
 
 
+def _averaged(flags_):
+  """Where the samples come from, when not the generator itself."""
+  decay = flags_.get("generator_average")
+  return (f", sampled from a moving average of the generator's weights "
+          f"(decay {decay})" if decay else "")
+
+
 def _gan_section(results):
   runs = [name for name, run in results.items()
           if run.get("experiment") == "gan"]
@@ -574,7 +581,8 @@ def _gan_section(results):
       "2017)",
       "The non-saturating GAN (`gan`) and WGAN-GP (`wgan_gp`), each with "
       f"{flags_['networks']} networks and two {flags_['optimizer']} "
-      "optimizers, judged by the report's own MNIST classifier "
+      f"optimizers{_averaged(flags_)}, judged by the report's own MNIST "
+      "classifier "
       f"({_RECIPE_RUN}'s {judge_loop} loop, test error "
       f"{_percent(100 * judge['test_error'])}): the Inception Score of "
       f"{flags_['score_samples']} samples under it, "
