@@ -190,7 +190,7 @@ def test_a_recipe_follows_any_field_and_applies_in_order():
   config = gan.Config.resolved(objective="wgan_gp", beta_2=0.99)
   assert (config.batch_size, config.critic_steps, config.learning_rate,
           config.beta_1, config.beta_2, config.epochs) == (
-              64, 5, 1e-4, 0.5, 0.99, 10)
+              64, 5, 1e-4, 0.5, 0.99, 20)
   assert gan.Config.resolved().critic_steps == 1
 
 
