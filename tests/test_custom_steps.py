@@ -89,7 +89,7 @@ def test_a_models_own_step_trains_as_plain_fit_in_every_loop(
   _assert_same(history, model, logs, tolerance)
 
 
-def test_the_issue_example_trains_its_own_step_not_the_default_one():
+def test_the_guide_example_trains_its_own_step_not_the_default_one():
   """The override's penalty is in the loss every loop reports."""
   model, logs = _plain_fit(step_models.guide_fn,
                            step_models.regression_data, False, epochs=1)

@@ -1,4 +1,4 @@
-"""Run-directory integrity (issue 15): one run at a time in a directory,
+"""Run-directory integrity: one run at a time in a directory,
 a lock left by a dead run taken over, and a failed write that ends the run
 with one line and leaves what was written before intact. (Damaged
 checkpoints: test_checkpoints; multi-worker output: test_multi_worker.)"""
