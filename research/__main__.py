@@ -19,7 +19,7 @@ def _listing():
     lines.append(f"{title}:")
     for name in names:
       module = importlib.import_module(f"research.{_package(name)}.{name}")
-      summary = (module.__doc__ or "").strip().splitlines()[0]
+      summary = ((module.__doc__ or "").strip().splitlines() or [""])[0]
       lines.append(f"  {name:15} {summary}")
     lines.append("")
   return "\n".join(lines)

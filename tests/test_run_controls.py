@@ -1,4 +1,4 @@
-"""Issue 14's research-run controls through the scripts: each flag reaches
+"""The research-run controls through the scripts: each flag reaches
 the run (against a run built by hand with Keras' own optimizer, or a closed
 form), the dev-run modes, determinism, the reports every run writes, and a
 one-line refusal for every bad value, with nothing written."""
