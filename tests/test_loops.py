@@ -282,6 +282,33 @@ def test_eager_loop_trains_the_layers_trainable_now():
   assert moved == [[True, True], [False, True], [True, False]]
 
 
+def test_a_masked_models_loss_and_metrics_match_fit_in_every_loop():
+  """A masked model's loss is the mean over unmasked timesteps and its
+  metrics count only those, in every loop as in fit (the eager loop carries
+  the masks into its compiled update). The padded timesteps have labels of
+  their own, so a loop that ignored the mask would report another loss."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(24, 5, 3)).astype("float32")
+  x[:, 3:] = 0.0  # padding: masked
+  y = rng.integers(0, 3, size=(24, 5))
+  data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+  def model_fn():
+    return keras.Sequential([keras.Input((5, 3)), keras.layers.Masking(),
+                             keras.layers.Dense(3, activation="softmax")])
+  by_loop = {
+      loop: training_loops.train(
+          model_fn, sgd(), losses.SparseCategoricalCrossentropy(), data,
+          loop=loop, epochs=2, metrics=[accuracy()], validation_data=data,
+          seed=0, verbose=0).history
+      for loop in training_loops.LOOPS}
+  fit = by_loop["keras_fit"]
+  for loop, history in by_loop.items():
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+      np.testing.assert_allclose(history[key], fit[key], rtol=1e-5,
+                                 err_msg=f"{loop} {key}")
+
+
 def test_evaluate_matches_model_evaluate(histories):
   model = histories["graph"].model
   data = classification_data(examples=20, seed=1)
